@@ -1,0 +1,199 @@
+"""``prsm-node``: the command line. ``start`` runs the daemon; most other commands talk to it
+over the control socket and print a table, or JSON with ``--json``.
+
+Exit codes: 0 success, 1 runtime failure (including "no daemon running"), 2 usage/config error.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from . import __version__
+from .control.client import call
+from .exceptions import ConfigError, ControlError, DaemonNotRunning, HomeError
+from .home import DEV_NETWORK, Home, default_home, init_home
+
+app = typer.Typer(
+    name="prsm-node",
+    help="PRSM node daemon: host, share and run AI models on a peer-to-peer network.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+HomeOpt = Annotated[
+    Path | None,
+    typer.Option("--home", help="Node home directory [default: $PRSM_HOME or ~/.prsm]", show_default=False),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+
+def _home(home: Path | None) -> Path:
+    return (home or default_home()).expanduser()
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _call(home: Path | None, method: str, params: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
+    try:
+        return call(_home(home), method, params, timeout=timeout)
+    except DaemonNotRunning as exc:
+        _fail(str(exc))
+    except ControlError as exc:
+        _fail(exc.message)
+    except TimeoutError:
+        _fail(f"the daemon did not answer {method!r} within {timeout} s")
+
+
+def _print_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=2))
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        typer.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    typer.echo(f"prsm-node {__version__}")
+
+
+@app.command()
+def init(
+    home: HomeOpt = None,
+    network: Annotated[
+        str, typer.Option(help='Network: a folder under bootstrap/, a path to one, or "dev" (a fresh private one).')
+    ] = DEV_NETWORK,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing home (its data is removed).")] = False,
+) -> None:
+    """Create a node home: config.toml, genesis.json and a new Ed25519 node key."""
+    target = Home(_home(home))
+    try:
+        key = init_home(target, network=network, force=force)
+    except (ConfigError, HomeError) as exc:
+        _fail(str(exc), 2)
+    typer.echo(f"initialised {target.path}")
+    typer.echo(f"  peer id  {key.peer_id}")
+    typer.echo(f"  network  {network}")
+    typer.echo(f"start it with: prsm-node start --home {target.path}")
+
+
+@app.command()
+def start(
+    home: HomeOpt = None,
+    listen: Annotated[list[str] | None, typer.Option(help="Listen multiaddr (repeatable); replaces [p2p].listen.")] = None,
+    bootstrap: Annotated[list[str] | None, typer.Option(help="Extra bootstrap peer multiaddr with /p2p/ (repeatable).")] = None,
+    log_format: Annotated[str | None, typer.Option(help="text or json; overrides [node].log_format.")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
+) -> None:
+    """Run the daemon in the foreground (creates the default home if there is none)."""
+    from .daemon import StartOptions
+    from .daemon import start as start_daemon
+
+    code = start_daemon(StartOptions(_home(home), listen or [], bootstrap or [], log_format, log_level))
+    raise typer.Exit(code)
+
+
+@app.command()
+def status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Show the running node: peer id, addresses, network, uptime, peers, routing table."""
+    st = _call(home, "status")
+    if as_json:
+        return _print_json(st)
+    rows = [
+        ["peer id", st["peer_id"]],
+        ["network", f"{st['network']} ({st['chain_id']})"],
+        ["version", st["version"]],
+        ["uptime", f"{st['uptime_s']:.0f} s"],
+        ["connected peers", str(st["connected_peers"])],
+        ["routing table", f"{st['routing_table_size']} peers"],
+        *[["address", a] for a in st["addrs"]],
+    ]
+    _table(rows, ["", ""])
+
+
+@app.command("id")
+def id_(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Show this node's peer id, ledger account and addresses."""
+    ident = _call(home, "id")
+    if as_json:
+        return _print_json(ident)
+    typer.echo(f"peer id  {ident['peer_id']}")
+    typer.echo(f"account  {ident['account']}")
+    for a in ident["addrs"]:
+        typer.echo(f"address  {a}")
+
+
+@app.command()
+def peers(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """List connected peers."""
+    result = _call(home, "peers")
+    if as_json:
+        return _print_json(result)
+    if not result:
+        typer.echo("no connected peers")
+        return
+    _table(
+        [[p["peer_id"], p["direction"], "yes" if p["in_routing_table"] else "no", ", ".join(p["addrs"])] for p in result],
+        ["PEER ID", "DIRECTION", "ROUTING", "ADDRESSES"],
+    )
+
+
+@app.command("find-peer")
+def find_peer(peer_id: str, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Find a peer's addresses through the DHT and connect to it."""
+    result = _call(home, "find_peer", {"peer_id": peer_id})
+    if as_json:
+        return _print_json(result)
+    typer.echo(f"{result['peer_id']} found in {result['ms']:.1f} ms")
+    for a in result["addrs"]:
+        typer.echo(f"  {a}")
+
+
+@app.command()
+def stop(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Stop the running daemon gracefully."""
+    result = _call(home, "stop")
+    if as_json:
+        return _print_json(result)
+    typer.echo("stopping")
+
+
+@app.command()
+def devnet(
+    nodes: Annotated[int, typer.Option(min=1, max=200, help="Number of daemon processes.")] = 4,
+    directory: Annotated[Path, typer.Option("--dir", help="Where the devnet's homes live.")] = Path("devnet"),
+    fresh: Annotated[bool, typer.Option("--fresh", help="Delete --dir and create a new devnet.")] = False,
+    as_json: JsonOpt = False,
+    ready_timeout: Annotated[float, typer.Option(help="Seconds to wait until every node is discovered.")] = 120.0,
+) -> None:
+    """Start N real daemons on 127.0.0.1 with a shared genesis; Ctrl-C stops them all."""
+    from . import devnet as devnet_mod
+
+    try:
+        code = devnet_mod.run(directory, nodes, fresh=fresh, as_json=as_json, ready_timeout=ready_timeout)
+    except (ConfigError, HomeError) as exc:
+        _fail(str(exc), 2)
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""Typed node configuration: sections with defaults, a test variant, and validation.
+
+``config.toml`` in the home maps onto :class:`Config`. Every key has a default, so an empty
+file is a valid config. Unknown sections or keys, wrong types and bad values raise
+:class:`ConfigError` naming ``[section].key``. ``node.example.toml`` is rendered from the
+same field definitions (:func:`render_example`), so the documentation cannot drift.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import multiaddr
+
+from .exceptions import ConfigError
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+
+
+def _doc(text: str, **kw: Any) -> Any:
+    """A dataclass field carrying its documentation line for node.example.toml."""
+    return field(metadata={"doc": text}, **kw)
+
+
+@dataclass
+class NodeSection:
+    network: str = _doc(
+        "Network to join: a folder name under bootstrap/ (or a path to such a folder), "
+        'or "dev" for a private single-node development network.',
+        default="dev",
+    )
+    log_level: str = _doc("Log level: debug, info, warning or error.", default="info")
+    log_format: str = _doc('Log format: "text" (readable) or "json" (one object a line).', default="text")
+
+    def validate(self) -> None:
+        _one_of("node", "log_level", self.log_level, LOG_LEVELS)
+        _one_of("node", "log_format", self.log_format, LOG_FORMATS)
+        if not self.network:
+            raise ConfigError("[node].network: must not be empty")
+
+
+@dataclass
+class P2PSection:
+    listen: list[str] = _doc(
+        "Multiaddrs to listen on (TCP). Port 0 picks a free port.",
+        default_factory=lambda: ["/ip4/0.0.0.0/tcp/7401"],
+    )
+    bootstrap: list[str] = _doc(
+        "Extra bootstrap peers (/ip4/…/tcp/…/p2p/<peer id>), added to the network's own list.",
+        default_factory=list,
+    )
+    dial_timeout: float = _doc("Seconds to wait for one outbound connection.", default=10.0)
+    max_connections: int = _doc("Most simultaneous connections (inbound and outbound).", default=400)
+
+    def validate(self) -> None:
+        if not self.listen:
+            raise ConfigError("[p2p].listen: at least one address is required")
+        for i, addr in enumerate(self.listen):
+            parse_multiaddr(addr, f"[p2p].listen[{i}]", need_peer_id=False)
+        for i, addr in enumerate(self.bootstrap):
+            parse_multiaddr(addr, f"[p2p].bootstrap[{i}]", need_peer_id=True)
+        _positive("p2p", "dial_timeout", self.dial_timeout)
+        _positive("p2p", "max_connections", self.max_connections)
+
+
+@dataclass
+class DiscoverySection:
+    bucket_size: int = _doc("Kademlia k: peers per bucket and lookup result size.", default=20)
+    alpha: int = _doc("Kademlia alpha: parallel requests in a lookup.", default=3)
+    request_timeout: float = _doc("Seconds to wait for one Kademlia request.", default=5.0)
+    refresh_interval: float = _doc("Seconds between routing table refreshes.", default=300.0)
+    bootstrap_backoff_initial: float = _doc(
+        "Seconds before the first retry of an unreachable bootstrap peer (doubles each try).",
+        default=1.0,
+    )
+    bootstrap_backoff_max: float = _doc("Longest wait between bootstrap retries, in seconds.", default=60.0)
+    max_saved_peers: int = _doc("Known peers saved for redialling after a restart.", default=200)
+
+    def validate(self) -> None:
+        for name in ("bucket_size", "alpha", "request_timeout", "refresh_interval",
+                     "bootstrap_backoff_initial", "bootstrap_backoff_max", "max_saved_peers"):
+            _positive("discovery", name, getattr(self, name))
+        if self.bootstrap_backoff_max < self.bootstrap_backoff_initial:
+            raise ConfigError(
+                "[discovery].bootstrap_backoff_max: must be at least bootstrap_backoff_initial"
+            )
+
+
+@dataclass
+class ControlSection:
+    max_request_bytes: int = _doc("Largest control request line accepted, in bytes.", default=65536)
+
+    def validate(self) -> None:
+        _positive("control", "max_request_bytes", self.max_request_bytes)
+
+
+@dataclass
+class MetricsSection:
+    enabled: bool = _doc("Serve Prometheus metrics over HTTP.", default=False)
+    listen: str = _doc("host:port for metrics; only loopback hosts are accepted.", default="127.0.0.1:9464")
+
+    def validate(self) -> None:
+        host, _, port = self.listen.rpartition(":")
+        if host not in ("127.0.0.1", "localhost", "[::1]") or not port.isdigit() or int(port) > 65535:
+            raise ConfigError(
+                f"[metrics].listen: expected a loopback host:port such as 127.0.0.1:9464, got {self.listen!r}"
+            )
+
+
+@dataclass
+class Config:
+    node: NodeSection = field(default_factory=NodeSection)
+    p2p: P2PSection = field(default_factory=P2PSection)
+    discovery: DiscoverySection = field(default_factory=DiscoverySection)
+    control: ControlSection = field(default_factory=ControlSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+
+    @classmethod
+    def for_tests(cls) -> Config:
+        """Loopback on a free port, short timeouts: what in-process and daemon tests use."""
+        cfg = cls()
+        cfg.p2p.listen = ["/ip4/127.0.0.1/tcp/0"]
+        cfg.p2p.dial_timeout = 3.0
+        cfg.discovery.request_timeout = 2.0
+        cfg.discovery.refresh_interval = 30.0
+        cfg.discovery.bootstrap_backoff_initial = 0.1
+        cfg.discovery.bootstrap_backoff_max = 2.0
+        return cfg
+
+
+def parse_multiaddr(text: str, where: str, *, need_peer_id: bool) -> multiaddr.Multiaddr:
+    """Parse a multiaddr or raise ConfigError naming ``where``."""
+    if not isinstance(text, str):
+        raise ConfigError(f"{where}: expected a multiaddr string, got {type(text).__name__}")
+    try:
+        ma = multiaddr.Multiaddr(text)
+    except Exception as exc:  # multiaddr raises several unrelated types
+        raise ConfigError(f"{where}: invalid multiaddr {text!r}: {exc}") from None
+    protos = [p.name for p in ma.protocols()]
+    if "tcp" not in protos:
+        raise ConfigError(f"{where}: {text!r} has no /tcp/ part (only TCP is supported)")
+    if need_peer_id and "p2p" not in protos:
+        raise ConfigError(f"{where}: {text!r} needs a /p2p/<peer id> part")
+    return ma
+
+
+def _one_of(section: str, key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"[{section}].{key}: expected one of {', '.join(allowed)}, got {value!r}")
+
+
+def _positive(section: str, key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"[{section}].{key}: must be greater than 0, got {value!r}")
+
+
+def _check_type(where: str, value: Any, default: Any) -> Any:
+    """Check a TOML value against the type of the field's default; ints are fine for floats."""
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    elif isinstance(default, list):
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    else:  # pragma: no cover - every field is one of the above
+        ok = False
+    if not ok:
+        want = "list of strings" if isinstance(default, list) else type(default).__name__
+        raise ConfigError(f"{where}: expected {want}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def from_dict(data: dict[str, Any], base: Config | None = None) -> Config:
+    """Build a validated Config from parsed TOML, on top of ``base`` (defaults if None)."""
+    cfg = base if base is not None else Config()
+    sections = {f.name: f for f in dataclasses.fields(cfg)}
+    for sec_name, sec_value in data.items():
+        if sec_name not in sections:
+            raise ConfigError(
+                f"[{sec_name}]: unknown section (known: {', '.join(sections)})"
+            )
+        if not isinstance(sec_value, dict):
+            raise ConfigError(f"[{sec_name}]: expected a table, got {type(sec_value).__name__}")
+        section = getattr(cfg, sec_name)
+        keys = {f.name for f in dataclasses.fields(section)}
+        for key, value in sec_value.items():
+            if key not in keys:
+                raise ConfigError(
+                    f"[{sec_name}].{key}: unknown key (known: {', '.join(sorted(keys))})"
+                )
+            value = _check_type(f"[{sec_name}].{key}", value, getattr(section, key))
+            setattr(section, key, value)
+    cfg.validate()
+    return cfg
+
+
+def load(path: Path) -> Config:
+    """Read and validate a config file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found (run `prsm-node init`)") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        return from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def render(cfg: Config, *, commented: bool) -> str:
+    """Render a config as TOML with a comment for every key.
+
+    ``commented=True`` writes every key commented out (node.example.toml: the defaults);
+    otherwise keys are live (config.toml written by ``init``).
+    """
+    lines = [
+        "# PRSM node configuration. Every key is optional; shown with its default.",
+        "# Unknown keys are an error, so a typo never goes unnoticed.",
+    ]
+    prefix = "# " if commented else ""
+    for sec_field in dataclasses.fields(cfg):
+        section = getattr(cfg, sec_field.name)
+        lines += ["", f"[{sec_field.name}]"]
+        for f in dataclasses.fields(section):
+            lines.append(f"# {f.metadata['doc']}")
+            lines.append(f"{prefix}{f.name} = {_toml_value(getattr(section, f.name))}")
+    return "\n".join(lines) + "\n"
+
+
+def render_example() -> str:
+    return render(Config(), commented=True)

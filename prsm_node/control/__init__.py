@@ -1,0 +1,1 @@
+"""Local control socket: JSON lines over a Unix socket (see protocols/control.md)."""

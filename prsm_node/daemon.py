@@ -1,0 +1,134 @@
+"""``prsm-node start``: load the home, take the lock, run the node under trio, handle signals.
+
+Exit codes: 0 clean stop, 1 runtime failure (including a home already in use), 2 usage or
+config error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from . import logs
+from .config import Config, parse_multiaddr
+from .exceptions import ConfigError, HomeError, LockedError, PrsmError, StoreError
+from .home import Home, HomeLock, init_home
+from .logs import kv
+
+log = logging.getLogger("prsm_node")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+@dataclass
+class StartOptions:
+    home: Path
+    listen: list[str] = field(default_factory=list)
+    bootstrap: list[str] = field(default_factory=list)
+    log_format: str | None = None
+    log_level: str | None = None
+
+
+def apply_flags(cfg: Config, opts: StartOptions) -> Config:
+    """Flags override config.toml: --listen replaces the list, --bootstrap adds to it."""
+    if opts.listen:
+        cfg.p2p.listen = list(opts.listen)
+        for i, addr in enumerate(opts.listen):
+            parse_multiaddr(addr, f"--listen[{i}]", need_peer_id=False)
+    for i, addr in enumerate(opts.bootstrap):
+        parse_multiaddr(addr, f"--bootstrap[{i}]", need_peer_id=True)
+    cfg.p2p.bootstrap = [*cfg.p2p.bootstrap, *opts.bootstrap]
+    if opts.log_format is not None:
+        cfg.node.log_format = opts.log_format
+    if opts.log_level is not None:
+        cfg.node.log_level = opts.log_level
+    cfg.validate()
+    return cfg
+
+
+def start(opts: StartOptions) -> int:
+    home = Home(opts.home)
+    try:
+        if not home.exists():
+            init_home(home)
+            print(f"initialised a new node home at {home.path}", file=sys.stderr)
+        cfg = apply_flags(home.load_config(), opts)
+        key = home.load_key()
+        genesis = home.load_genesis()
+        network = home.network(cfg)
+        bootstrap = [*(network.bootstrap_peers() if network else []), *cfg.p2p.bootstrap]
+        home.check_socket_path()
+    except (ConfigError, HomeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    logs.setup(cfg.node.log_level, cfg.node.log_format)
+    lock = HomeLock(home)
+    try:
+        lock.acquire()
+    except LockedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    try:
+        from .node import Node  # libp2p is heavy: import it only to really start
+
+        node = Node(home, cfg, key, genesis, bootstrap)
+        trio.run(_run, node)
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except PrsmError as exc:
+        log.error("node failed", extra=kv(error=str(exc)))
+        return EXIT_FAILURE
+    except Exception as exc:
+        log.exception("node failed")
+        print(f"error: the node stopped on an unexpected failure: {_describe(exc)}", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        lock.release()
+    log.info("node stopped", extra=kv(reason=node.stop_reason or "unknown"))
+    return EXIT_OK
+
+
+def _describe(exc: BaseException) -> str:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"
+
+
+async def _run(node: object) -> None:
+    from .node import Node
+
+    assert isinstance(node, Node)
+    async with trio.open_nursery() as nursery:
+
+        async def run_node(*, task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED) -> None:
+            try:
+                await node.run(task_status=task_status)
+            finally:
+                nursery.cancel_scope.cancel()  # the node is done: stop watching signals
+
+        nursery.start_soon(_watch_signals, node)
+        ready = await nursery.start(run_node)
+        print(ready.line(), flush=True)
+
+
+async def _watch_signals(node: object) -> None:
+    from .node import Node
+
+    assert isinstance(node, Node)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        count = 0
+        async for signum in signals:
+            count += 1
+            name = signal.Signals(signum).name
+            if count == 1:
+                node.stop(f"received {name}")
+            else:
+                log.warning("second signal: exiting now", extra=kv(signal=name))
+                os._exit(EXIT_FAILURE)

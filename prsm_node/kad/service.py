@@ -1,0 +1,370 @@
+"""Kademlia discovery on ``/prsm/kad/1.0.0`` (libp2p kad-dht wire format, PRSM protocol id).
+
+The service answers FIND_NODE and PING, runs iterative lookups, dials the bootstrap peers with
+backoff until one answers, refreshes stale buckets, and saves known peers so a restarted node
+redials them. See protocols/kad.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import msgpack
+import multiaddr
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.custom_types import TProtocol
+from libp2p.network.stream.exceptions import StreamEOF
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+
+from ..config import DiscoverySection
+from ..exceptions import DiscoveryError
+from ..logs import kv
+from ..store import Namespace
+from ..wire import guarded_handler, read_frame, write_frame
+from . import messages as m
+from .routing import RoutingTable, kad_key, random_key_in_bucket
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_ID = TProtocol("/prsm/kad/1.0.0")
+SAVE_INTERVAL = 30.0
+MAX_REQUESTS_PER_STREAM = 64
+
+
+def strip_p2p(addr: multiaddr.Multiaddr) -> multiaddr.Multiaddr:
+    text = str(addr)
+    return multiaddr.Multiaddr(text.split("/p2p/", 1)[0]) if "/p2p/" in text else addr
+
+
+@dataclass
+class LookupResult:
+    closest: list[ID]
+    queried: int
+    found: PeerInfo | None = None
+
+
+class Kademlia:
+    def __init__(
+        self,
+        host: IHost,
+        cfg: DiscoverySection,
+        saved: Namespace,
+        bootstrap: Iterable[str],
+    ) -> None:
+        self.host = host
+        self.cfg = cfg
+        self._saved = saved
+        self.local_id = host.get_id()
+        self.table = RoutingTable(self.local_id.to_bytes(), cfg.bucket_size)
+        self._bootstrap = [a for a in bootstrap if not a.endswith(f"/p2p/{self.local_id}")]
+        self._changed = trio.Event()
+        self._dirty = False
+        self.lookups = 0
+        self.requests_served = 0
+
+    # ---- service ----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.host.set_stream_handler(PROTOCOL_ID, guarded_handler(PROTOCOL_ID, self._handle_stream))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._join)
+            nursery.start_soon(self._refresh_loop)
+            nursery.start_soon(self._save_loop)
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self.save_peers()
+
+    async def _join(self) -> None:
+        """Redial saved peers, dial bootstrap peers with backoff, then look ourselves up."""
+        saved = self._load_saved_peers()
+        async with trio.open_nursery() as nursery:
+            for info in saved:
+                nursery.start_soon(self._try_peer, info)
+            for addr in self._bootstrap:
+                nursery.start_soon(self._dial_bootstrap, addr)
+        if len(self.table):
+            await self._self_lookup()
+
+    async def _dial_bootstrap(self, addr: str) -> None:
+        info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        delay = self.cfg.bootstrap_backoff_initial
+        attempt = 0
+        while True:
+            attempt += 1
+            if await self._try_peer(info):
+                log.info("joined through bootstrap peer", extra=kv(peer=str(info.peer_id), attempt=attempt))
+                return
+            log.info(
+                "bootstrap peer unreachable, retrying",
+                extra=kv(addr=addr, attempt=attempt, retry_in=round(delay, 2)),
+            )
+            await trio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, self.cfg.bootstrap_backoff_max)
+
+    async def _try_peer(self, info: PeerInfo) -> bool:
+        """Connect and PING over kad; on success the peer enters the routing table."""
+        try:
+            self.host.get_peerstore().add_addrs(info.peer_id, info.addrs, 0)
+            await self.request(info.peer_id, m.KadMessage(type=m.MessageType.PING))
+            return True
+        except DiscoveryError:
+            return False
+
+    async def _self_lookup(self) -> None:
+        try:
+            await self.lookup(self.local_id.to_bytes())
+        except DiscoveryError as exc:
+            log.debug("self lookup failed", extra=kv(error=str(exc)))
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await trio.sleep(self.cfg.refresh_interval)
+            if not len(self.table):
+                log.warning("routing table is empty; dialling bootstrap and saved peers again")
+                await self._join()
+                continue
+            await self._self_lookup()
+            now = trio.current_time()
+            for index in self.table.stale_buckets(now, self.cfg.refresh_interval):
+                key = await trio.to_thread.run_sync(random_key_in_bucket, self.table.local_key, index)
+                if key is not None:
+                    try:
+                        await self.lookup(key)
+                    except DiscoveryError:
+                        pass
+
+    async def _save_loop(self) -> None:
+        while True:
+            await trio.sleep(SAVE_INTERVAL)
+            if self._dirty:
+                self.save_peers()
+
+    # ---- peers ------------------------------------------------------------------------
+
+    def _seen(self, peer_id: ID) -> None:
+        before = self.table.version
+        self.table.seen(peer_id.to_bytes(), trio.current_time())
+        if self.table.version != before:
+            self._dirty = True
+            self._changed.set()
+            self._changed = trio.Event()
+
+    def _failed(self, peer_id: ID) -> None:
+        before = self.table.version
+        self.table.failed(peer_id.to_bytes())
+        if self.table.version != before:
+            self._dirty = True
+            self._changed.set()
+            self._changed = trio.Event()
+
+    async def wait_table_size(self, size: int) -> None:
+        """Return once the routing table holds at least ``size`` peers."""
+        while len(self.table) < size:
+            await self._changed.wait()
+
+    def addrs_of(self, peer_id: ID) -> list[multiaddr.Multiaddr]:
+        try:
+            addrs = self.host.get_peerstore().addrs(peer_id)
+        except Exception:  # PeerStoreError: unknown or expired peer
+            return []
+        unique: dict[str, multiaddr.Multiaddr] = {}
+        for a in addrs:
+            bare = strip_p2p(a)
+            unique.setdefault(str(bare), bare)
+        return list(unique.values())
+
+    def _kad_peer(self, peer_id: ID) -> m.KadPeer:
+        connected = peer_id in self.host.get_network().connections
+        return m.KadPeer(
+            id=peer_id.to_bytes(),
+            addrs=tuple(a.to_bytes() for a in self.addrs_of(peer_id)),
+            connection=m.ConnectionType.CONNECTED if connected else m.ConnectionType.NOT_CONNECTED,
+        )
+
+    def _load_saved_peers(self) -> list[PeerInfo]:
+        infos = []
+        for key, value in self._saved.items():
+            try:
+                record = msgpack.unpackb(value)
+                addrs = [multiaddr.Multiaddr(a) for a in record["addrs"]]
+                infos.append(PeerInfo(ID(key), addrs))
+            except Exception as exc:  # a damaged record must not stop the node
+                log.warning("skipping unreadable saved peer", extra=kv(error=repr(exc)))
+        return infos
+
+    def save_peers(self) -> None:
+        records: dict[bytes, bytes] = {}
+        for raw in self.table.peers()[: self.cfg.max_saved_peers]:
+            addrs = self.addrs_of(ID(raw))
+            if addrs:
+                records[raw] = msgpack.packb({"addrs": [str(a) for a in addrs]})
+        self._saved.replace_all(records, sync=True)
+        self._dirty = False
+
+    # ---- wire -------------------------------------------------------------------------
+
+    async def _handle_stream(self, stream: INetStream) -> None:
+        peer_id = stream.muxed_conn.peer_id
+        for _ in range(MAX_REQUESTS_PER_STREAM):
+            try:
+                body = await read_frame(stream, m.MAX_MESSAGE_SIZE)
+            except StreamEOF:
+                return
+            try:
+                request = m.decode(body)
+            except m.KadDecodeError as exc:
+                log.info("malformed kad request", extra=kv(peer=str(peer_id), error=str(exc)))
+                raise
+            response = self._respond(peer_id, request)
+            if response is None:
+                log.debug("unsupported kad request", extra=kv(peer=str(peer_id), type=request.type.name))
+                await stream.reset()
+                return
+            await write_frame(stream, m.encode(response))
+            self.requests_served += 1
+            self._seen(peer_id)
+
+    def _respond(self, requester: ID, request: m.KadMessage) -> m.KadMessage | None:
+        if request.type == m.MessageType.PING:
+            return m.KadMessage(type=m.MessageType.PING)
+        if request.type == m.MessageType.FIND_NODE:
+            closest = self.table.closest(kad_key(request.key), self.cfg.bucket_size, exclude=requester.to_bytes())
+            peers = [self._kad_peer(ID(raw)) for raw in closest]
+            target = _peer_id_or_none(request.key)
+            if target == self.local_id:
+                peers.insert(0, self._kad_peer_self())
+            return m.KadMessage(
+                type=m.MessageType.FIND_NODE,
+                key=request.key,
+                closer_peers=tuple(p for p in peers if p.addrs),
+            )
+        return None  # provider and value records arrive with the shard exchange
+
+    def _kad_peer_self(self) -> m.KadPeer:
+        addrs = tuple(strip_p2p(a).to_bytes() for a in self.host.get_addrs())
+        return m.KadPeer(id=self.local_id.to_bytes(), addrs=addrs, connection=m.ConnectionType.CONNECTED)
+
+    async def request(self, peer_id: ID, msg: m.KadMessage) -> m.KadMessage:
+        """One request/response on a fresh stream; a failure evicts the peer from the table."""
+        try:
+            with trio.fail_after(self.cfg.request_timeout):
+                stream = await self.host.new_stream(peer_id, [PROTOCOL_ID])
+                try:
+                    await write_frame(stream, m.encode(msg))
+                    response = m.decode(await read_frame(stream, m.MAX_MESSAGE_SIZE))
+                finally:
+                    with trio.move_on_after(1):
+                        await stream.close()
+        except Exception as exc:  # timeouts, dial failures, resets, bad frames alike
+            if isinstance(exc, ExceptionGroup):
+                exc = exc.exceptions[0]
+            self._failed(peer_id)
+            raise DiscoveryError(f"{peer_id}: {type(exc).__name__}: {exc}") from None
+        if response.type != msg.type:
+            self._failed(peer_id)
+            raise DiscoveryError(f"{peer_id}: answered {response.type.name} to {msg.type.name}")
+        self._seen(peer_id)
+        return response
+
+    # ---- lookups ----------------------------------------------------------------------
+
+    async def lookup(self, key: bytes, *, target: ID | None = None) -> LookupResult:
+        """Iterative FIND_NODE: query the alpha closest unqueried peers until the k closest
+        known peers have all answered (or failed). Stops early when ``target`` is reached."""
+        self.lookups += 1
+        goal = kad_key(key)
+        k = self.cfg.bucket_size
+        candidates: dict[bytes, int] = {raw: kad_key(raw) for raw in self.table.closest(goal, k)}
+        queried: set[bytes] = set()
+        answered: set[bytes] = set()
+        result = LookupResult(closest=[], queried=0)
+        if not candidates:
+            raise DiscoveryError("the routing table is empty: no peer to ask")
+
+        async def ask(raw: bytes) -> None:
+            peer_id = ID(raw)
+            try:
+                response = await self.request(peer_id, m.KadMessage(type=m.MessageType.FIND_NODE, key=key))
+            except DiscoveryError:
+                return
+            answered.add(raw)
+            for peer in response.closer_peers:
+                learned = self._learn(peer)
+                if learned is None:
+                    continue
+                candidates.setdefault(peer.id, kad_key(peer.id))
+                if target is not None and learned.peer_id == target and result.found is None:
+                    result.found = learned
+
+        while result.found is None:
+            nearest = sorted(candidates, key=lambda raw: candidates[raw] ^ goal)[:k]
+            batch = [raw for raw in nearest if raw not in queried][: self.cfg.alpha]
+            if not batch:
+                break
+            queried.update(batch)
+            async with trio.open_nursery() as nursery:
+                for raw in batch:
+                    nursery.start_soon(ask, raw)
+        result.queried = len(queried)
+        result.closest = [ID(raw) for raw in sorted(answered, key=lambda r: candidates[r] ^ goal)[:k]]
+        return result
+
+    def _learn(self, peer: m.KadPeer) -> PeerInfo | None:
+        """Record a peer named in a response; its addresses go to the peerstore."""
+        if peer.id == self.local_id.to_bytes():
+            return None
+        try:
+            peer_id = ID(peer.id)
+            addrs = [multiaddr.Multiaddr(a) for a in peer.addrs]
+        except Exception:  # a bad id or address from a peer is its problem, not ours
+            return None
+        if not addrs:
+            return None
+        self.host.get_peerstore().add_addrs(peer_id, addrs, 0)
+        return PeerInfo(peer_id, addrs)
+
+    async def find_peer(self, peer_id: ID) -> PeerInfo:
+        """Resolve a peer to its addresses and prove them by connecting."""
+        if peer_id == self.local_id:
+            return PeerInfo(peer_id, [strip_p2p(a) for a in self.host.get_addrs()])
+        if peer_id in self.host.get_network().connections:
+            return PeerInfo(peer_id, self.addrs_of(peer_id))
+        if self.addrs_of(peer_id) and await self._connect(peer_id):
+            return PeerInfo(peer_id, self.addrs_of(peer_id))
+        found = (await self.lookup(peer_id.to_bytes(), target=peer_id)).found
+        if found is None:
+            raise DiscoveryError(f"peer {peer_id} not found")
+        if not await self._connect(peer_id):
+            raise DiscoveryError(f"peer {peer_id} found at {found.addrs} but not reachable")
+        return PeerInfo(peer_id, self.addrs_of(peer_id))
+
+    async def _connect(self, peer_id: ID) -> bool:
+        try:
+            with trio.fail_after(self.cfg.request_timeout):
+                await self.host.connect(PeerInfo(peer_id, self.addrs_of(peer_id)))
+            return True
+        except Exception as exc:  # dial errors come in many types, some as groups
+            log.debug("dial failed", extra=kv(peer=str(peer_id), error=repr(exc)))
+            return False
+
+    def statistics(self) -> dict[str, int]:
+        return {
+            "routing_table_size": len(self.table),
+            "lookups": self.lookups,
+            "requests_served": self.requests_served,
+        }
+
+
+def _peer_id_or_none(raw: bytes) -> ID | None:
+    try:
+        return ID(raw)
+    except Exception:
+        return None
+

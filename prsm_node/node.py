@@ -1,0 +1,226 @@
+"""The daemon: one root nursery that starts every service in dependency order.
+
+store → host → discovery → control (→ metrics). Teardown runs in reverse, storage last:
+each service lives inside the context of the ones it needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import multiaddr
+import trio
+from libp2p.peer.id import ID
+
+from . import __version__
+from .config import Config
+from .control.server import AfterReply, ControlServer, RequestError, param
+from .exceptions import DiscoveryError
+from .genesis import Genesis
+from .home import Home
+from .host import build_host, listen_addrs
+from .kad.service import Kademlia
+from .keys import NodeKey
+from .logs import kv
+from .metrics import MetricsServer
+from .store import Store
+from .wire import TRAFFIC
+
+log = logging.getLogger(__name__)
+
+STALL_CHECK_INTERVAL = 0.1
+STALL_WARN_AFTER = 0.1
+MAX_WAIT_SECONDS = 600.0
+
+
+@dataclass
+class Ready:
+    """What ``Node.run`` hands back once every service is up."""
+
+    peer_id: str
+    addrs: list[str]
+    control_socket: str
+
+    def line(self) -> str:
+        return f"prsm-node ready peer_id={self.peer_id} listen={','.join(self.addrs)} control={self.control_socket}"
+
+
+class Node:
+    def __init__(
+        self, home: Home, cfg: Config, key: NodeKey, genesis: Genesis, bootstrap: list[str]
+    ) -> None:
+        self.home = home
+        self.cfg = cfg
+        self.key = key
+        self.genesis = genesis
+        self.bootstrap = bootstrap
+        self.started_at = time.time()
+        self.store = Store(home.data_dir / "db")
+        self.host = build_host(key, cfg)
+        self.kad: Kademlia | None = None
+        self.control = ControlServer(home.control_socket, cfg.control.max_request_bytes)
+        self.metrics: MetricsServer | None = None
+        self._cancel = trio.CancelScope()
+        self.stop_reason: str | None = None
+
+    def stop(self, reason: str) -> None:
+        """Ask the node to shut down gracefully (signal handler, control ``stop``)."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            log.info("stopping", extra=kv(reason=reason))
+        self._cancel.cancel()
+
+    async def run(self, *, task_status: trio.TaskStatus[Ready] = trio.TASK_STATUS_IGNORED) -> None:
+        self.home.check_socket_path()
+        with self._cancel:
+            self.store.open()
+            try:
+                async with self.host.run([multiaddr.Multiaddr(a) for a in self.cfg.p2p.listen]):
+                    try:
+                        await self._run_services(task_status)
+                    finally:
+                        await self._disconnect_all()
+            finally:
+                self.store.close()
+                log.info("store closed")
+
+    async def _run_services(self, task_status: trio.TaskStatus[Ready]) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_event_loop)
+            self.kad = Kademlia(self.host, self.cfg.discovery, self.store.namespace("peers"), self.bootstrap)
+            await nursery.start(self.kad.run)
+            self._register_methods()
+            await nursery.start(self.control.run)
+            if self.cfg.metrics.enabled:
+                self.metrics = MetricsServer(self.cfg.metrics.listen, self._gauges())
+                await nursery.start(self.metrics.run)
+            ready = Ready(str(self.host.get_id()), listen_addrs(self.host), str(self.home.control_socket))
+            log.info("node ready", extra=kv(peer_id=ready.peer_id, network=self.genesis.network))
+            task_status.started(ready)
+
+    async def _disconnect_all(self) -> None:
+        """Close every connection before the host goes: py-libp2p leaves them open otherwise."""
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            for peer_id in self._connected():
+                try:
+                    await self.host.disconnect(peer_id)
+                except Exception as exc:  # shutdown goes on if one close fails
+                    log.debug("disconnect failed", extra=kv(peer=str(peer_id), error=repr(exc)))
+
+    async def _watch_event_loop(self) -> None:
+        """Canary: warn when something blocks the event loop (a bug: use to_thread)."""
+        while True:
+            before = trio.current_time()
+            await trio.sleep(STALL_CHECK_INTERVAL)
+            late = trio.current_time() - before - STALL_CHECK_INTERVAL
+            if late > STALL_WARN_AFTER:
+                log.warning("event loop stalled", extra=kv(ms=round(late * 1000)))
+
+    # ---- control methods ----------------------------------------------------------------
+
+    def _register_methods(self) -> None:
+        for name, handler in {
+            "status": self._status,
+            "id": self._id,
+            "peers": self._peers,
+            "find_peer": self._find_peer,
+            "wait_routing_table": self._wait_routing_table,
+            "stop": self._stop,
+        }.items():
+            self.control.register(name, handler)
+
+    def _connected(self) -> list[ID]:
+        return list(self.host.get_network().connections)
+
+    async def _status(self, params: dict[str, Any]) -> dict[str, Any]:
+        assert self.kad is not None
+        return {
+            "peer_id": str(self.host.get_id()),
+            "addrs": listen_addrs(self.host),
+            "network": self.genesis.network,
+            "chain_id": self.genesis.chain_id,
+            "version": __version__,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "connected_peers": len(self._connected()),
+            **self.kad.statistics(),
+        }
+
+    async def _id(self, params: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "peer_id": str(self.host.get_id()),
+            "account": self.key.account.hex(),
+            "addrs": listen_addrs(self.host),
+        }
+
+    async def _peers(self, params: dict[str, Any]) -> list[dict[str, Any]]:
+        assert self.kad is not None
+        out = []
+        for peer_id in self._connected():
+            conns = self.host.get_network().connections.get(peer_id, [])
+            direction = getattr(conns[0], "direction", None) if conns else None
+            out.append({
+                "peer_id": str(peer_id),
+                "addrs": [str(a) for a in self.kad.addrs_of(peer_id)],
+                "direction": getattr(direction, "name", str(direction)).lower() if direction else "unknown",
+                "in_routing_table": peer_id.to_bytes() in self.kad.table,
+            })
+        return sorted(out, key=lambda p: p["peer_id"])
+
+    async def _find_peer(self, params: dict[str, Any]) -> dict[str, Any]:
+        assert self.kad is not None
+        text = param(params, "peer_id", str)
+        try:
+            peer_id = ID.from_base58(text)
+        except Exception:
+            raise RequestError("invalid_params", f"not a peer id: {text!r}") from None
+        started = trio.current_time()
+        try:
+            info = await self.kad.find_peer(peer_id)
+        except DiscoveryError as exc:
+            raise RequestError("not_found", str(exc)) from None
+        return {
+            "peer_id": str(info.peer_id),
+            "addrs": [str(a) for a in info.addrs],
+            "ms": round((trio.current_time() - started) * 1000, 2),
+        }
+
+    async def _wait_routing_table(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Block until the routing table holds ``size`` peers (devnet and tests wait on this)."""
+        assert self.kad is not None
+        size = param(params, "size", int)
+        timeout = param(params, "timeout", float, 60.0)
+        if not 0 < timeout <= MAX_WAIT_SECONDS:
+            raise RequestError("invalid_params", f"timeout must be in (0, {MAX_WAIT_SECONDS}]")
+        with trio.move_on_after(timeout):
+            await self.kad.wait_table_size(size)
+            return {"routing_table_size": len(self.kad.table)}
+        raise RequestError(
+            "timeout", f"routing table has {len(self.kad.table)} peers after {timeout} s, wanted {size}"
+        )
+
+    async def _stop(self, params: dict[str, Any]) -> AfterReply:
+        # The reply must leave before the control socket closes, so stop after sending it.
+        return AfterReply({"stopping": True}, lambda: self.stop("stop requested over the control socket"))
+
+    def _gauges(self) -> list[tuple[str, str, str, Any]]:
+        assert self.kad is not None
+        kad = self.kad
+        return [
+            ("prsm_connected_peers", "gauge", "Peers with an open connection.", lambda: len(self._connected())),
+            ("prsm_routing_table_size", "gauge", "Peers in the Kademlia routing table.", lambda: len(kad.table)),
+            ("prsm_open_streams", "gauge", "Open libp2p streams.", self._open_streams),
+            ("prsm_protocol_bytes_in_total", "counter", "Bytes received on PRSM protocols.", lambda: TRAFFIC.bytes_in),
+            ("prsm_protocol_bytes_out_total", "counter", "Bytes sent on PRSM protocols.", lambda: TRAFFIC.bytes_out),
+            ("prsm_kad_lookups_total", "counter", "Kademlia lookups started.", lambda: kad.lookups),
+            ("prsm_uptime_seconds", "gauge", "Seconds since the node started.", lambda: round(time.time() - self.started_at, 1)),
+        ]
+
+    def _open_streams(self) -> int:
+        total = 0
+        for conns in self.host.get_network().connections.values():
+            for conn in conns:
+                total += len(conn.get_streams())
+        return total
