@@ -38,7 +38,10 @@ def build_host(key: NodeKey, cfg: Config) -> IHost:
         connection_config=ConnectionConfig(
             max_connections=cfg.p2p.max_connections,
             high_watermark=cfg.p2p.max_connections,
-            low_watermark=min(100, cfg.p2p.max_connections),
+            # Discovery decides whom to dial. py-libp2p's auto-connector would otherwise dial
+            # every peer in the peerstore to keep 50+ connections open.
+            min_connections=0,
+            low_watermark=0,
             max_connections_per_peer=1,
             dial_timeout=cfg.p2p.dial_timeout,
         ),

@@ -65,12 +65,14 @@ class Node:
         self.metrics: MetricsServer | None = None
         self._cancel = trio.CancelScope()
         self.stop_reason: str | None = None
+        self.stopping = trio.Event()
 
     def stop(self, reason: str) -> None:
         """Ask the node to shut down gracefully (signal handler, control ``stop``)."""
         if self.stop_reason is None:
             self.stop_reason = reason
             log.info("stopping", extra=kv(reason=reason))
+        self.stopping.set()
         self._cancel.cancel()
 
     async def run(self, *, task_status: trio.TaskStatus[Ready] = trio.TASK_STATUS_IGNORED) -> None:
