@@ -151,9 +151,14 @@ def peers(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
 
 
 @app.command("find-peer")
-def find_peer(peer_id: str, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+def find_peer(
+    peer_id: str,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+    lookup: Annotated[bool, typer.Option("--lookup", help="Always ask the DHT, even for a known peer.")] = False,
+) -> None:
     """Find a peer's addresses through the DHT and connect to it."""
-    result = _call(home, "find_peer", {"peer_id": peer_id})
+    result = _call(home, "find_peer", {"peer_id": peer_id, "lookup": lookup})
     if as_json:
         return _print_json(result)
     typer.echo(f"{result['peer_id']} found in {result['ms']:.1f} ms")

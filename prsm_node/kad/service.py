@@ -335,15 +335,29 @@ class Kademlia:
         if peer_id == self.local_id:
             return PeerInfo(peer_id, [strip_p2p(a) for a in self.host.get_addrs()])
         if peer_id in self.host.get_network().connections:
-            return PeerInfo(peer_id, self.addrs_of(peer_id))
-        if self.addrs_of(peer_id) and await self._connect(peer_id):
+            if self.addrs_of(peer_id) or await self._ask_peer_itself(peer_id):
+                return PeerInfo(peer_id, self.addrs_of(peer_id))
+        elif self.addrs_of(peer_id) and await self._connect(peer_id):
             return PeerInfo(peer_id, self.addrs_of(peer_id))
         found = (await self.lookup(peer_id.to_bytes(), target=peer_id)).found
         if found is None:
             raise DiscoveryError(f"peer {peer_id} not found")
-        if not await self._connect(peer_id):
+        if peer_id not in self.host.get_network().connections and not await self._connect(peer_id):
             raise DiscoveryError(f"peer {peer_id} found at {found.addrs} but not reachable")
-        return PeerInfo(peer_id, self.addrs_of(peer_id))
+        return PeerInfo(peer_id, self.addrs_of(peer_id) or found.addrs)
+
+    async def _ask_peer_itself(self, peer_id: ID) -> bool:
+        """Learn a connected peer's listen addresses from the peer: FIND_NODE for its own id
+        returns its own record. Needed when identify has not filled the peerstore yet."""
+        try:
+            response = await self.request(
+                peer_id, m.KadMessage(type=m.MessageType.FIND_NODE, key=peer_id.to_bytes())
+            )
+        except DiscoveryError:
+            return False
+        for peer in response.closer_peers:
+            self._learn(peer)
+        return bool(self.addrs_of(peer_id))
 
     async def _connect(self, peer_id: ID) -> bool:
         try:
