@@ -60,7 +60,7 @@ def _print_json(obj: Any) -> None:
 def _table(rows: list[list[str]], header: list[str]) -> None:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
-        typer.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+        typer.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
 @app.command()
@@ -92,8 +92,12 @@ def init(
 @app.command()
 def start(
     home: HomeOpt = None,
-    listen: Annotated[list[str] | None, typer.Option(help="Listen multiaddr (repeatable); replaces [p2p].listen.")] = None,
-    bootstrap: Annotated[list[str] | None, typer.Option(help="Extra bootstrap peer multiaddr with /p2p/ (repeatable).")] = None,
+    listen: Annotated[
+        list[str] | None, typer.Option(help="Listen multiaddr (repeatable); replaces [p2p].listen.")
+    ] = None,
+    bootstrap: Annotated[
+        list[str] | None, typer.Option(help="Extra bootstrap peer multiaddr with /p2p/ (repeatable).")
+    ] = None,
     log_format: Annotated[str | None, typer.Option(help="text or json; overrides [node].log_format.")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
 ) -> None:
@@ -145,7 +149,10 @@ def peers(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
         typer.echo("no connected peers")
         return
     _table(
-        [[p["peer_id"], p["direction"], "yes" if p["in_routing_table"] else "no", ", ".join(p["addrs"])] for p in result],
+        [
+            [p["peer_id"], p["direction"], "yes" if p["in_routing_table"] else "no", ", ".join(p["addrs"])]
+            for p in result
+        ],
         ["PEER ID", "DIRECTION", "ROUTING", "ADDRESSES"],
     )
 

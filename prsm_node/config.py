@@ -70,7 +70,7 @@ class P2PSection:
 
 @dataclass
 class DiscoverySection:
-    bucket_size: int = _doc("Kademlia k: peers per bucket and lookup result size.", default=20)
+    bucket_size: int = _doc("Kademlia k: peers per bucket and lookup result size (1 to 60).", default=20)
     alpha: int = _doc("Kademlia alpha: parallel requests in a lookup.", default=3)
     request_timeout: float = _doc("Seconds to wait for one Kademlia request.", default=5.0)
     refresh_interval: float = _doc("Seconds between routing table refreshes.", default=300.0)
@@ -82,13 +82,18 @@ class DiscoverySection:
     max_saved_peers: int = _doc("Known peers saved for redialling after a restart.", default=200)
 
     def validate(self) -> None:
-        for name in ("bucket_size", "alpha", "request_timeout", "refresh_interval",
-                     "bootstrap_backoff_initial", "bootstrap_backoff_max", "max_saved_peers"):
+        for name in (
+            "bucket_size",
+            "alpha",
+            "request_timeout",
+            "refresh_interval",
+            "bootstrap_backoff_initial",
+            "bootstrap_backoff_max",
+            "max_saved_peers",
+        ):
             _positive("discovery", name, getattr(self, name))
         if self.bootstrap_backoff_max < self.bootstrap_backoff_initial:
-            raise ConfigError(
-                "[discovery].bootstrap_backoff_max: must be at least bootstrap_backoff_initial"
-            )
+            raise ConfigError("[discovery].bootstrap_backoff_max: must be at least bootstrap_backoff_initial")
 
 
 @dataclass
@@ -190,18 +195,14 @@ def from_dict(data: dict[str, Any], base: Config | None = None) -> Config:
     sections = {f.name: f for f in dataclasses.fields(cfg)}
     for sec_name, sec_value in data.items():
         if sec_name not in sections:
-            raise ConfigError(
-                f"[{sec_name}]: unknown section (known: {', '.join(sections)})"
-            )
+            raise ConfigError(f"[{sec_name}]: unknown section (known: {', '.join(sections)})")
         if not isinstance(sec_value, dict):
             raise ConfigError(f"[{sec_name}]: expected a table, got {type(sec_value).__name__}")
         section = getattr(cfg, sec_name)
         keys = {f.name for f in dataclasses.fields(section)}
         for key, value in sec_value.items():
             if key not in keys:
-                raise ConfigError(
-                    f"[{sec_name}].{key}: unknown key (known: {', '.join(sorted(keys))})"
-                )
+                raise ConfigError(f"[{sec_name}].{key}: unknown key (known: {', '.join(sorted(keys))})")
             value = _check_type(f"[{sec_name}].{key}", value, getattr(section, key))
             setattr(section, key, value)
     cfg.validate()

@@ -12,14 +12,19 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
 from . import logs
+from ._trio import TaskStatus
 from .config import Config, parse_multiaddr
 from .exceptions import ConfigError, HomeError, LockedError, PrsmError, StoreError
 from .home import Home, HomeLock, init_home
 from .logs import kv
+
+if TYPE_CHECKING:  # the real import waits until the node really starts (libp2p is heavy)
+    from .node import Node, Ready
 
 log = logging.getLogger("prsm_node")
 
@@ -101,13 +106,10 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-async def _run(node: object) -> None:
-    from .node import Node
-
-    assert isinstance(node, Node)
+async def _run(node: Node) -> None:
     async with trio.open_nursery() as nursery:
 
-        async def run_node(*, task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED) -> None:
+        async def run_node(*, task_status: TaskStatus[Ready] = trio.TASK_STATUS_IGNORED) -> None:
             try:
                 await node.run(task_status=task_status)
             finally:
@@ -118,10 +120,7 @@ async def _run(node: object) -> None:
         print(ready.line(), flush=True)
 
 
-async def _watch_signals(node: object) -> None:
-    from .node import Node
-
-    assert isinstance(node, Node)
+async def _watch_signals(node: Node) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         count = 0
         async for signum in signals:

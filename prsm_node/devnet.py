@@ -25,7 +25,7 @@ from pathlib import Path
 from . import config as config_mod
 from .control.client import ControlClient
 from .exceptions import ControlError, DaemonNotRunning, HomeError
-from .genesis import Genesis, Validator, development_genesis
+from .genesis import Validator, development_genesis
 from .home import Home, init_home
 from .keys import NodeKey
 
@@ -60,7 +60,7 @@ def create(directory: Path, nodes: int) -> list[DevnetNode]:
     keys = [NodeKey.generate() for _ in range(nodes)]
     ports = _free_ports(nodes)
     peer_ids = [str(k.peer_id) for k in keys]
-    addrs = [f"/ip4/127.0.0.1/tcp/{port}/p2p/{pid}" for port, pid in zip(ports, peer_ids)]
+    addrs = [f"/ip4/127.0.0.1/tcp/{port}/p2p/{pid}" for port, pid in zip(ports, peer_ids, strict=True)]
     genesis = development_genesis(
         "devnet",
         [Validator(account=keys[0].account.hex(), peer_id=peer_ids[0])],
@@ -71,7 +71,7 @@ def create(directory: Path, nodes: int) -> list[DevnetNode]:
     genesis.save(net_dir / "genesis.json")
     (net_dir / "peers.txt").write_text(f"# bootstrap peers of this devnet\n{addrs[0]}\n", encoding="utf-8")
     out = []
-    for i, (key, port) in enumerate(zip(keys, ports)):
+    for i, (key, port) in enumerate(zip(keys, ports, strict=True)):
         home = Home(directory / f"node{i}")
         cfg = config_mod.Config()
         cfg.p2p.listen = [f"/ip4/127.0.0.1/tcp/{port}"]
@@ -202,24 +202,37 @@ def run(directory: Path, nodes: int, *, fresh: bool, as_json: bool, ready_timeou
         stopping = True
         raise KeyboardInterrupt
 
+    # Explicit for SIGINT too: a shell starts background jobs with SIGINT ignored.
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         for node in devnet:
             pids[node.index] = spawn(node)
-        wait_ready(devnet, table_size=min(nodes - 1, config_mod.DiscoverySection().bucket_size),
-                   timeout=ready_timeout)
+        wait_ready(devnet, table_size=min(nodes - 1, config_mod.DiscoverySection().bucket_size), timeout=ready_timeout)
         elapsed = time.monotonic() - started
         if as_json:
-            print(json.dumps({"dir": str(directory), "ready_s": round(elapsed, 2),
-                              "nodes": [asdict(n) | {"pid": pids[n.index]} for n in devnet]}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "dir": str(directory),
+                        "ready_s": round(elapsed, 2),
+                        "nodes": [asdict(n) | {"pid": pids[n.index]} for n in devnet],
+                    }
+                ),
+                flush=True,
+            )
         else:
             _print_table(devnet, pids, directory, elapsed)
         while True:  # supervise: report a daemon that dies on its own
             pid, status = os.wait()
             index = next(i for i, p in pids.items() if p == pid)
             del pids[index]
-            print(f"node{index} exited with code {os.waitstatus_to_exitcode(status)} "
-                  f"(log: {devnet[index].home}/node.log)", file=sys.stderr, flush=True)
+            print(
+                f"node{index} exited with code {os.waitstatus_to_exitcode(status)} "
+                f"(log: {devnet[index].home}/node.log)",
+                file=sys.stderr,
+                flush=True,
+            )
             if not pids:
                 return 1
     except KeyboardInterrupt:

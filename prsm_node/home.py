@@ -1,11 +1,11 @@
 """The node's home directory: its layout, ``init``, the networks it can join, and the lock.
 
-    <home>/config.toml     typed config (see config.py)
-    <home>/genesis.json    the network this node belongs to
-    <home>/keys/node_key   Ed25519 seed, mode 0600
-    <home>/data/           LevelDB and, later, shard chunks
-    <home>/control.sock    local control socket, mode 0600
-    <home>/node.lock       held by the running daemon
+<home>/config.toml     typed config (see config.py)
+<home>/genesis.json    the network this node belongs to
+<home>/keys/node_key   Ed25519 seed, mode 0600
+<home>/data/           LevelDB and, later, shard chunks
+<home>/control.sock    local control socket, mode 0600
+<home>/node.lock       held by the running daemon
 """
 
 from __future__ import annotations
@@ -79,8 +79,7 @@ def find_network(name: str) -> Network | None:
         return Network(name, shipped)
     known = sorted(p.name for p in networks_dir().glob("*/genesis.json"))
     raise ConfigError(
-        f"unknown network {name!r}: not a folder with genesis.json, and not one of "
-        f"{', '.join([DEV_NETWORK, *known])}"
+        f"unknown network {name!r}: not a folder with genesis.json, and not one of {', '.join([DEV_NETWORK, *known])}"
     )
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Sequence
 
 import multiaddr
 from libp2p import new_host
@@ -64,7 +63,7 @@ def expand_wildcards(addrs: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiad
     out: list[multiaddr.Multiaddr] = []
     for ma in addrs:
         if ma.value_for_protocol("ip4") == "0.0.0.0":
-            rest = str(ma)[len("/ip4/0.0.0.0"):]
+            rest = str(ma)[len("/ip4/0.0.0.0") :]
             out += [multiaddr.Multiaddr(f"/ip4/{ip}{rest}") for ip in _local_ipv4_addresses()]
         else:
             out.append(ma)

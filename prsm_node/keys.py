@@ -9,7 +9,6 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import nacl.signing

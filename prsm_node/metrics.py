@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import trio
 
+from ._trio import TaskStatus
 from .logs import kv
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ class MetricsServer:
         self.gauges = gauges
         self.bound_port: int | None = None
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(self.port, host=self.host)
         self.bound_port = listeners[0].socket.getsockname()[1]
         log.info("metrics served", extra=kv(url=f"http://{self.host}:{self.bound_port}/metrics"))
@@ -60,9 +61,14 @@ class MetricsServer:
                 else:
                     body, status, ctype = b"not found: try GET /metrics\n", b"404 Not Found", b"text/plain"
                 await stream.send_all(
-                    b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype
-                    + b"\r\nContent-Length: " + str(len(body)).encode()
-                    + b"\r\nConnection: close\r\n\r\n" + body
+                    b"HTTP/1.1 "
+                    + status
+                    + b"\r\nContent-Type: "
+                    + ctype
+                    + b"\r\nContent-Length: "
+                    + str(len(body)).encode()
+                    + b"\r\nConnection: close\r\n\r\n"
+                    + body
                 )
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass

@@ -16,13 +16,14 @@ import trio
 from libp2p.peer.id import ID
 
 from . import __version__
+from ._trio import TaskStatus
 from .config import Config
 from .control.server import AfterReply, ControlServer, RequestError, param
 from .exceptions import DiscoveryError
 from .genesis import Genesis
 from .home import Home
 from .host import build_host, listen_addrs
-from .kad.service import Kademlia
+from .kad.service import Kademlia, strip_p2p
 from .keys import NodeKey
 from .logs import kv
 from .metrics import MetricsServer
@@ -34,6 +35,19 @@ log = logging.getLogger(__name__)
 STALL_CHECK_INTERVAL = 0.1
 STALL_WARN_AFTER = 0.1
 MAX_WAIT_SECONDS = 600.0
+
+
+def parse_peer_id(text: str) -> ID:
+    """A base58 peer id whose bytes are a well-formed multihash, or ``invalid_params``."""
+    try:
+        peer_id = ID.from_base58(text)
+        raw = peer_id.to_bytes()
+        code, length = raw[0], raw[1]
+        if code not in (0x00, 0x12) or length != len(raw) - 2 or length < 20:
+            raise ValueError("not an identity or sha2-256 multihash")
+    except Exception:
+        raise RequestError("invalid_params", f"not a peer id: {text!r}") from None
+    return peer_id
 
 
 @dataclass
@@ -49,9 +63,7 @@ class Ready:
 
 
 class Node:
-    def __init__(
-        self, home: Home, cfg: Config, key: NodeKey, genesis: Genesis, bootstrap: list[str]
-    ) -> None:
+    def __init__(self, home: Home, cfg: Config, key: NodeKey, genesis: Genesis, bootstrap: list[str]) -> None:
         self.home = home
         self.cfg = cfg
         self.key = key
@@ -75,7 +87,7 @@ class Node:
         self.stopping.set()
         self._cancel.cancel()
 
-    async def run(self, *, task_status: trio.TaskStatus[Ready] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: TaskStatus[Ready] = trio.TASK_STATUS_IGNORED) -> None:
         self.home.check_socket_path()
         with self._cancel:
             self.store.open()
@@ -89,7 +101,7 @@ class Node:
                 self.store.close()
                 log.info("store closed")
 
-    async def _run_services(self, task_status: trio.TaskStatus[Ready]) -> None:
+    async def _run_services(self, task_status: TaskStatus[Ready]) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_event_loop)
             self.kad = Kademlia(self.host, self.cfg.discovery, self.store.namespace("peers"), self.bootstrap)
@@ -168,12 +180,16 @@ class Node:
         for peer_id in self._connected():
             conns = self.host.get_network().connections.get(peer_id, [])
             direction = getattr(conns[0], "direction", None) if conns else None
-            out.append({
-                "peer_id": str(peer_id),
-                "addrs": [str(a) for a in self.kad.addrs_of(peer_id)],
-                "direction": getattr(direction, "name", str(direction)).lower() if direction else "unknown",
-                "in_routing_table": peer_id.to_bytes() in self.kad.table,
-            })
+            out.append(
+                {
+                    "peer_id": str(peer_id),
+                    "addrs": [str(a) for a in self.kad.addrs_of(peer_id)],
+                    "direction": getattr(direction, "name", str(direction)).lower()
+                    if direction is not None
+                    else "unknown",
+                    "in_routing_table": peer_id.to_bytes() in self.kad.table,
+                }
+            )
         return sorted(out, key=lambda p: p["peer_id"])
 
     async def _find_peer(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -182,13 +198,12 @@ class Node:
         assert self.kad is not None
         text = param(params, "peer_id", str)
         force_lookup = param(params, "lookup", bool, False)
-        try:
-            peer_id = ID.from_base58(text)
-        except Exception:
-            raise RequestError("invalid_params", f"not a peer id: {text!r}") from None
+        peer_id = parse_peer_id(text)
         started = trio.current_time()
         try:
-            if force_lookup:
+            if peer_id == self.host.get_id():
+                addrs, queried = [strip_p2p(a) for a in self.host.get_addrs()], None
+            elif force_lookup:
                 result = await self.kad.lookup(peer_id.to_bytes(), target=peer_id)
                 if result.found is None:
                     raise DiscoveryError(f"peer {peer_id} not found ({result.queried} peers asked)")
@@ -215,9 +230,7 @@ class Node:
         with trio.move_on_after(timeout):
             await self.kad.wait_table_size(size)
             return {"routing_table_size": len(self.kad.table)}
-        raise RequestError(
-            "timeout", f"routing table has {len(self.kad.table)} peers after {timeout} s, wanted {size}"
-        )
+        raise RequestError("timeout", f"routing table has {len(self.kad.table)} peers after {timeout} s, wanted {size}")
 
     async def _stop(self, params: dict[str, Any]) -> AfterReply:
         # The reply must leave before the control socket closes, so stop after sending it.
@@ -233,7 +246,12 @@ class Node:
             ("prsm_protocol_bytes_in_total", "counter", "Bytes received on PRSM protocols.", lambda: TRAFFIC.bytes_in),
             ("prsm_protocol_bytes_out_total", "counter", "Bytes sent on PRSM protocols.", lambda: TRAFFIC.bytes_out),
             ("prsm_kad_lookups_total", "counter", "Kademlia lookups started.", lambda: kad.lookups),
-            ("prsm_uptime_seconds", "gauge", "Seconds since the node started.", lambda: round(time.time() - self.started_at, 1)),
+            (
+                "prsm_uptime_seconds",
+                "gauge",
+                "Seconds since the node started.",
+                lambda: round(time.time() - self.started_at, 1),
+            ),
         ]
 
     def _open_streams(self) -> int:

@@ -65,7 +65,8 @@ async def _read_exactly(stream: INetStream, n: int) -> bytes:
 async def read_frame(stream: INetStream, max_size: int) -> bytes:
     """Read one length-prefixed frame; refuse lengths above ``max_size`` before reading them.
 
-    Raises libp2p's StreamEOF when the stream ends cleanly before a frame starts.
+    A stream that ends before a frame starts raises libp2p's StreamEOF (py-libp2p signals a
+    clean end that way); one that ends inside a frame raises FrameError.
     """
     length = 0
     for i in range(MAX_VARINT_BYTES):

@@ -17,7 +17,7 @@ from prsm_node.node import Node
 
 
 @pytest.fixture
-def short_tmp() -> "Path":
+def short_tmp() -> Path:
     """A short temp dir: Unix socket paths must stay under 108 bytes."""
     with tempfile.TemporaryDirectory(prefix="prsm-") as d:
         yield Path(d)

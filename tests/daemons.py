@@ -25,8 +25,9 @@ CLI = [sys.executable, "-m", "prsm_node"]
 
 
 def cli(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
 
 
 def control(home: str | Path, method: str, timeout: float = 30, **params: Any) -> Any:
@@ -70,9 +71,20 @@ class DevnetInfo:
 @contextmanager
 def devnet(directory: Path, nodes: int, *, ready_timeout: float = 90) -> Iterator[DevnetInfo]:
     proc = subprocess.Popen(
-        [*CLI, "devnet", "--nodes", str(nodes), "--dir", str(directory), "--json",
-         "--ready-timeout", str(ready_timeout)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            *CLI,
+            "devnet",
+            "--nodes",
+            str(nodes),
+            "--dir",
+            str(directory),
+            "--json",
+            "--ready-timeout",
+            str(ready_timeout),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         line = readline(proc, ready_timeout + 30)
@@ -93,8 +105,9 @@ def devnet(directory: Path, nodes: int, *, ready_timeout: float = 90) -> Iterato
 @contextmanager
 def daemon(home: Path, *args: str, timeout: float = 30) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """One `prsm-node start` process; yields it with its ready line."""
-    proc = subprocess.Popen([*CLI, "start", "--home", str(home), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*CLI, "start", "--home", str(home), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         line = readline(proc, timeout)
         if not line.startswith("prsm-node ready"):

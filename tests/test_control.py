@@ -55,22 +55,38 @@ async def test_bad_requests_get_structured_errors_and_the_daemon_keeps_serving(s
                 (b'{"id": 1, "method": "find_peer", "params": {}}\n', "invalid_params"),
                 (b'{"id": 1, "method": "find_peer", "params": {"peer_id": 5}}\n', "invalid_params"),
                 (b'{"id": 1, "method": "find_peer", "params": {"peer_id": "not-a-peer"}}\n', "invalid_params"),
-                (b'{"id": 1, "method": "wait_routing_table", "params": {"size": 1, "timeout": -1}}\n', "invalid_params"),
+                (
+                    b'{"id": 1, "method": "wait_routing_table", "params": {"size": 1, "timeout": -1}}\n',
+                    "invalid_params",
+                ),
                 (b'{"id": 1, "method": "wait_routing_table", "params": {"size": 5, "timeout": 0.05}}\n', "timeout"),
                 (b"x" * 5000 + b"\n", "request_too_large"),
+            ]
+            cases += [
+                (b'{"id": true, "method": "status"}\n', "invalid_request"),
+                (b'{"id": 1, "method": "find_peer", "params": {"peer_id": "abc"}}\n', "invalid_params"),
+                (b'{"id": 1, "method": "find_peer", "params": {"peer_id": ""}}\n', "invalid_params"),
             ]
             for raw, code in cases:
                 await conn.send(raw)
                 reply = await conn.reply()
                 assert reply["error"]["code"] == code, (raw[:60], reply)
                 assert reply["error"]["message"]
-            # the same connection still works after every error
+            # a line far over the limit, sent in pieces, gets exactly one error
+            await conn.send(b'{"id": 1, "method": "status", "pad": "' + b"y" * 100_000)
+            await conn.send(b"y" * 100_000 + b'"}\n')
+            assert (await conn.reply())["error"]["code"] == "request_too_large"
+            # the same connection still works after every error (and no second error is queued)
             ok = await conn.call("status")
             assert ok["id"] == 7 and ok["result"]["peer_id"] == str(alice.host.get_id())
             # a request split across writes, and two requests in one write
             await conn.send(b'{"id": "a", "method"')
             await conn.send(b': "id"}\n{"id": "b", "method": "peers"}\n')
             first, second = await conn.reply(), await conn.reply()
+            # the node resolves itself, with or without a forced lookup
+            for lookup in (False, True):
+                me = await conn.call("find_peer", peer_id=str(alice.host.get_id()), lookup=lookup)
+                assert me["result"]["addrs"], me
             assert first["id"] == "a" and "account" in first["result"]
             assert second == {"id": "b", "result": []}
             # a client that disconnects mid-request does not hurt the daemon

@@ -51,7 +51,7 @@ def test_devnet_daemons_find_each_other_and_a_restarted_node_rejoins(short_tmp: 
     [
         ("[p2p]\nlisen = []\n", "[p2p].lisen"),
         ('[p2p]\nlisten = ["/ip4/300.1.1.1/tcp/1"]\n', "[p2p].listen[0]"),
-        ("[discovery]\nalpha = \"three\"\n", "[discovery].alpha"),
+        ('[discovery]\nalpha = "three"\n', "[discovery].alpha"),
         ("[p2p\n", "not valid TOML"),
     ],
 )

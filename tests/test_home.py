@@ -60,7 +60,9 @@ def test_network_folder_by_path(tmp_path: Path) -> None:
     net = tmp_path / "net"
     net.mkdir()
     (net / "genesis.json").write_text(src.genesis_path.read_text())
-    (net / "peers.txt").write_text("# comment\n/ip4/127.0.0.1/tcp/1/p2p/12D3KooWMbbPVGsZYh3ChQjue712NHHGNybRRXwnuSpezYjGbCDS\n")
+    (net / "peers.txt").write_text(
+        "# comment\n/ip4/127.0.0.1/tcp/1/p2p/12D3KooWMbbPVGsZYh3ChQjue712NHHGNybRRXwnuSpezYjGbCDS\n"
+    )
     home = Home(tmp_path / "joiner")
     init_home(home, network=str(net))
     assert home.load_genesis().chain_id == src.load_genesis().chain_id

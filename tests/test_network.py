@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import pytest
 import trio
 from libp2p.peer.id import ID
 
+from prsm_node.config import Config
+from prsm_node.home import Home, init_home
 from prsm_node.kad import messages as m
 from prsm_node.kad.service import PROTOCOL_ID
+from prsm_node.node import Node
 from prsm_node.wire import encode_uvarint, read_frame, write_frame
 
 from .conftest import running_nodes
@@ -26,6 +31,26 @@ async def test_three_nodes_discover_each_other(short_tmp: Path) -> None:
         with trio.fail_after(5):
             info = await carol.kad.find_peer(bob.host.get_id())
         assert [str(a) for a in info.addrs] == [str(a).split("/p2p/")[0] for a in bob.host.get_addrs()]
+        peers = await alice._peers({})
+        assert {p["direction"] for p in peers} <= {"inbound", "outbound"} and len(peers) == 2
+
+
+async def test_a_dead_bootstrap_peer_does_not_hold_up_joining(short_tmp: Path) -> None:
+    async with running_nodes(short_tmp, ["alice", "bob"]) as nodes:
+        alice, bob = nodes["alice"], nodes["bob"]
+        dead = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWMbbPVGsZYh3ChQjue712NHHGNybRRXwnuSpezYjGbCDS"
+        home = Home(short_tmp / "carol")
+        init_home(home, cfg=Config.for_tests())
+        carol = Node(
+            home, home.load_config(), home.load_key(), home.load_genesis(), [dead, str(alice.host.get_addrs()[0])]
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(carol.run)
+            assert carol.kad is not None
+            with trio.fail_after(10):
+                await carol.kad.wait_table_size(2)  # bob, learned by the self-lookup
+            assert bob.host.get_id().to_bytes() in carol.kad.table
+            carol.stop("test finished")
 
 
 async def test_lookup_finds_a_peer_we_were_not_connected_to(short_tmp: Path) -> None:
@@ -53,7 +78,7 @@ async def _raw_stream(node, target):  # type: ignore[no-untyped-def]
     return await node.host.new_stream(target.host.get_id(), [PROTOCOL_ID])
 
 
-async def test_bad_kad_input_leaves_the_node_serving(short_tmp: Path) -> None:
+async def test_bad_kad_input_leaves_the_node_serving(short_tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
     async with running_nodes(short_tmp, ["alice", "bob"]) as nodes:
         alice, bob = nodes["alice"], nodes["bob"]
         with trio.fail_after(10):
@@ -87,6 +112,8 @@ async def test_bad_kad_input_leaves_the_node_serving(short_tmp: Path) -> None:
         with trio.fail_after(5):
             resp = await bob.kad.request(alice.host.get_id(), m.KadMessage(type=m.MessageType.FIND_NODE, key=b"x" * 34))
         assert resp.type == m.MessageType.FIND_NODE
+        # a remote peer's garbage is an info line, never an error with a traceback
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("prsm_node")]
 
 
 async def test_several_requests_share_one_stream(short_tmp: Path) -> None:
@@ -95,7 +122,9 @@ async def test_several_requests_share_one_stream(short_tmp: Path) -> None:
         with trio.fail_after(5):
             stream = await _raw_stream(bob, alice)
             for _ in range(3):
-                await write_frame(stream, m.encode(m.KadMessage(type=m.MessageType.FIND_NODE, key=bob.host.get_id().to_bytes())))
+                await write_frame(
+                    stream, m.encode(m.KadMessage(type=m.MessageType.FIND_NODE, key=bob.host.get_id().to_bytes()))
+                )
                 resp = m.decode(await read_frame(stream, m.MAX_MESSAGE_SIZE))
                 assert resp.type == m.MessageType.FIND_NODE
                 assert all(ID(p.id) != bob.host.get_id() for p in resp.closer_peers)

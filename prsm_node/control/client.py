@@ -40,6 +40,12 @@ class ControlClient:
                 f"no prsm-node is running on {home} (no answer on {self.path}); "
                 f"start one with `prsm-node start --home {home}`"
             ) from None
+        except OSError as exc:
+            sock.close()
+            raise DaemonNotRunning(
+                f"cannot open {self.path}: {exc.strerror}"
+                + (" (the socket belongs to another user)" if isinstance(exc, PermissionError) else "")
+            ) from None
         self._sock = sock
 
     def close(self) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import trio
 
+from .._trio import TaskStatus
 from ..logs import kv
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class ControlServer:
     def methods(self) -> list[str]:
         return sorted(self._methods)
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
         # We hold node.lock, so a socket file left here is stale (from a crash): remove it.
         try:
@@ -116,25 +117,33 @@ class ControlServer:
                     chunk = await conn.receive_some(65536)
                     if not chunk:
                         return
+                    if discarding:  # drop the rest of an oversized line, already answered
+                        nl = chunk.find(b"\n")
+                        if nl < 0:
+                            continue
+                        chunk, discarding = chunk[nl + 1 :], False
                     buf += chunk
                     while True:
                         nl = buf.find(b"\n")
                         if nl < 0:
                             break
                         line, buf = bytes(buf[:nl]), buf[nl + 1 :]
-                        if discarding:  # the tail of an oversized request
-                            discarding = False
-                            continue
                         reply, then = await self._answer(line)
                         await conn.send_all(reply)
                         if then is not None:
                             then()
                     if len(buf) > self.max_request_bytes:
-                        await conn.send_all(_encode({
-                            "id": None,
-                            "error": {"code": "request_too_large",
-                                      "message": f"request exceeds {self.max_request_bytes} bytes"},
-                        }))
+                        await conn.send_all(
+                            _encode(
+                                {
+                                    "id": None,
+                                    "error": {
+                                        "code": "request_too_large",
+                                        "message": f"request exceeds {self.max_request_bytes} bytes",
+                                    },
+                                }
+                            )
+                        )
                         buf.clear()
                         discarding = True
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -151,7 +160,7 @@ class ControlServer:
         if not isinstance(request, dict):
             return _error(None, "invalid_request", "request must be a JSON object"), None
         req_id = request.get("id")
-        if req_id is not None and not isinstance(req_id, (str, int)):
+        if req_id is not None and (not isinstance(req_id, (str, int)) or isinstance(req_id, bool)):
             return _error(None, "invalid_request", "id must be a string or an integer"), None
         method = request.get("method")
         params = request.get("params", {})

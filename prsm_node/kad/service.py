@@ -21,11 +21,12 @@ from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 
+from .._trio import TaskStatus
 from ..config import DiscoverySection
 from ..exceptions import DiscoveryError
 from ..logs import kv
 from ..store import Namespace
-from ..wire import guarded_handler, read_frame, write_frame
+from ..wire import FrameError, guarded_handler, read_frame, write_frame
 from . import messages as m
 from .routing import RoutingTable, kad_key, random_key_in_bucket
 
@@ -34,6 +35,12 @@ log = logging.getLogger(__name__)
 PROTOCOL_ID = TProtocol("/prsm/kad/1.0.0")
 SAVE_INTERVAL = 30.0
 MAX_REQUESTS_PER_STREAM = 64
+# An inbound stream that sends nothing for this long is reset (no slow-loris streams).
+INBOUND_IDLE_TIMEOUT = 30.0
+# Addresses kept per peer learned from others, and sent per peer in a response.
+MAX_ADDRS_PER_PEER = 8
+# Addresses learned from other peers' responses expire; confirmed ones are refreshed by identify.
+LEARNED_ADDR_TTL = 3600
 
 
 def strip_p2p(addr: multiaddr.Multiaddr) -> multiaddr.Multiaddr:
@@ -64,14 +71,18 @@ class Kademlia:
         self._bootstrap = [a for a in bootstrap if not a.endswith(f"/p2p/{self.local_id}")]
         self._changed = trio.Event()
         self._dirty = False
+        self._joining = False
+        self._self_lookup_lock = trio.Lock()
+        self._nursery: trio.Nursery | None = None
         self.lookups = 0
         self.requests_served = 0
 
     # ---- service ----------------------------------------------------------------------
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.host.set_stream_handler(PROTOCOL_ID, guarded_handler(PROTOCOL_ID, self._handle_stream))
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self._join)
             nursery.start_soon(self._refresh_loop)
             nursery.start_soon(self._save_loop)
@@ -82,14 +93,22 @@ class Kademlia:
                 self.save_peers()
 
     async def _join(self) -> None:
-        """Redial saved peers, dial bootstrap peers with backoff, then look ourselves up."""
-        saved = self._load_saved_peers()
-        async with trio.open_nursery() as nursery:
-            for info in saved:
-                nursery.start_soon(self._try_peer, info)
-            for addr in self._bootstrap:
-                nursery.start_soon(self._dial_bootstrap, addr)
-        if len(self.table):
+        """Redial saved peers and dial bootstrap peers (with backoff). Every peer that answers
+        triggers a self-lookup at once: nobody waits for a bootstrap peer that is down."""
+        if self._joining:
+            return
+        self._joining = True
+        try:
+            async with trio.open_nursery() as nursery:
+                for info in self._load_saved_peers():
+                    nursery.start_soon(self._try_saved_peer, info)
+                for addr in self._bootstrap:
+                    nursery.start_soon(self._dial_bootstrap, addr)
+        finally:
+            self._joining = False
+
+    async def _try_saved_peer(self, info: PeerInfo) -> None:
+        if await self._try_peer(info):
             await self._self_lookup()
 
     async def _dial_bootstrap(self, addr: str) -> None:
@@ -100,6 +119,7 @@ class Kademlia:
             attempt += 1
             if await self._try_peer(info):
                 log.info("joined through bootstrap peer", extra=kv(peer=str(info.peer_id), attempt=attempt))
+                await self._self_lookup()
                 return
             log.info(
                 "bootstrap peer unreachable, retrying",
@@ -118,17 +138,23 @@ class Kademlia:
             return False
 
     async def _self_lookup(self) -> None:
-        try:
-            await self.lookup(self.local_id.to_bytes())
-        except DiscoveryError as exc:
-            log.debug("self lookup failed", extra=kv(error=str(exc)))
+        """Look up our own id: fills the buckets near us and tells our neighbours we exist.
+        One at a time; a lookup already running serves the caller too."""
+        if self._self_lookup_lock.locked():
+            return
+        async with self._self_lookup_lock:
+            try:
+                await self.lookup(self.local_id.to_bytes())
+            except DiscoveryError as exc:
+                log.debug("self lookup failed", extra=kv(error=str(exc)))
 
     async def _refresh_loop(self) -> None:
         while True:
             await trio.sleep(self.cfg.refresh_interval)
             if not len(self.table):
-                log.warning("routing table is empty; dialling bootstrap and saved peers again")
-                await self._join()
+                if not self._joining and self._nursery is not None:
+                    log.warning("routing table is empty; dialling bootstrap and saved peers again")
+                    self._nursery.start_soon(self._join)
                 continue
             await self._self_lookup()
             now = trio.current_time()
@@ -184,7 +210,7 @@ class Kademlia:
         connected = peer_id in self.host.get_network().connections
         return m.KadPeer(
             id=peer_id.to_bytes(),
-            addrs=tuple(a.to_bytes() for a in self.addrs_of(peer_id)),
+            addrs=tuple(a.to_bytes() for a in self.addrs_of(peer_id)[:MAX_ADDRS_PER_PEER]),
             connection=m.ConnectionType.CONNECTED if connected else m.ConnectionType.NOT_CONNECTED,
         )
 
@@ -200,6 +226,10 @@ class Kademlia:
         return infos
 
     def save_peers(self) -> None:
+        """Save the routing table's peers for the next start. An empty table saves nothing:
+        the last good set is exactly what a node cut off from everyone needs to rejoin."""
+        if not len(self.table):
+            return
         records: dict[bytes, bytes] = {}
         for raw in self.table.peers()[: self.cfg.max_saved_peers]:
             addrs = self.addrs_of(ID(raw))
@@ -214,14 +244,15 @@ class Kademlia:
         peer_id = stream.muxed_conn.peer_id
         for _ in range(MAX_REQUESTS_PER_STREAM):
             try:
-                body = await read_frame(stream, m.MAX_MESSAGE_SIZE)
+                with trio.fail_after(INBOUND_IDLE_TIMEOUT):
+                    body = await read_frame(stream, m.MAX_MESSAGE_SIZE)
             except StreamEOF:
                 return
             try:
                 request = m.decode(body)
             except m.KadDecodeError as exc:
                 log.info("malformed kad request", extra=kv(peer=str(peer_id), error=str(exc)))
-                raise
+                raise FrameError(f"malformed kad message: {exc}") from None
             response = self._respond(peer_id, request)
             if response is None:
                 log.debug("unsupported kad request", extra=kv(peer=str(peer_id), type=request.type.name))
@@ -229,13 +260,15 @@ class Kademlia:
                 return
             await write_frame(stream, m.encode(response))
             self.requests_served += 1
-            self._seen(peer_id)
+            if self.addrs_of(peer_id):  # only peers others can dial (identify told us how)
+                self._seen(peer_id)
 
     def _respond(self, requester: ID, request: m.KadMessage) -> m.KadMessage | None:
         if request.type == m.MessageType.PING:
             return m.KadMessage(type=m.MessageType.PING)
         if request.type == m.MessageType.FIND_NODE:
-            closest = self.table.closest(kad_key(request.key), self.cfg.bucket_size, exclude=requester.to_bytes())
+            count = min(self.cfg.bucket_size, m.MAX_CLOSER_PEERS - 1)  # room for our own entry
+            closest = self.table.closest(kad_key(request.key), count, exclude=requester.to_bytes())
             peers = [self._kad_peer(ID(raw)) for raw in closest]
             target = _peer_id_or_none(request.key)
             if target == self.local_id:
@@ -248,7 +281,7 @@ class Kademlia:
         return None  # provider and value records arrive with the shard exchange
 
     def _kad_peer_self(self) -> m.KadPeer:
-        addrs = tuple(strip_p2p(a).to_bytes() for a in self.host.get_addrs())
+        addrs = tuple(strip_p2p(a).to_bytes() for a in self.host.get_addrs()[:MAX_ADDRS_PER_PEER])
         return m.KadPeer(id=self.local_id.to_bytes(), addrs=addrs, connection=m.ConnectionType.CONNECTED)
 
     async def request(self, peer_id: ID, msg: m.KadMessage) -> m.KadMessage:
@@ -322,12 +355,12 @@ class Kademlia:
             return None
         try:
             peer_id = ID(peer.id)
-            addrs = [multiaddr.Multiaddr(a) for a in peer.addrs]
+            addrs = [multiaddr.Multiaddr(a) for a in peer.addrs[:MAX_ADDRS_PER_PEER]]
         except Exception:  # a bad id or address from a peer is its problem, not ours
             return None
         if not addrs:
             return None
-        self.host.get_peerstore().add_addrs(peer_id, addrs, 0)
+        self.host.get_peerstore().add_addrs(peer_id, addrs, LEARNED_ADDR_TTL)
         return PeerInfo(peer_id, addrs)
 
     async def find_peer(self, peer_id: ID) -> PeerInfo:
@@ -343,16 +376,15 @@ class Kademlia:
         if found is None:
             raise DiscoveryError(f"peer {peer_id} not found")
         if peer_id not in self.host.get_network().connections and not await self._connect(peer_id):
-            raise DiscoveryError(f"peer {peer_id} found at {found.addrs} but not reachable")
+            shown = ", ".join(str(a) for a in found.addrs)
+            raise DiscoveryError(f"peer {peer_id} found at {shown} but not reachable")
         return PeerInfo(peer_id, self.addrs_of(peer_id) or found.addrs)
 
     async def _ask_peer_itself(self, peer_id: ID) -> bool:
         """Learn a connected peer's listen addresses from the peer: FIND_NODE for its own id
         returns its own record. Needed when identify has not filled the peerstore yet."""
         try:
-            response = await self.request(
-                peer_id, m.KadMessage(type=m.MessageType.FIND_NODE, key=peer_id.to_bytes())
-            )
+            response = await self.request(peer_id, m.KadMessage(type=m.MessageType.FIND_NODE, key=peer_id.to_bytes()))
         except DiscoveryError:
             return False
         for peer in response.closer_peers:
@@ -381,4 +413,3 @@ def _peer_id_or_none(raw: bytes) -> ID | None:
         return ID(raw)
     except Exception:
         return None
-

@@ -83,9 +83,21 @@ def main() -> int:
     launched = time.monotonic()
     deadline = launched + args.timeout
     proc = subprocess.Popen(
-        [sys.executable, "-m", "prsm_node", "devnet", "--nodes", str(n), "--dir", str(workdir / "dn"),
-         "--json", "--ready-timeout", str(args.timeout)],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "prsm_node",
+            "devnet",
+            "--nodes",
+            str(n),
+            "--dir",
+            str(workdir / "dn"),
+            "--json",
+            "--ready-timeout",
+            str(args.timeout),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         # every daemon's control socket answering = ready
@@ -107,8 +119,11 @@ def main() -> int:
             raise RuntimeError("devnet did not report ready")
         info = json.loads(info_line[0])
         t_tables = time.monotonic() - launched
-        print(f"  all routing tables full ............. {t_tables:6.1f} s after launch "
-              f"(devnet launcher: {info['ready_s']} s)", flush=True)
+        print(
+            f"  all routing tables full ............. {t_tables:6.1f} s after launch "
+            f"(devnet launcher: {info['ready_s']} s)",
+            flush=True,
+        )
         nodes = info["nodes"]
 
         # every node resolves every other node
@@ -131,8 +146,7 @@ def main() -> int:
         with ThreadPoolExecutor(args.workers) as pool:
             list(pool.map(resolve_all_from, by_node.values()))
         t_all = time.monotonic() - launched
-        print(f"  every node resolved every other ..... {t_all:6.1f} s after launch "
-              f"({len(pairs)} pairs)", flush=True)
+        print(f"  every node resolved every other ..... {t_all:6.1f} s after launch ({len(pairs)} pairs)", flush=True)
 
         # forced DHT lookups (iterative FIND_NODE over the network)
         sample = [rng.choice(pairs) for _ in range(args.lookups)]
@@ -155,25 +169,44 @@ def main() -> int:
                 base.append((time.perf_counter() - t0) * 1000)
         b50 = statistics.median(base)
         p50, p99 = percentile(lat, 0.5), percentile(lat, 0.99)
-        print(f"  DHT lookup latency ({len(lat)} forced) .. p50 {p50:6.1f} ms  p99 {p99:6.1f} ms  "
-              f"max {max(lat):6.1f} ms  peers asked mean {statistics.mean(asked):.1f}", flush=True)
-        print(f"  baseline: control round trip ........ p50 {b50:6.2f} ms  "
-              f"(lookup p50 = {p50 / b50:.0f}x a local round trip)", flush=True)
+        print(
+            f"  DHT lookup latency ({len(lat)} forced) .. p50 {p50:6.1f} ms  p99 {p99:6.1f} ms  "
+            f"max {max(lat):6.1f} ms  peers asked mean {statistics.mean(asked):.1f}",
+            flush=True,
+        )
+        print(
+            f"  baseline: control round trip ........ p50 {b50:6.2f} ms  "
+            f"(lookup p50 = {p50 / b50:.0f}x a local round trip)",
+            flush=True,
+        )
 
         time.sleep(args.idle)  # let the daemons go idle before reading memory
         mem = [memory_kb(n_["pid"]) for n_ in nodes]
         rss = [r / 1024 for r, _ in mem]
         pss = [p / 1024 for _, p in mem]
-        print(f"  memory per idle daemon .............. RSS mean {statistics.mean(rss):6.1f} MB  "
-              f"max {max(rss):6.1f} MB | PSS mean {statistics.mean(pss):6.1f} MB", flush=True)
+        print(
+            f"  memory per idle daemon .............. RSS mean {statistics.mean(rss):6.1f} MB  "
+            f"max {max(rss):6.1f} MB | PSS mean {statistics.mean(pss):6.1f} MB",
+            flush=True,
+        )
         ok = t_all <= 60 and p99 < 200 and max(rss) < 150
-        print(json.dumps({
-            "nodes": n, "ready_s": round(t_ready, 2), "tables_full_s": round(t_tables, 2),
-            "all_resolved_s": round(t_all, 2), "lookup_p50_ms": p50, "lookup_p99_ms": p99,
-            "control_rtt_p50_ms": round(b50, 3), "rss_mean_mb": round(statistics.mean(rss), 1),
-            "rss_max_mb": round(max(rss), 1), "pss_mean_mb": round(statistics.mean(pss), 1),
-            "targets_met": ok,
-        }))
+        print(
+            json.dumps(
+                {
+                    "nodes": n,
+                    "ready_s": round(t_ready, 2),
+                    "tables_full_s": round(t_tables, 2),
+                    "all_resolved_s": round(t_all, 2),
+                    "lookup_p50_ms": p50,
+                    "lookup_p99_ms": p99,
+                    "control_rtt_p50_ms": round(b50, 3),
+                    "rss_mean_mb": round(statistics.mean(rss), 1),
+                    "rss_max_mb": round(max(rss), 1),
+                    "pss_mean_mb": round(statistics.mean(pss), 1),
+                    "targets_met": ok,
+                }
+            )
+        )
         return 0 if ok else 1
     finally:
         proc.send_signal(signal.SIGINT)
