@@ -82,6 +82,8 @@ class DiscoverySection:
     max_saved_peers: int = _doc("Known peers saved for redialling after a restart.", default=200)
 
     def validate(self) -> None:
+        if not 1 <= self.bucket_size <= 60:
+            raise ConfigError(f"[discovery].bucket_size: must be between 1 and 60, got {self.bucket_size}")
         for name in (
             "bucket_size",
             "alpha",

@@ -43,7 +43,7 @@ def parse_peer_id(text: str) -> ID:
         peer_id = ID.from_base58(text)
         raw = peer_id.to_bytes()
         code, length = raw[0], raw[1]
-        if code not in (0x00, 0x12) or length != len(raw) - 2 or length < 20:
+        if length != len(raw) - 2 or not ((code == 0x00 and 0 < length <= 42) or (code == 0x12 and length == 32)):
             raise ValueError("not an identity or sha2-256 multihash")
     except Exception:
         raise RequestError("invalid_params", f"not a peer id: {text!r}") from None

@@ -32,6 +32,7 @@ def test_values_are_applied() -> None:
         ({"discovery": {"alpha": "3"}}, "[discovery].alpha"),
         ({"discovery": {"alpha": True}}, "[discovery].alpha"),
         ({"discovery": {"alpha": 0}}, "[discovery].alpha"),
+        ({"discovery": {"bucket_size": 61}}, "[discovery].bucket_size"),
         ({"node": {"log_format": "xml"}}, "[node].log_format"),
         ({"metrics": {"listen": "0.0.0.0:9464"}}, "[metrics].listen"),
         ({"metrics": {"enabled": "yes"}}, "[metrics].enabled"),

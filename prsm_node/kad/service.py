@@ -41,6 +41,8 @@ INBOUND_IDLE_TIMEOUT = 30.0
 MAX_ADDRS_PER_PEER = 8
 # Addresses learned from other peers' responses expire; confirmed ones are refreshed by identify.
 LEARNED_ADDR_TTL = 3600
+# Live peers with no known address being asked for their own record, at most.
+MAX_VERIFYING = 64
 
 
 def strip_p2p(addr: multiaddr.Multiaddr) -> multiaddr.Multiaddr:
@@ -71,7 +73,7 @@ class Kademlia:
         self._bootstrap = [a for a in bootstrap if not a.endswith(f"/p2p/{self.local_id}")]
         self._changed = trio.Event()
         self._dirty = False
-        self._joining = False
+        self._verifying: set[ID] = set()
         self._self_lookup_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
         self.lookups = 0
@@ -83,7 +85,10 @@ class Kademlia:
         self.host.set_stream_handler(PROTOCOL_ID, guarded_handler(PROTOCOL_ID, self._handle_stream))
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self._join)
+            for info in self._load_saved_peers():
+                nursery.start_soon(self._try_saved_peer, info)
+            for addr in self._bootstrap:
+                nursery.start_soon(self._dial_bootstrap, addr)
             nursery.start_soon(self._refresh_loop)
             nursery.start_soon(self._save_loop)
             task_status.started()
@@ -92,20 +97,17 @@ class Kademlia:
             finally:
                 self.save_peers()
 
-    async def _join(self) -> None:
-        """Redial saved peers and dial bootstrap peers (with backoff). Every peer that answers
-        triggers a self-lookup at once: nobody waits for a bootstrap peer that is down."""
-        if self._joining:
-            return
-        self._joining = True
-        try:
-            async with trio.open_nursery() as nursery:
-                for info in self._load_saved_peers():
-                    nursery.start_soon(self._try_saved_peer, info)
-                for addr in self._bootstrap:
-                    nursery.start_soon(self._dial_bootstrap, addr)
-        finally:
-            self._joining = False
+    # Joining: at start, saved peers get one PING each and every bootstrap peer is dialled with
+    # backoff until it answers, each in its own task, so none waits for another. Every peer
+    # that answers triggers a self-lookup. A table that empties later triggers _rejoin.
+
+    async def _rejoin(self) -> None:
+        """One PING to every saved and bootstrap peer, all at once (bounded by the timeout)."""
+        infos = self._load_saved_peers()
+        infos += [info_from_p2p_addr(multiaddr.Multiaddr(a)) for a in self._bootstrap]
+        async with trio.open_nursery() as nursery:
+            for info in infos:
+                nursery.start_soon(self._try_saved_peer, info)
 
     async def _try_saved_peer(self, info: PeerInfo) -> None:
         if await self._try_peer(info):
@@ -152,9 +154,8 @@ class Kademlia:
         while True:
             await trio.sleep(self.cfg.refresh_interval)
             if not len(self.table):
-                if not self._joining and self._nursery is not None:
-                    log.warning("routing table is empty; dialling bootstrap and saved peers again")
-                    self._nursery.start_soon(self._join)
+                log.warning("routing table is empty; dialling bootstrap and saved peers again")
+                await self._rejoin()
                 continue
             await self._self_lookup()
             now = trio.current_time()
@@ -175,12 +176,25 @@ class Kademlia:
     # ---- peers ------------------------------------------------------------------------
 
     def _seen(self, peer_id: ID) -> None:
+        """A peer proved alive. It enters the table only with an address others can dial; a
+        peer we know no address of yet (identify still running) is asked for its own record."""
+        if not self.addrs_of(peer_id):
+            if peer_id not in self._verifying and len(self._verifying) < MAX_VERIFYING and self._nursery:
+                self._verifying.add(peer_id)
+                self._nursery.start_soon(self._verify, peer_id)
+            return
         before = self.table.version
         self.table.seen(peer_id.to_bytes(), trio.current_time())
         if self.table.version != before:
             self._dirty = True
             self._changed.set()
             self._changed = trio.Event()
+
+    async def _verify(self, peer_id: ID) -> None:
+        try:
+            await self._ask_peer_itself(peer_id)
+        finally:
+            self._verifying.discard(peer_id)
 
     def _failed(self, peer_id: ID) -> None:
         before = self.table.version
@@ -228,13 +242,15 @@ class Kademlia:
     def save_peers(self) -> None:
         """Save the routing table's peers for the next start. An empty table saves nothing:
         the last good set is exactly what a node cut off from everyone needs to rejoin."""
-        if not len(self.table):
-            return
         records: dict[bytes, bytes] = {}
-        for raw in self.table.peers()[: self.cfg.max_saved_peers]:
+        for raw in self.table.peers():
             addrs = self.addrs_of(ID(raw))
             if addrs:
-                records[raw] = msgpack.packb({"addrs": [str(a) for a in addrs]})
+                records[raw] = msgpack.packb({"addrs": [str(a) for a in addrs[:MAX_ADDRS_PER_PEER]]})
+            if len(records) >= self.cfg.max_saved_peers:
+                break
+        if not records:
+            return
         self._saved.replace_all(records, sync=True)
         self._dirty = False
 
@@ -260,8 +276,7 @@ class Kademlia:
                 return
             await write_frame(stream, m.encode(response))
             self.requests_served += 1
-            if self.addrs_of(peer_id):  # only peers others can dial (identify told us how)
-                self._seen(peer_id)
+            self._seen(peer_id)
 
     def _respond(self, requester: ID, request: m.KadMessage) -> m.KadMessage | None:
         if request.type == m.MessageType.PING:
@@ -389,7 +404,10 @@ class Kademlia:
             return False
         for peer in response.closer_peers:
             self._learn(peer)
-        return bool(self.addrs_of(peer_id))
+        if not self.addrs_of(peer_id):
+            return False
+        self._seen(peer_id)
+        return True
 
     async def _connect(self, peer_id: ID) -> bool:
         try:
