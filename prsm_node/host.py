@@ -28,7 +28,7 @@ def build_host(key: NodeKey, cfg: Config) -> IHost:
     key_pair = key.libp2p_key_pair()
     noise = NoiseTransport(key_pair, noise_privkey=new_x25519_key_pair().private_key)
     listen = [multiaddr.Multiaddr(a) for a in cfg.p2p.listen]
-    return new_host(
+    host = new_host(
         key_pair=key_pair,
         sec_opt={NOISE_PROTOCOL_ID: noise},
         muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
@@ -37,14 +37,29 @@ def build_host(key: NodeKey, cfg: Config) -> IHost:
         connection_config=ConnectionConfig(
             max_connections=cfg.p2p.max_connections,
             high_watermark=cfg.p2p.max_connections,
-            # Discovery decides whom to dial. py-libp2p's auto-connector would otherwise dial
-            # every peer in the peerstore to keep 50+ connections open.
             min_connections=0,
             low_watermark=0,
             max_connections_per_peer=1,
             dial_timeout=cfg.p2p.dial_timeout,
         ),
     )
+    _disable_auto_connector(host)
+    return host
+
+
+def _disable_auto_connector(host: IHost) -> None:
+    """Discovery decides whom to dial. py-libp2p 0.8.1's auto-connector aims for
+    (low + high watermark) / 2 connections and, every 30 s and after every disconnect, dials
+    every peer in the peerstore to get there; it has no setting to turn it off."""
+
+    async def no_auto_dial() -> None:
+        return None
+
+    network = host.get_network()
+    connector = getattr(network, "auto_connector", None)
+    if connector is None:
+        raise RuntimeError("py-libp2p changed: the swarm has no auto_connector to disable")
+    connector.maybe_connect = no_auto_dial
 
 
 def _local_ipv4_addresses() -> list[str]:

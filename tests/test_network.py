@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 from libp2p.peer.id import ID
 
 from prsm_node.config import Config
@@ -129,3 +130,14 @@ async def test_several_requests_share_one_stream(short_tmp: Path) -> None:
                 assert resp.type == m.MessageType.FIND_NODE
                 assert all(ID(p.id) != bob.host.get_id() for p in resp.closer_peers)
             await stream.close()
+
+
+async def test_py_libp2p_auto_connector_does_not_dial_known_peers(short_tmp: Path) -> None:
+    """Only discovery decides whom to dial; py-libp2p's auto-connector would dial every peer
+    in the peerstore (every 30 s and after each disconnect)."""
+    async with running_nodes(short_tmp, ["alice"]) as first, running_nodes(short_tmp / "b", ["bob"]) as second:
+        alice, bob = first["alice"], second["bob"]
+        bob.host.get_peerstore().add_addrs(alice.host.get_id(), alice.host.get_addrs(), 0)
+        await bob.host.get_network().auto_connector.maybe_connect()
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+        assert alice.host.get_id() not in bob.host.get_network().connections

@@ -175,10 +175,17 @@ class Kademlia:
 
     # ---- peers ------------------------------------------------------------------------
 
-    def _seen(self, peer_id: ID) -> None:
-        """A peer proved alive. It enters the table only with an address others can dial; a
-        peer we know no address of yet (identify still running) is asked for its own record."""
-        if not self.addrs_of(peer_id):
+    def _advertises_kad(self, peer_id: ID) -> bool:
+        try:
+            return PROTOCOL_ID in self.host.get_peerstore().get_protocols(peer_id)
+        except Exception:  # PeerStoreError: identify has not run yet
+            return False
+
+    def _seen(self, peer_id: ID, *, serves_kad: bool = True) -> None:
+        """A peer proved alive. It enters the table only if it serves kad and has an address
+        others can dial; otherwise (identify still running, or a client) it is asked for its
+        own record in the background, and a server's answer admits it."""
+        if not serves_kad or not self.addrs_of(peer_id):
             if peer_id not in self._verifying and len(self._verifying) < MAX_VERIFYING and self._nursery:
                 self._verifying.add(peer_id)
                 self._nursery.start_soon(self._verify, peer_id)
@@ -276,7 +283,9 @@ class Kademlia:
                 return
             await write_frame(stream, m.encode(response))
             self.requests_served += 1
-            self._seen(peer_id)
+            # A requester may be a client that serves no kad itself: it enters the table only
+            # once identify lists /prsm/kad/1.0.0, or it answers a kad request of ours.
+            self._seen(peer_id, serves_kad=self._advertises_kad(peer_id))
 
     def _respond(self, requester: ID, request: m.KadMessage) -> m.KadMessage | None:
         if request.type == m.MessageType.PING:
