@@ -43,6 +43,9 @@ MAX_ADDRS_PER_PEER = 8
 LEARNED_ADDR_TTL = 3600
 # Live peers with no known address being asked for their own record, at most.
 MAX_VERIFYING = 64
+VERIFY_ATTEMPTS = 3
+# Consecutive failed requests before a peer leaves the routing table.
+EVICT_AFTER_FAILURES = 2
 
 
 def strip_p2p(addr: multiaddr.Multiaddr) -> multiaddr.Multiaddr:
@@ -74,6 +77,7 @@ class Kademlia:
         self._changed = trio.Event()
         self._dirty = False
         self._verifying: set[ID] = set()
+        self._failures: dict[ID, int] = {}
         self._self_lookup_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
         self.lookups = 0
@@ -190,6 +194,7 @@ class Kademlia:
                 self._verifying.add(peer_id)
                 self._nursery.start_soon(self._verify, peer_id)
             return
+        self._failures.pop(peer_id, None)
         before = self.table.version
         self.table.seen(peer_id.to_bytes(), trio.current_time())
         if self.table.version != before:
@@ -198,12 +203,30 @@ class Kademlia:
             self._changed = trio.Event()
 
     async def _verify(self, peer_id: ID) -> None:
+        """Admit a live peer once it answers for itself; a few tries, since a node under load
+        can miss one timeout, and a peer left out here is invisible to lookups until the next
+        refresh."""
         try:
-            await self._ask_peer_itself(peer_id)
+            delay = self.cfg.bootstrap_backoff_initial
+            for _ in range(VERIFY_ATTEMPTS):
+                if await self._ask_peer_itself(peer_id) or peer_id not in self.host.get_network().connections:
+                    return
+                await trio.sleep(delay * random.uniform(0.8, 1.2))
+                delay *= 2
         finally:
             self._verifying.discard(peer_id)
 
     def _failed(self, peer_id: ID) -> None:
+        """A request failed. Evict only after consecutive failures: one timeout on a loaded
+        machine says little, and an evicted neighbour drops out of everyone's lookups."""
+        if peer_id.to_bytes() not in self.table:
+            self.table.failed(peer_id.to_bytes())  # drops it from the replacement list, if there
+            return
+        count = self._failures.get(peer_id, 0) + 1
+        if count < EVICT_AFTER_FAILURES:
+            self._failures[peer_id] = count
+            return
+        self._failures.pop(peer_id, None)
         before = self.table.version
         self.table.failed(peer_id.to_bytes())
         if self.table.version != before:

@@ -1,0 +1,107 @@
+"""Errors of the ledger core. Every one derives from LedgerError.
+
+``TxRejected`` and its subclasses mean "this transaction was not applied and the state is
+exactly as before"; a mempool drops (or, for a future nonce, parks) the tx and keeps going.
+``LedgerDecodeError`` means the bytes are not a transaction at all: penalise the peer.
+The remaining errors are the caller's bug (``BlockContextError``), a bad genesis
+(``GenesisError``) or a broken invariant (``SupplyViolation``).
+"""
+
+from __future__ import annotations
+
+from ..exceptions import PrsmError
+
+
+class LedgerError(PrsmError):
+    """Root of every error raised on purpose by prsm_node.ledger."""
+
+
+# ------------------------------------------------------------ bytes
+
+
+class LedgerDecodeError(LedgerError):
+    """Raised when bytes are not a valid canonical encoding: malformed msgpack, a wrong field
+    type or length, trailing bytes, a non-minimal form, or over a size limit."""
+
+
+class UnknownKind(LedgerDecodeError):
+    """Raised when a transaction body carries a kind tag this version does not know."""
+
+
+class InvalidAmountString(LedgerError):
+    """Raised when a human-written amount ("1.5") is not an exact, non-negative decimal
+    with at most 18 decimals (no sign, exponent, spaces or underscores)."""
+
+
+class GenesisError(LedgerError):
+    """Raised when genesis balances or ledger params cannot build a ledger (bad account hex,
+    duplicate account, malformed amount, total supply over 2**128-1, bad param type)."""
+
+
+class BlockContextError(LedgerError):
+    """Raised when apply()/end_block() is called for a height that is not the next block, or
+    with a proposer that is not a 32-byte account: the caller's bug, not the transaction's."""
+
+
+class SupplyViolation(LedgerError):
+    """Raised by check_supply() when the sum of all balances, stakes and unbonding amounts
+    differs from genesis supply + minted, or the running total disagrees with that sum."""
+
+
+# ------------------------------------------------------------ rejected transactions
+
+
+class TxRejected(LedgerError):
+    """Raised when a transaction cannot be applied; the state is left unchanged."""
+
+
+class MalformedTx(TxRejected):
+    """Raised when a transaction object has a field of the wrong type or length (an account
+    that is not 32 bytes, a nonce that is not a uint64, a Settle with no receipts, ...)."""
+
+
+class AmountOutOfRange(TxRejected):
+    """Raised when an amount or fee is negative or over 2**128-1, or an amount that must be
+    positive (transfer, stake, unstake, receipt) is zero."""
+
+
+class WrongChain(TxRejected):
+    """Raised when a transaction or one of its receipts names another chain id."""
+
+
+class BadSignature(TxRejected):
+    """Raised when the sender's signature on a transaction, or a payer's signature on a
+    receipt, does not verify."""
+
+
+class BadNonce(TxRejected):
+    """Raised when a transaction's nonce is not the sender's next nonce: ``got < expected`` is
+    a replay or a stale tx, ``got > expected`` a tx from the future (a mempool may park it)."""
+
+    def __init__(self, account: bytes, expected: int, got: int) -> None:
+        super().__init__(f"account {account.hex()}: nonce {got}, expected {expected}")
+        self.account = account
+        self.expected = expected
+        self.got = got
+
+
+class FeeTooLow(TxRejected):
+    """Raised when a transaction's fee is below the ``min_fee`` ledger parameter."""
+
+
+class InsufficientFunds(TxRejected):
+    """Raised when an account's balance does not cover what the tx debits from it (amount +
+    fee for the sender, the receipt amounts for a payer)."""
+
+
+class InsufficientStake(TxRejected):
+    """Raised when an Unstake asks for more than the sender has staked."""
+
+
+class ReceiptAlreadySettled(TxRejected):
+    """Raised when a receipt (payer, receipt_id) was settled before, or appears twice in one
+    Settle transaction."""
+
+
+class ReceiptPayeeMismatch(TxRejected):
+    """Raised when a Settle transaction carries a receipt whose payee is not its sender."""

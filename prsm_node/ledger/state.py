@@ -1,0 +1,393 @@
+"""LedgerState: the pure, deterministic FTNS state machine (no I/O, no clock).
+
+``apply(tx, proposer=, height=)`` either applies a whole tx or raises a TxRejected subclass
+and changes nothing: it runs the tx against a private working copy of the accounts it
+touches, checking everything on the way, and commits those accounts only at the end. Fees go
+to the block's proposer (never burned), so a tx conserves total supply; ``end_block`` mints
+``block_reward`` to the proposer, so ``total == genesis supply + minted`` always.
+
+The journal (``changes`` / ``checkpoint`` / ``revert_to_checkpoint``) is for the layers
+above: storage writes ``changes()`` as one batch per block, and a block that turns out to
+hold an invalid tx is undone with ``revert_to_checkpoint()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from ..genesis import Genesis
+from . import statehash
+from .codec import validate_tx
+from .exceptions import (
+    AmountOutOfRange,
+    BadNonce,
+    BadSignature,
+    BlockContextError,
+    FeeTooLow,
+    InsufficientFunds,
+    InsufficientStake,
+    LedgerError,
+    MalformedTx,
+    ReceiptAlreadySettled,
+    ReceiptPayeeMismatch,
+    SupplyViolation,
+    WrongChain,
+)
+from .params import LedgerParams, genesis_balances, genesis_chain_id
+from .signing import verify_receipt_signature, verify_tx_signature
+from .types import ACCOUNT_SIZE, MAX_AMOUNT, MAX_NONCE, Account, Receipt, Settle, Stake, Transfer, Tx, Unstake
+
+EMPTY = Account()
+
+
+def receipt_key(payer: bytes, receipt_id: bytes) -> bytes:
+    """The settled-set key of a receipt: ``payer || receipt_id``. Receipt ids live in their
+    payer's namespace, so nobody can settle a receipt id first to make another payer's
+    receipt with the same id unpayable."""
+    return payer + receipt_id
+
+
+@dataclass(frozen=True)
+class StateChanges:
+    """What changed since the last checkpoint: a storage batch."""
+
+    height: int
+    minted: int
+    accounts: dict[bytes, Account]  # the current value of every touched account; empty = delete
+    settled: frozenset[bytes]  # receipt keys settled since the checkpoint
+    accumulator: int
+
+
+@dataclass(frozen=True)
+class BlockEnd:
+    """What end_block did: the height closed, the amount minted, the stake released."""
+
+    height: int
+    minted: int
+    released: tuple[tuple[bytes, int], ...]
+
+
+class _Work:
+    """A copy-on-write view of the accounts a tx touches."""
+
+    def __init__(self, state: LedgerState) -> None:
+        self._state = state
+        self.touched: dict[bytes, Account] = {}
+
+    def get(self, key: bytes) -> Account:
+        found = self.touched.get(key)
+        return found if found is not None else self._state.account(key)
+
+    def put(self, key: bytes, value: Account) -> None:
+        self.touched[key] = value
+
+    def debit(self, key: bytes, amount: int, why: str) -> None:
+        a = self.get(key)
+        if a.balance < amount:
+            raise InsufficientFunds(f"account {key.hex()}: balance {a.balance} does not cover {why} {amount}")
+        self.put(key, dataclasses.replace(a, balance=a.balance - amount))
+
+    def credit(self, key: bytes, amount: int) -> None:
+        a = self.get(key)
+        self.put(key, dataclasses.replace(a, balance=a.balance + amount))
+
+
+class LedgerState:
+    """The accounts, the settled receipts, the height and the incremental state hash."""
+
+    def __init__(
+        self,
+        chain_id: str,
+        params: LedgerParams | None = None,
+        *,
+        accounts: dict[bytes, Account] | None = None,
+        settled: Iterable[bytes] = (),
+        height: int = 0,
+        genesis_supply: int | None = None,
+        minted: int = 0,
+    ) -> None:
+        """Build a state from its parts (genesis, or a snapshot loaded from storage).
+
+        ``genesis_supply`` defaults to the sum held by ``accounts`` less ``minted``.
+        """
+        self.chain_id = genesis_chain_id(chain_id)
+        self.params = params or LedgerParams()
+        self.params.validate()
+        self._accounts: dict[bytes, Account] = {}
+        for key, a in (accounts or {}).items():
+            if type(key) is not bytes or len(key) != ACCOUNT_SIZE:
+                raise LedgerError(f"account key {key!r} is not {ACCOUNT_SIZE} bytes")
+            releases = [release for _, release in a.unbonding]
+            if releases != sorted(set(releases)) or any(r <= height for r in releases):
+                raise LedgerError(f"account {key.hex()}: unbonding must be after height {height}, ascending, unique")
+            if not a.is_empty:
+                self._accounts[key] = a
+        self._settled: set[bytes] = set(settled)
+        self._height = height
+        self._minted = minted
+        held = sum(a.total for a in self._accounts.values())
+        self._genesis_supply = held - minted if genesis_supply is None else genesis_supply
+        if held > MAX_AMOUNT:
+            raise SupplyViolation(f"accounts hold {held}, over 2**128-1")
+        self._acc = statehash.from_scratch(self._accounts, self._settled)
+        self._due: dict[int, set[bytes]] = {}  # release height -> accounts with unbonding due then
+        for key, a in self._accounts.items():
+            self._index(key, a, add=True)
+        self._journal_accounts: dict[bytes, Account] = {}
+        self._journal_settled: set[bytes] = set()
+        self._checkpoint = (self._height, self._minted)
+        self.check_supply()
+
+    @classmethod
+    def from_genesis(cls, genesis: Genesis) -> LedgerState:
+        balances = genesis_balances(genesis)
+        params = LedgerParams.from_genesis_params(genesis.params)
+        return cls(genesis.chain_id, params, accounts={k: Account(balance=v) for k, v in balances.items()})
+
+    # ------------------------------------------------------------ reads
+
+    @property
+    def height(self) -> int:
+        """The last block closed by end_block (0 at genesis)."""
+        return self._height
+
+    @property
+    def minted(self) -> int:
+        return self._minted
+
+    @property
+    def genesis_supply(self) -> int:
+        return self._genesis_supply
+
+    @property
+    def total_supply(self) -> int:
+        return self._genesis_supply + self._minted
+
+    @property
+    def accumulator(self) -> int:
+        """The raw 16384-bit set-hash accumulator (storage may persist it)."""
+        return self._acc
+
+    def account(self, key: bytes) -> Account:
+        """The account's state; an unknown account is the empty Account()."""
+        return self._accounts.get(key, EMPTY)
+
+    def accounts(self) -> Iterator[tuple[bytes, Account]]:
+        """Every non-empty account, in ascending key order."""
+        for key in sorted(self._accounts):
+            yield key, self._accounts[key]
+
+    def settled_receipts(self) -> Iterator[bytes]:
+        """Every settled receipt key (``payer || receipt_id``), in ascending order."""
+        yield from sorted(self._settled)
+
+    def is_settled(self, payer: bytes, receipt_id: bytes) -> bool:
+        return receipt_key(payer, receipt_id) in self._settled
+
+    def state_hash(self) -> bytes:
+        """32 bytes binding chain id, height and every account and settled receipt. O(1)."""
+        return statehash.report(self.chain_id, self._height, self._acc)
+
+    def recompute_state_hash(self) -> bytes:
+        """The same hash computed from scratch over the whole state. O(accounts + receipts)."""
+        return statehash.report(self.chain_id, self._height, statehash.from_scratch(self._accounts, self._settled))
+
+    def check_supply(self) -> None:
+        """Raise SupplyViolation unless sum(balance + stake + unbonding) == genesis + minted."""
+        held = sum(a.total for a in self._accounts.values())
+        if held != self.total_supply:
+            raise SupplyViolation(
+                f"accounts hold {held}, expected genesis supply {self._genesis_supply} + minted {self._minted}"
+                f" = {self.total_supply}"
+            )
+        negative = [k.hex() for k, a in self._accounts.items() if min(a.balance, a.stake) < 0]
+        if negative:
+            raise SupplyViolation(f"negative balance or stake in accounts {', '.join(negative)}")
+
+    # ------------------------------------------------------------ transitions
+
+    def check(self, tx: Tx, *, proposer: bytes, height: int, verify: bool = True) -> None:
+        """Raise what apply() would raise, without changing anything (a mempool's test)."""
+        self._execute(tx, proposer, height, verify)
+
+    def apply(self, tx: Tx, *, proposer: bytes, height: int, verify: bool = True) -> None:
+        """Apply ``tx`` in block ``height`` (== self.height + 1), its fee going to ``proposer``.
+
+        Raises a TxRejected subclass and leaves the state untouched if any rule fails.
+        ``verify=False`` skips the tx and receipt signature checks (a caller that has
+        verified them already, e.g. in the mempool); every other rule still applies.
+        """
+        touched, receipts = self._execute(tx, proposer, height, verify)
+        for key, value in touched.items():
+            self._put(key, value)
+        for key in receipts:
+            self._settle_key(key)
+
+    def end_block(self, height: int, *, proposer: bytes) -> BlockEnd:
+        """Close block ``height``: release unbonding due at it, mint the block reward to the
+        proposer (capped so total supply stays <= 2**128-1), and advance the height."""
+        self._check_context(proposer, height)
+        released = []
+        for key in sorted(self._due.get(height, ())):
+            a = self.account(key)
+            due = sum(amount for amount, release in a.unbonding if release <= height)
+            keep = tuple(e for e in a.unbonding if e[1] > height)
+            self._put(key, dataclasses.replace(a, balance=a.balance + due, unbonding=keep))
+            released.append((key, due))
+        minted = min(self.params.block_reward, MAX_AMOUNT - self.total_supply)
+        if minted:
+            p = self.account(proposer)
+            self._put(proposer, dataclasses.replace(p, balance=p.balance + minted))
+            self._minted += minted
+        self._height = height
+        return BlockEnd(height, minted, tuple(released))
+
+    # ------------------------------------------------------------ journal
+
+    def changes(self) -> StateChanges:
+        """Everything changed since the last checkpoint (or construction)."""
+        return StateChanges(
+            height=self._height,
+            minted=self._minted,
+            accounts={k: self.account(k) for k in self._journal_accounts},
+            settled=frozenset(self._journal_settled),
+            accumulator=self._acc,
+        )
+
+    def checkpoint(self) -> None:
+        """Make everything so far final: forget the undo journal."""
+        self._journal_accounts.clear()
+        self._journal_settled.clear()
+        self._checkpoint = (self._height, self._minted)
+
+    def revert_to_checkpoint(self) -> None:
+        """Undo every apply and end_block since the last checkpoint."""
+        for key, original in self._journal_accounts.items():
+            self._put(key, original, journal=False)
+        for key in self._journal_settled:
+            self._settled.discard(key)
+            self._acc = (self._acc - statehash.receipt_term(key)) & statehash.ACC_MASK
+        self._height, self._minted = self._checkpoint
+        self.checkpoint()
+
+    # ------------------------------------------------------------ internals
+
+    def _check_context(self, proposer: bytes, height: int) -> None:
+        if type(proposer) is not bytes or len(proposer) != ACCOUNT_SIZE:
+            raise BlockContextError(f"proposer must be a {ACCOUNT_SIZE}-byte account, got {proposer!r}")
+        if height != self._height + 1:
+            raise BlockContextError(f"height {height} is not the next block (the ledger is at {self._height})")
+
+    def _execute(self, tx: Tx, proposer: bytes, height: int, verify: bool) -> tuple[dict[bytes, Account], list[bytes]]:
+        """Run ``tx`` on a working copy; return (touched accounts, new receipt keys).
+
+        Cheap checks come first and signatures last, so junk costs no Ed25519 verify.
+        """
+        self._check_context(proposer, height)
+        validate_tx(tx)
+        sender, fee, body = tx.sender, tx.fee, tx.body
+        who = f"tx from {sender.hex()} nonce {tx.nonce}"
+        if tx.chain_id != self.chain_id:
+            raise WrongChain(f"{who}: chain id {tx.chain_id!r}, this ledger is {self.chain_id!r}")
+        start = self.account(sender)
+        if tx.nonce != start.nonce:
+            raise BadNonce(sender, start.nonce, tx.nonce)
+        if tx.nonce == MAX_NONCE:  # the next nonce would not fit a uint64
+            raise MalformedTx(f"{who}: account nonce space exhausted")
+        if fee < self.params.min_fee:
+            raise FeeTooLow(f"{who}: fee {fee} is below the minimum fee {self.params.min_fee}")
+        work = _Work(self)
+        receipts: list[Receipt] = []
+        if isinstance(body, Transfer | Stake | Unstake):
+            if body.amount <= 0:
+                raise AmountOutOfRange(f"{who}: {type(body).__name__.lower()} amount must be positive, got 0")
+        if isinstance(body, Transfer | Stake):
+            if start.balance < body.amount + fee:
+                raise InsufficientFunds(
+                    f"{who}: balance {start.balance} does not cover amount {body.amount} + fee {fee}"
+                )
+            work.debit(sender, body.amount, "amount")
+            if isinstance(body, Transfer):
+                work.credit(body.to, body.amount)
+            else:
+                s = work.get(sender)
+                work.put(sender, dataclasses.replace(s, stake=s.stake + body.amount))
+        elif isinstance(body, Unstake):
+            if start.stake < body.amount:
+                raise InsufficientStake(f"{who}: stake {start.stake} does not cover unstake {body.amount}")
+            release = height + self.params.unbonding_blocks
+            entries = list(start.unbonding)
+            if entries and entries[-1][1] == release:
+                entries[-1] = (entries[-1][0] + body.amount, release)
+            else:
+                entries.append((body.amount, release))
+            work.put(sender, dataclasses.replace(start, stake=start.stake - body.amount, unbonding=tuple(entries)))
+        else:
+            receipts = self._settle(work, tx, body, who)
+        # The fee is charged after the body, so a payee may pay a Settle's fee from what it settles.
+        work.debit(sender, fee, "fee")
+        work.credit(proposer, fee)
+        s = work.get(sender)
+        work.put(sender, dataclasses.replace(s, nonce=s.nonce + 1))
+        if verify:
+            if not verify_tx_signature(tx):
+                raise BadSignature(f"{who}: signature does not verify")
+            for r in receipts:
+                if not verify_receipt_signature(r):
+                    rid, payer = r.receipt_id.hex(), r.payer.hex()
+                    raise BadSignature(f"{who}: receipt {rid} is not signed by its payer {payer}")
+        return work.touched, [receipt_key(r.payer, r.receipt_id) for r in receipts]
+
+    def _settle(self, work: _Work, tx: Tx, body: Settle, who: str) -> list[Receipt]:
+        seen: set[bytes] = set()
+        for r in body.receipts:
+            rid = r.receipt_id.hex()
+            if r.amount <= 0:
+                raise AmountOutOfRange(f"{who}: receipt {rid} amount must be positive, got 0")
+            if r.chain_id != self.chain_id:
+                raise WrongChain(f"{who}: receipt {rid} is for chain {r.chain_id!r}, this ledger is {self.chain_id!r}")
+            if r.payee != tx.sender:
+                raise ReceiptPayeeMismatch(f"{who}: receipt {rid} pays {r.payee.hex()}, not the sender")
+            key = receipt_key(r.payer, r.receipt_id)
+            if key in seen:
+                raise ReceiptAlreadySettled(f"{who}: receipt {rid} of payer {r.payer.hex()} appears twice")
+            if key in self._settled:
+                raise ReceiptAlreadySettled(f"{who}: receipt {rid} of payer {r.payer.hex()} is already settled")
+            seen.add(key)
+            work.debit(r.payer, r.amount, f"receipt {rid}")
+            work.credit(r.payee, r.amount)
+        return list(body.receipts)
+
+    def _put(self, key: bytes, new: Account, *, journal: bool = True) -> None:
+        old = self._accounts.get(key, EMPTY)
+        if old == new:
+            return
+        if journal and key not in self._journal_accounts:
+            self._journal_accounts[key] = old
+        self._acc = (
+            self._acc - statehash.account_term(key, old) + statehash.account_term(key, new)
+        ) & statehash.ACC_MASK
+        self._index(key, old, add=False)
+        self._index(key, new, add=True)
+        if new.is_empty:
+            self._accounts.pop(key, None)
+        else:
+            self._accounts[key] = new
+
+    def _settle_key(self, key: bytes) -> None:
+        self._settled.add(key)
+        self._journal_settled.add(key)
+        self._acc = (self._acc + statehash.receipt_term(key)) & statehash.ACC_MASK
+
+    def _index(self, key: bytes, a: Account, *, add: bool) -> None:
+        for _, release in a.unbonding:
+            if add:
+                self._due.setdefault(release, set()).add(key)
+            else:
+                due = self._due.get(release)
+                if due is not None:
+                    due.discard(key)
+                    if not due:
+                        del self._due[release]
