@@ -44,6 +44,10 @@ LEARNED_ADDR_TTL = 3600
 # Live peers with no known address being asked for their own record, at most.
 MAX_VERIFYING = 64
 VERIFY_ATTEMPTS = 3
+# Iterative lookups find_peer runs before it reports a peer as not found.
+FIND_PEER_LOOKUPS = 2
+# The first self-lookup refresh comes this long after start; the interval then doubles.
+FIRST_REFRESH_AFTER = 10.0
 # Consecutive failed requests before a peer leaves the routing table.
 EVICT_AFTER_FAILURES = 2
 
@@ -155,21 +159,33 @@ class Kademlia:
                 log.debug("self lookup failed", extra=kv(error=str(exc)))
 
     async def _refresh_loop(self) -> None:
+        """Self-lookups soon after start, then less and less often (a network that is still
+        forming keeps changing in its first minutes, and the first self-lookup saw only part
+        of it); every ``refresh_interval``, also a lookup in each stale bucket."""
+        interval = min(FIRST_REFRESH_AFTER, self.cfg.refresh_interval)
+        since_full = 0.0
         while True:
-            await trio.sleep(self.cfg.refresh_interval)
+            await trio.sleep(interval)
+            since_full += interval
             if not len(self.table):
                 log.warning("routing table is empty; dialling bootstrap and saved peers again")
                 await self._rejoin()
                 continue
             await self._self_lookup()
-            now = trio.current_time()
-            for index in self.table.stale_buckets(now, self.cfg.refresh_interval):
-                key = await trio.to_thread.run_sync(random_key_in_bucket, self.table.local_key, index)
-                if key is not None:
-                    try:
-                        await self.lookup(key)
-                    except DiscoveryError:
-                        pass
+            if since_full >= self.cfg.refresh_interval:
+                since_full = 0.0
+                await self._refresh_stale_buckets()
+            interval = min(interval * 2, self.cfg.refresh_interval)
+
+    async def _refresh_stale_buckets(self) -> None:
+        now = trio.current_time()
+        for index in self.table.stale_buckets(now, self.cfg.refresh_interval):
+            key = await trio.to_thread.run_sync(random_key_in_bucket, self.table.local_key, index)
+            if key is not None:
+                try:
+                    await self.lookup(key)
+                except DiscoveryError:
+                    pass
 
     async def _save_loop(self) -> None:
         while True:
@@ -419,7 +435,13 @@ class Kademlia:
                 return PeerInfo(peer_id, self.addrs_of(peer_id))
         elif self.addrs_of(peer_id) and await self._connect(peer_id):
             return PeerInfo(peer_id, self.addrs_of(peer_id))
-        found = (await self.lookup(peer_id.to_bytes(), target=peer_id)).found
+        found = None
+        for _ in range(FIND_PEER_LOOKUPS):
+            # A second lookup starts from the peers the first one met: a node that joined
+            # while the network was forming may not yet be in every neighbour's table.
+            found = (await self.lookup(peer_id.to_bytes(), target=peer_id)).found
+            if found is not None:
+                break
         if found is None:
             raise DiscoveryError(f"peer {peer_id} not found")
         if peer_id not in self.host.get_network().connections and not await self._connect(peer_id):
