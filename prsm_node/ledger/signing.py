@@ -1,8 +1,9 @@
 """Ed25519 signing and verification of transactions and receipts (pynacl).
 
 Ed25519 (RFC 8032) signatures are deterministic, so the same key and tx always give the same
-bytes (the test vectors rely on it). libsodium rejects non-canonical ``S`` values, so a valid
-signature cannot be re-encoded into a second valid one. Verification costs ~100 us.
+bytes (the test vectors rely on it). libsodium rejects non-canonical ``S`` values, so nobody
+but the signer can derive a second valid signature from a valid one; the signer can (with
+another nonce), so a tx hash is not unique per (sender, nonce). Verification costs ~100 us.
 """
 
 from __future__ import annotations

@@ -125,12 +125,16 @@ class LedgerState:
             if not a.is_empty:
                 self._accounts[key] = a
         self._settled: set[bytes] = set(settled)
+        for key in self._settled:
+            if type(key) is not bytes or len(key) != 2 * ACCOUNT_SIZE:
+                raise LedgerError(f"settled receipt key {key!r} is not payer || receipt_id (64 bytes)")
         self._height = height
         self._minted = minted
         held = sum(a.total for a in self._accounts.values())
         self._genesis_supply = held - minted if genesis_supply is None else genesis_supply
         if held > MAX_AMOUNT:
             raise SupplyViolation(f"accounts hold {held}, over 2**128-1")
+        self.check_supply()  # before hashing: a negative amount has no encoding
         self._acc = statehash.from_scratch(self._accounts, self._settled)
         self._due: dict[int, set[bytes]] = {}  # release height -> accounts with unbonding due then
         for key, a in self._accounts.items():
@@ -138,7 +142,6 @@ class LedgerState:
         self._journal_accounts: dict[bytes, Account] = {}
         self._journal_settled: set[bytes] = set()
         self._checkpoint = (self._height, self._minted)
-        self.check_supply()
 
     @classmethod
     def from_genesis(cls, genesis: Genesis) -> LedgerState:
@@ -202,9 +205,11 @@ class LedgerState:
                 f"accounts hold {held}, expected genesis supply {self._genesis_supply} + minted {self._minted}"
                 f" = {self.total_supply}"
             )
-        negative = [k.hex() for k, a in self._accounts.items() if min(a.balance, a.stake) < 0]
+        negative = [
+            k.hex() for k, a in self._accounts.items() if min(a.balance, a.stake, *(x for x, _ in a.unbonding)) < 0
+        ]
         if negative:
-            raise SupplyViolation(f"negative balance or stake in accounts {', '.join(negative)}")
+            raise SupplyViolation(f"negative balance, stake or unbonding in accounts {', '.join(negative)}")
 
     # ------------------------------------------------------------ transitions
 

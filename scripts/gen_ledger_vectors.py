@@ -1,0 +1,252 @@
+"""Regenerate protocols/ledger-vectors.json, the FTNS ledger test vectors.
+
+The bytes of every vector are built here straight from protocols/ledger.md with plain msgpack
+and pynacl calls, not with prsm_node.ledger.codec, and the final state hash is recomputed
+here from the spec formula, so tests/test_ledger_vectors.py checks the implementation against
+the spec. Only the state sequence is run through prsm_node.ledger.LedgerState (to get each
+step's outcome). Keys come from fixed seeds and Ed25519 signatures are deterministic, so
+rerunning gives the same file.
+
+    python scripts/gen_ledger_vectors.py            # rewrite the file
+    python scripts/gen_ledger_vectors.py --check    # exit 1 if it is stale
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import nacl.signing
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "protocols" / "ledger-vectors.json"
+sys.path.insert(0, str(ROOT))
+
+from prsm_node.genesis import Genesis  # noqa: E402
+from prsm_node.ledger import LedgerState, TxRejected, decode_tx  # noqa: E402
+
+CHAIN = "prsm-vectors-1"
+FTNS = 10**18
+KEYS = {name: nacl.signing.SigningKey(bytes([i + 1]) * 32) for i, name in enumerate(["alice", "bob", "carol", "dave"])}
+ACCT = {name: bytes(k.verify_key) for name, k in KEYS.items()}
+ACCT_NAME = {v: k for k, v in ACCT.items()}
+
+
+def pack(obj: Any) -> bytes:
+    data: bytes = msgpack.packb(obj, use_bin_type=True)
+    return data
+
+
+def amount(x: int) -> bytes:
+    return x.to_bytes(16, "big")
+
+
+def receipt(payer: str, payee: str, rid: bytes, value: int) -> dict[str, Any]:
+    fields = [rid, ACCT[payer], ACCT[payee], amount(value), CHAIN]
+    payload = pack(["prsm-receipt-v1", *fields])
+    sig = KEYS[payer].sign(payload).signature
+    return {
+        "fields": {
+            "receipt_id": rid.hex(),
+            "payer": ACCT[payer].hex(),
+            "payee": ACCT[payee].hex(),
+            "amount": str(value),
+            "chain_id": CHAIN,
+        },
+        "signing_payload": payload.hex(),
+        "signature": sig.hex(),
+        "hex": pack([*fields, sig]).hex(),
+        "_wire": [*fields, sig],
+    }
+
+
+def tx(name: str, sender: str, nonce: int, fee: int, body: dict[str, Any], wire_body: list[Any]) -> dict[str, Any]:
+    payload = pack(["prsm-tx-v1", CHAIN, ACCT[sender], nonce, amount(fee), wire_body])
+    sig = KEYS[sender].sign(payload).signature
+    full = pack([CHAIN, ACCT[sender], nonce, amount(fee), wire_body, sig])
+    return {
+        "name": name,
+        "fields": {"chain_id": CHAIN, "sender": ACCT[sender].hex(), "nonce": nonce, "fee": str(fee), "body": body},
+        "signing_payload": payload.hex(),
+        "signature": sig.hex(),
+        "hex": full.hex(),
+        "hash": hashlib.sha256(full).hexdigest(),
+    }
+
+
+def transactions() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    r1 = receipt("alice", "bob", hashlib.sha256(b"job-1").digest(), 3 * FTNS // 2)
+    r2 = receipt("carol", "bob", hashlib.sha256(b"job-2").digest(), 1)
+    fee = FTNS // 1000
+    txs = [
+        tx(
+            "transfer",
+            "alice",
+            0,
+            fee,
+            {"kind": "transfer", "to": ACCT["bob"].hex(), "amount": str(10 * FTNS)},
+            [1, ACCT["bob"], amount(10 * FTNS)],
+        ),
+        tx("stake", "alice", 1, fee, {"kind": "stake", "amount": str(20 * FTNS)}, [2, amount(20 * FTNS)]),
+        tx(
+            "settle",
+            "bob",
+            0,
+            fee,
+            {"kind": "settle", "receipts": [r1["fields"] | {"signature": r1["signature"]}]},
+            [4, [r1["_wire"]]],
+        ),
+        tx("unstake", "alice", 2, fee, {"kind": "unstake", "amount": str(5 * FTNS)}, [3, amount(5 * FTNS)]),
+        tx(
+            "settle_two_receipts",
+            "bob",
+            1,
+            0,
+            {"kind": "settle", "receipts": [r["fields"] | {"signature": r["signature"]} for r in (r1, r2)]},
+            [4, [r1["_wire"], r2["_wire"]]],
+        ),
+    ]
+    r1.pop("_wire")
+    return txs, {"name": "receipt", **r1}
+
+
+def invalid(txs: list[dict[str, Any]]) -> list[dict[str, str]]:
+    good = bytes.fromhex(txs[0]["hex"])
+    transfer = msgpack.unpackb(good, raw=False)
+    sig = transfer[5]
+
+    def with_body(body: list[Any]) -> str:
+        return pack([*transfer[:4], body, sig]).hex()
+
+    nonce_u32 = good.replace(
+        bytes([0xC4, 0x20]) + ACCT["alice"] + b"\x00",
+        bytes([0xC4, 0x20]) + ACCT["alice"] + bytes.fromhex("ce00000000"),
+        1,
+    )
+    return [
+        {"name": "trailing_byte", "hex": (good + b"\x00").hex(), "error": "LedgerDecodeError"},
+        {"name": "truncated", "hex": good[:-1].hex(), "error": "LedgerDecodeError"},
+        {"name": "unknown_kind", "hex": with_body([9, amount(1)]), "error": "UnknownKind"},
+        {"name": "amount_17_bytes", "hex": with_body([1, ACCT["bob"], bytes(17)]), "error": "LedgerDecodeError"},
+        {"name": "amount_as_int", "hex": with_body([1, ACCT["bob"], 5]), "error": "LedgerDecodeError"},
+        {"name": "nonce_non_minimal_uint32", "hex": nonce_u32.hex(), "error": "LedgerDecodeError"},
+        {"name": "map_not_array", "hex": pack({"chain_id": CHAIN}).hex(), "error": "LedgerDecodeError"},
+        {"name": "empty_settle", "hex": with_body([4, []]), "error": "LedgerDecodeError"},
+    ]
+
+
+def account_json(a: Any) -> dict[str, Any]:
+    return {
+        "balance": str(a.balance),
+        "nonce": a.nonce,
+        "stake": str(a.stake),
+        "unbonding": [[str(x), h] for x, h in a.unbonding],
+    }
+
+
+def spec_state_hash(height: int, accounts: dict[str, dict[str, Any]], settled: list[str]) -> str:
+    """The state hash exactly as protocols/ledger.md defines it."""
+
+    def term(preimage: bytes) -> int:
+        return int.from_bytes(hashlib.shake_256(preimage).digest(2048), "little")
+
+    acc = 0
+    for key, a in accounts.items():
+        state = pack(
+            [
+                amount(int(a["balance"])),
+                a["nonce"],
+                amount(int(a["stake"])),
+                [[amount(int(x)), h] for x, h in a["unbonding"]],
+            ]
+        )
+        acc += term(b"prsm-acct-v1" + bytes.fromhex(key) + state)
+    for key in settled:
+        acc += term(b"prsm-rcpt-v1" + bytes.fromhex(key))
+    acc %= 1 << 16384
+    return hashlib.sha256(pack(["prsm-state-v1", CHAIN, height, acc.to_bytes(2048, "little")])).hexdigest()
+
+
+def state_sequence(txs: list[dict[str, Any]]) -> dict[str, Any]:
+    by_name = {t["name"]: t for t in txs}
+    genesis = Genesis(
+        chain_id=CHAIN,
+        network="vectors",
+        genesis_time=0,
+        balances={ACCT["alice"].hex(): str(100 * FTNS), ACCT["bob"].hex(): str(50 * FTNS), ACCT["carol"].hex(): "7"},
+        params={"unbonding_blocks": 2, "min_fee": "0", "block_reward": str(2 * FTNS)},
+    )
+    plan: list[tuple[str, str, int]] = [
+        ("transfer", "carol", 1),
+        ("stake", "carol", 1),
+        ("settle", "carol", 1),
+        ("end_block", "carol", 1),
+        ("unstake", "dave", 2),
+        ("transfer", "dave", 2),  # replay: BadNonce
+        ("settle_two_receipts", "dave", 2),  # r1 again: ReceiptAlreadySettled
+        ("end_block", "dave", 2),
+        ("end_block", "carol", 3),
+        ("end_block", "carol", 4),  # releases alice's unstake
+    ]
+    state = LedgerState.from_genesis(genesis)
+    steps = []
+    for what, proposer, height in plan:
+        step: dict[str, Any] = {"height": height, "proposer": ACCT[proposer].hex()}
+        if what == "end_block":
+            state.end_block(height, proposer=ACCT[proposer])
+            step |= {"end_block": True, "result": "ok"}
+        else:
+            try:
+                state.apply(decode_tx(bytes.fromhex(by_name[what]["hex"])), proposer=ACCT[proposer], height=height)
+                result = "ok"
+            except TxRejected as exc:
+                result = type(exc).__name__
+            step |= {"tx": what, "result": result}
+        step["state_hash"] = state.state_hash().hex()
+        steps.append(step)
+    accounts = {k.hex(): account_json(a) for k, a in state.accounts()}
+    settled = [k.hex() for k in state.settled_receipts()]
+    final = spec_state_hash(state.height, accounts, settled)
+    if final != state.state_hash().hex():
+        raise SystemExit("prsm_node.ledger's state hash disagrees with the spec formula")
+    return {
+        "genesis": genesis.to_json(),
+        "steps": steps,
+        "height": state.height,
+        "total_supply": str(state.total_supply),
+        "accounts": accounts,
+        "settled": settled,
+        "state_hash": final,
+    }
+
+
+def vectors() -> dict[str, Any]:
+    txs, rcpt = transactions()
+    return {
+        "chain_id": CHAIN,
+        "keys": [{"name": n, "seed": bytes(k).hex(), "account": ACCT[n].hex()} for n, k in KEYS.items()],
+        "transactions": txs,
+        "receipt": rcpt,
+        "invalid": invalid(txs),
+        "state": state_sequence(txs),
+    }
+
+
+def main() -> int:
+    text = json.dumps(vectors(), indent=2) + "\n"
+    if "--check" in sys.argv[1:]:
+        if not OUT.exists() or OUT.read_text() != text:
+            print(f"{OUT} is stale; rerun {Path(__file__).name}", file=sys.stderr)
+            return 1
+        return 0
+    OUT.write_text(text)
+    print(f"wrote {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
