@@ -204,9 +204,8 @@ class Node:
             if peer_id == self.host.get_id():
                 addrs, queried = [strip_p2p(a) for a in self.host.get_addrs()], None
             elif force_lookup:
-                result = await self.kad.lookup(peer_id.to_bytes(), target=peer_id)
-                if result.found is None:
-                    raise DiscoveryError(f"peer {peer_id} not found ({result.queried} peers asked)")
+                result = await self.kad.lookup_peer(peer_id)
+                assert result.found is not None
                 addrs, queried = result.found.addrs, result.queried
             else:
                 info = await self.kad.find_peer(peer_id)

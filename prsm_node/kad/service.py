@@ -165,7 +165,8 @@ class Kademlia:
         interval = min(FIRST_REFRESH_AFTER, self.cfg.refresh_interval)
         since_full = 0.0
         while True:
-            await trio.sleep(interval)
+            # Jitter: daemons started together (a devnet) must not refresh in lockstep.
+            await trio.sleep(interval * random.uniform(0.75, 1.25))
             since_full += interval
             if not len(self.table):
                 log.warning("routing table is empty; dialling bootstrap and saved peers again")
@@ -412,6 +413,19 @@ class Kademlia:
         result.closest = [ID(raw) for raw in sorted(answered, key=lambda r: candidates[r] ^ goal)[:k]]
         return result
 
+    async def lookup_peer(self, peer_id: ID) -> LookupResult:
+        """Iterative lookups for one peer, up to FIND_PEER_LOOKUPS: the second starts from the
+        peers the first one met, since a node that joined while the network was forming may
+        not yet be in every neighbour's table. Raises DiscoveryError if none finds it."""
+        asked = 0
+        for _ in range(FIND_PEER_LOOKUPS):
+            result = await self.lookup(peer_id.to_bytes(), target=peer_id)
+            asked += result.queried
+            if result.found is not None:
+                result.queried = asked
+                return result
+        raise DiscoveryError(f"peer {peer_id} not found ({asked} peers asked)")
+
     def _learn(self, peer: m.KadPeer) -> PeerInfo | None:
         """Record a peer named in a response; its addresses go to the peerstore."""
         if peer.id == self.local_id.to_bytes():
@@ -435,15 +449,8 @@ class Kademlia:
                 return PeerInfo(peer_id, self.addrs_of(peer_id))
         elif self.addrs_of(peer_id) and await self._connect(peer_id):
             return PeerInfo(peer_id, self.addrs_of(peer_id))
-        found = None
-        for _ in range(FIND_PEER_LOOKUPS):
-            # A second lookup starts from the peers the first one met: a node that joined
-            # while the network was forming may not yet be in every neighbour's table.
-            found = (await self.lookup(peer_id.to_bytes(), target=peer_id)).found
-            if found is not None:
-                break
-        if found is None:
-            raise DiscoveryError(f"peer {peer_id} not found")
+        found = (await self.lookup_peer(peer_id)).found
+        assert found is not None
         if peer_id not in self.host.get_network().connections and not await self._connect(peer_id):
             shown = ", ".join(str(a) for a in found.addrs)
             raise DiscoveryError(f"peer {peer_id} found at {shown} but not reachable")
