@@ -19,7 +19,7 @@ import trio
 from . import logs
 from ._trio import TaskStatus
 from .config import Config, parse_multiaddr
-from .exceptions import ConfigError, HomeError, LockedError, PrsmError, StoreError
+from .exceptions import ConfigError, HomeError, LockedError, PrsmError
 from .home import Home, HomeLock, init_home
 from .logs import kv
 
@@ -84,20 +84,31 @@ def start(opts: StartOptions) -> int:
 
         node = Node(home, cfg, key, genesis, bootstrap)
         trio.run(_run, node)
-    except StoreError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    except PrsmError as exc:
-        log.error("node failed", extra=kv(error=str(exc)))
-        return EXIT_FAILURE
     except Exception as exc:
-        log.exception("node failed")
-        print(f"error: the node stopped on an unexpected failure: {_describe(exc)}", file=sys.stderr)
+        # trio hands errors out of nurseries as ExceptionGroups: find our own error inside.
+        ours = _ours(exc)
+        if ours is not None:
+            log.error("node failed", extra=kv(error=str(ours)))
+            print(f"error: {ours}", file=sys.stderr)
+        else:
+            log.exception("node failed")
+            print(f"error: the node stopped on an unexpected failure: {_describe(exc)}", file=sys.stderr)
         return EXIT_FAILURE
     finally:
         lock.release()
     log.info("node stopped", extra=kv(reason=node.stop_reason or "unknown"))
     return EXIT_OK
+
+
+def _ours(exc: BaseException) -> PrsmError | None:
+    if isinstance(exc, PrsmError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _ours(inner)
+            if found is not None:
+                return found
+    return None
 
 
 def _describe(exc: BaseException) -> str:

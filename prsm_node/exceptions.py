@@ -26,6 +26,10 @@ class LockedError(PrsmError):
     """Raised when another daemon already holds the home's node.lock."""
 
 
+class ListenError(PrsmError):
+    """Raised when the host cannot listen on a configured address (in use, not local, …)."""
+
+
 class StoreError(PrsmError):
     """Raised when the LevelDB store cannot be opened or read."""
 

@@ -19,7 +19,7 @@ from . import __version__
 from ._trio import TaskStatus
 from .config import Config
 from .control.server import AfterReply, ControlServer, RequestError, param
-from .exceptions import DiscoveryError
+from .exceptions import DiscoveryError, ListenError
 from .genesis import Genesis
 from .home import Home
 from .host import build_host, listen_addrs
@@ -93,6 +93,7 @@ class Node:
             self.store.open()
             try:
                 async with self.host.run([multiaddr.Multiaddr(a) for a in self.cfg.p2p.listen]):
+                    self._check_listening()
                     try:
                         await self._run_services(task_status)
                     finally:
@@ -100,6 +101,18 @@ class Node:
             finally:
                 self.store.close()
                 log.info("store closed")
+
+    def _check_listening(self) -> None:
+        """py-libp2p only logs a listener that failed (port in use, address not ours) and runs
+        on; a node that cannot be reached must not report itself ready."""
+        bound = self.host.get_transport_addrs() if hasattr(self.host, "get_transport_addrs") else []
+        if len(bound) < len(self.cfg.p2p.listen):
+            bound_text = {str(a) for a in bound}
+            missing = [a for a in self.cfg.p2p.listen if a not in bound_text or a.endswith("/tcp/0")]
+            raise ListenError(
+                f"cannot listen on {', '.join(missing) or ', '.join(self.cfg.p2p.listen)} "
+                "(address in use or not on this machine); change [p2p].listen or --listen"
+            )
 
     async def _run_services(self, task_status: TaskStatus[Ready]) -> None:
         async with trio.open_nursery() as nursery:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import signal
+import socket
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,21 @@ def test_start_with_no_home_creates_one_and_init_refuses_to_overwrite(short_tmp:
         assert proc.wait(timeout=30) == 0
     refused = cli("init", "--home", str(home))
     assert refused.returncode == 2 and "--force" in refused.stderr
+
+
+def test_busy_port_and_corrupt_store_fail_clearly(short_tmp: Path) -> None:
+    home = Home(short_tmp / "h")
+    init_home(home)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = cli("start", "--home", str(home.path), "--listen", f"/ip4/127.0.0.1/tcp/{port}")
+    assert result.returncode == 1 and "prsm-node ready" not in result.stdout
+    assert f"cannot listen on /ip4/127.0.0.1/tcp/{port}" in result.stderr
+    db = home.data_dir / "db"
+    db.mkdir(parents=True, exist_ok=True)
+    (db / "CURRENT").write_text("garbage\n")
+    result = cli("start", "--home", str(home.path), "--listen", "/ip4/127.0.0.1/tcp/0")
+    assert result.returncode == 1
+    assert "the database is corrupt" in result.stderr and "Traceback" not in result.stderr

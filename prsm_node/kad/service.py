@@ -168,15 +168,16 @@ class Kademlia:
             # Jitter: daemons started together (a devnet) must not refresh in lockstep.
             await trio.sleep(interval * random.uniform(0.75, 1.25))
             since_full += interval
+            interval = min(interval * 2, self.cfg.refresh_interval)
             if not len(self.table):
-                log.warning("routing table is empty; dialling bootstrap and saved peers again")
-                await self._rejoin()
-                continue
+                if self._bootstrap or self._saved_peer_count():
+                    log.warning("routing table is empty; dialling bootstrap and saved peers again")
+                    await self._rejoin()
+                continue  # a node with nobody to dial (a lone dev node) just waits for peers
             await self._self_lookup()
             if since_full >= self.cfg.refresh_interval:
                 since_full = 0.0
                 await self._refresh_stale_buckets()
-            interval = min(interval * 2, self.cfg.refresh_interval)
 
     async def _refresh_stale_buckets(self) -> None:
         now = trio.current_time()
@@ -274,6 +275,9 @@ class Kademlia:
             addrs=tuple(a.to_bytes() for a in self.addrs_of(peer_id)[:MAX_ADDRS_PER_PEER]),
             connection=m.ConnectionType.CONNECTED if connected else m.ConnectionType.NOT_CONNECTED,
         )
+
+    def _saved_peer_count(self) -> int:
+        return sum(1 for _ in self._saved.items())
 
     def _load_saved_peers(self) -> list[PeerInfo]:
         infos = []
