@@ -200,6 +200,193 @@ def devnet(
     raise typer.Exit(code)
 
 
+# ---- ledger ---------------------------------------------------------------------------
+
+ledger_app = typer.Typer(help="The FTNS ledger: balances, transfers, stake, blocks.", no_args_is_help=True)
+app.add_typer(ledger_app, name="ledger")
+
+FeeOpt = Annotated[str, typer.Option(help="Fee in FTNS, paid to the block's proposer.")]
+NoWaitOpt = Annotated[bool, typer.Option("--no-wait", help="Return once the node accepts the tx.")]
+TimeoutOpt = Annotated[float | None, typer.Option(help="Seconds to wait for the block [default: config].")]
+
+
+def _ftns(amount: dict[str, str]) -> str:
+    return f"{amount['ftns']} FTNS"
+
+
+def _short(hex_text: str) -> str:
+    return hex_text[:16] + "…"
+
+
+@ledger_app.command("status")
+def ledger_status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Height, last block, state hash, total supply, mempool."""
+    st = _call(home, "ledger.status")
+    if as_json:
+        return _print_json(st)
+    _table(
+        [
+            ["chain", st["chain_id"]],
+            ["role", st["role"]],
+            ["height", str(st["height"])],
+            ["block hash", st["block_hash"]],
+            ["state hash", st["state_hash"]],
+            ["total supply", _ftns(st["total_supply"])],
+            ["mempool", f"{st['mempool_size']} txs"],
+        ],
+        ["", ""],
+    )
+
+
+@ledger_app.command("balance")
+def ledger_balance(
+    account: Annotated[str | None, typer.Argument(help="Account (hex public key) [default: this node's].")] = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """An account's balance, stake, unbonding stake and nonce."""
+    result = _call(home, "ledger.balance", {"account": account} if account else {})
+    if as_json:
+        return _print_json(result)
+    rows = [
+        ["account", result["account"]],
+        ["balance", _ftns(result["balance"])],
+        ["stake", _ftns(result["stake"])],
+        *[["unbonding", f"{_ftns(u['amount'])} until block {u['release_height']}"] for u in result["unbonding"]],
+        ["nonce", str(result["nonce"])],
+    ]
+    _table(rows, ["", ""])
+
+
+def _send(home: Path | None, method: str, params: dict[str, Any], no_wait: bool, timeout: float | None,
+          as_json: bool) -> None:
+    params = {**params, "wait": not no_wait}
+    if timeout is not None:
+        params["timeout"] = timeout
+    result = _call(home, method, params, timeout=(timeout or 600.0) + 10)
+    if as_json:
+        return _print_json(result)
+    where = f" in block {result['height']}" if result["status"] == "committed" else " (pending)"
+    typer.echo(f"{result['kind']} {result['hash']}{where}")
+
+
+@ledger_app.command("transfer")
+def ledger_transfer(
+    to: Annotated[str, typer.Argument(help="Recipient account (hex public key).")],
+    amount: Annotated[str, typer.Argument(help="Exact amount in FTNS, e.g. 1.5")],
+    fee: FeeOpt = "0",
+    no_wait: NoWaitOpt = False,
+    timeout: TimeoutOpt = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Send FTNS from this node's account; waits until a block holds it."""
+    _send(home, "ledger.transfer", {"to": to, "amount": amount, "fee": fee}, no_wait, timeout, as_json)
+
+
+@ledger_app.command("stake")
+def ledger_stake(
+    amount: Annotated[str, typer.Argument(help="Exact amount in FTNS.")],
+    fee: FeeOpt = "0",
+    no_wait: NoWaitOpt = False,
+    timeout: TimeoutOpt = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Move FTNS from this node's balance to its stake."""
+    _send(home, "ledger.stake", {"amount": amount, "fee": fee}, no_wait, timeout, as_json)
+
+
+@ledger_app.command("unstake")
+def ledger_unstake(
+    amount: Annotated[str, typer.Argument(help="Exact amount in FTNS.")],
+    fee: FeeOpt = "0",
+    no_wait: NoWaitOpt = False,
+    timeout: TimeoutOpt = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Start unbonding stake; it returns to the balance after the unbonding delay (in blocks)."""
+    _send(home, "ledger.unstake", {"amount": amount, "fee": fee}, no_wait, timeout, as_json)
+
+
+@ledger_app.command("tx")
+def ledger_tx(
+    tx_hash: Annotated[str, typer.Argument(metavar="HASH", help="Transaction hash (hex).")],
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A transaction, committed or pending."""
+    result = _call(home, "ledger.tx", {"hash": tx_hash})
+    if as_json:
+        return _print_json(result)
+    rows = [[k, _describe(v)] for k, v in result.items()]
+    _table(rows, ["", ""])
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, dict) and "ftns" in value:
+        return _ftns(value)
+    if isinstance(value, list):
+        return json.dumps(value)
+    return str(value)
+
+
+@ledger_app.command("block")
+def ledger_block(
+    height: Annotated[int | None, typer.Argument(help="Block height [default: the latest].")] = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A block's header and transactions."""
+    result = _call(home, "ledger.block", {"height": height} if height is not None else {})
+    if as_json:
+        return _print_json(result)
+    _table([[k, str(v)] for k, v in result.items() if k != "txs"], ["", ""])
+    if result["txs"]:
+        typer.echo("")
+        _table(
+            [[t["hash"], t["kind"], _short(t["sender"]), str(t["nonce"]), _ftns(t["amount"])] for t in result["txs"]],
+            ["TX", "KIND", "SENDER", "NONCE", "AMOUNT"],
+        )
+
+
+@ledger_app.command("history")
+def ledger_history(
+    account: Annotated[str, typer.Argument(help="Account (hex public key).")],
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="Most transactions to show.")] = 50,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Committed transactions that touch an account, newest first."""
+    result = _call(home, "ledger.history", {"account": account, "limit": limit})
+    if as_json:
+        return _print_json(result)
+    if not result["txs"]:
+        typer.echo("no transactions")
+        return
+    _table(
+        [
+            [str(t["height"]), t["hash"], t["kind"], _short(t["sender"]), t.get("to", "")[:16], _ftns(t["amount"])]
+            for t in result["txs"]
+        ],
+        ["BLOCK", "TX", "KIND", "FROM", "TO", "AMOUNT"],
+    )
+
+
+@ledger_app.command("verify")
+def ledger_verify(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Replay every stored block from genesis and check the state hash (exit 1 on mismatch)."""
+    result = _call(home, "ledger.verify", timeout=600.0)
+    if as_json:
+        _print_json(result)
+    else:
+        verdict = "ok" if result["ok"] else "MISMATCH"
+        typer.echo(f"{verdict}: replayed {result['height']} blocks, state hash {result['replayed_state_hash']}")
+    if not result["ok"]:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     try:
         app()

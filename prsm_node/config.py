@@ -99,6 +99,35 @@ class DiscoverySection:
 
 
 @dataclass
+class LedgerSection:
+    block_interval: float = _doc(
+        "Least seconds between two blocks (a validator makes blocks only while transactions wait).", default=1.0
+    )
+    max_block_txs: int = _doc("Most transactions in one block (1 to 4096).", default=1000)
+    mempool_size: int = _doc(
+        "Most pending transactions held; when full, a higher fee evicts the cheapest.", default=10000
+    )
+    mempool_per_sender: int = _doc("Most pending transactions from one account.", default=64)
+    rebroadcast_interval: float = _doc(
+        "Seconds before a pending transaction is sent to the validators again.", default=10.0
+    )
+    confirm_timeout: float = _doc("Seconds `ledger transfer` and friends wait for their block.", default=30.0)
+
+    def validate(self) -> None:
+        for name in (
+            "block_interval",
+            "max_block_txs",
+            "mempool_size",
+            "mempool_per_sender",
+            "rebroadcast_interval",
+            "confirm_timeout",
+        ):
+            _positive("ledger", name, getattr(self, name))
+        if self.max_block_txs > 4096:
+            raise ConfigError(f"[ledger].max_block_txs: at most 4096, got {self.max_block_txs}")
+
+
+@dataclass
 class ControlSection:
     max_request_bytes: int = _doc("Largest control request line accepted, in bytes.", default=65536)
 
@@ -124,6 +153,7 @@ class Config:
     node: NodeSection = field(default_factory=NodeSection)
     p2p: P2PSection = field(default_factory=P2PSection)
     discovery: DiscoverySection = field(default_factory=DiscoverySection)
+    ledger: LedgerSection = field(default_factory=LedgerSection)
     control: ControlSection = field(default_factory=ControlSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
 
@@ -141,6 +171,8 @@ class Config:
         cfg.discovery.refresh_interval = 30.0
         cfg.discovery.bootstrap_backoff_initial = 0.1
         cfg.discovery.bootstrap_backoff_max = 2.0
+        cfg.ledger.block_interval = 0.1
+        cfg.ledger.rebroadcast_interval = 2.0
         return cfg
 
 

@@ -1,7 +1,7 @@
 """The daemon: one root nursery that starts every service in dependency order.
 
-store → host → discovery → control (→ metrics). Teardown runs in reverse, storage last:
-each service lives inside the context of the ones it needs.
+store → host → discovery → chain (ledger, mempool, tx + sync protocols) → control (→ metrics).
+Teardown runs in reverse, storage last: each service lives inside the context of the ones it needs.
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ from libp2p.peer.id import ID
 
 from . import __version__
 from ._trio import TaskStatus
+from .chain.control import LedgerMethods
+from .chain.net import ChainNet
+from .chain.service import ChainService
 from .config import Config
 from .control.server import AfterReply, ControlServer, RequestError, param
 from .exceptions import DiscoveryError, ListenError
@@ -73,6 +76,8 @@ class Node:
         self.store = Store(home.data_dir / "db")
         self.host = build_host(key, cfg)
         self.kad: Kademlia | None = None
+        self.chain: ChainService | None = None
+        self.chain_net: ChainNet | None = None
         self.control = ControlServer(home.control_socket, cfg.control.max_request_bytes)
         self.metrics: MetricsServer | None = None
         self._cancel = trio.CancelScope()
@@ -119,7 +124,12 @@ class Node:
             nursery.start_soon(self._watch_event_loop)
             self.kad = Kademlia(self.host, self.cfg.discovery, self.store.namespace("peers"), self.bootstrap)
             await nursery.start(self.kad.run)
+            self.chain = ChainService(self.store, self.genesis, self.key, self.cfg.ledger)
+            await nursery.start(self.chain.run)
+            self.chain_net = ChainNet(self.host, self.kad, self.chain)
+            await nursery.start(self.chain_net.run)
             self._register_methods()
+            LedgerMethods(self.chain, self.chain_net).register(self.control)
             await nursery.start(self.control.run)
             if self.cfg.metrics.enabled:
                 self.metrics = MetricsServer(self.cfg.metrics.listen, self._gauges())
@@ -177,6 +187,7 @@ class Node:
             "version": __version__,
             "uptime_s": round(time.time() - self.started_at, 1),
             "connected_peers": len(self._connected()),
+            "height": self.chain.tip.height if self.chain else 0,
             **self.kad.statistics(),
         }
 

@@ -8,10 +8,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import plyvel
 
 from .exceptions import StoreError
+
+
+def _prefix_end(prefix: bytes) -> bytes | None:
+    """The first key after every key that starts with ``prefix`` (None: no such key)."""
+    trimmed = prefix.rstrip(b"\xff")
+    if not trimmed:
+        return None
+    return trimmed[:-1] + bytes([trimmed[-1] + 1])
 
 
 class Namespace:
@@ -28,6 +37,24 @@ class Namespace:
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         with self._db.iterator() as it:
             yield from it
+
+    def scan(
+        self, prefix: bytes, *, reverse: bool = False, start: bytes | None = None
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """Keys under ``prefix`` in order (``start``: the first key to include, or with
+        ``reverse`` the last one, both under the prefix)."""
+        if start is None:
+            it = self._db.iterator(prefix=prefix, reverse=reverse)
+        elif reverse:
+            it = self._db.iterator(start=prefix, stop=start, include_stop=True, reverse=True)
+        else:
+            it = self._db.iterator(start=start, stop=_prefix_end(prefix))
+        with it:
+            yield from it
+
+    def write_batch(self, *, sync: bool) -> Any:
+        """An atomic batch: every put and delete lands together, or none (``with`` commits)."""
+        return self._db.write_batch(transaction=True, sync=sync)
 
     def replace_all(self, items: dict[bytes, bytes], *, sync: bool = False) -> None:
         """Make the namespace hold exactly ``items``, in one atomic batch."""

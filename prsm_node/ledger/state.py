@@ -189,6 +189,11 @@ class LedgerState:
     def is_settled(self, payer: bytes, receipt_id: bytes) -> bool:
         return receipt_key(payer, receipt_id) in self._settled
 
+    @property
+    def unbonding_pending(self) -> bool:
+        """True while some stake is unbonding: blocks must go on for it to be released."""
+        return bool(self._due)
+
     def state_hash(self) -> bytes:
         """32 bytes binding chain id, height and every account and settled receipt. O(1)."""
         return statehash.report(self.chain_id, self._height, self._acc)

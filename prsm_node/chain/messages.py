@@ -1,0 +1,187 @@
+"""Messages of ``/prsm/tx/1.0.0`` and ``/prsm/sync/1.0.0`` (protocols/tx.md, protocols/sync.md).
+
+Each frame (prsm_node.wire framing) is one msgpack array whose first element is its type.
+Requests: ``[SUBMIT, tx]``, ``[WAIT, tx_hash, timeout_ms]``, ``[GET_BLOCKS, from, max, wait_ms]``.
+Replies: ``[OK, ...]`` or ``[ERROR, code, message]``. Decoding is strict: a wrong shape is a
+``MessageError`` (the peer gets a ``malformed`` error, and the stream is closed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from ..ledger.block import MAX_BLOCK_SIZE
+from ..ledger.codec import MAX_TX_SIZE
+
+TX_PROTOCOL = "/prsm/tx/1.0.0"
+SYNC_PROTOCOL = "/prsm/sync/1.0.0"
+
+SUBMIT = 1
+WAIT = 2
+GET_BLOCKS = 3
+OK = 0
+ERROR = 1
+
+MAX_TX_REQUEST = MAX_TX_SIZE + 64
+MAX_SYNC_REQUEST = 64
+MAX_REPLY = 1024
+MAX_SYNC_REPLY = 2 * MAX_BLOCK_SIZE + 64 * 1024
+MAX_WAIT_MS = 30_000
+MAX_BLOCKS_PER_REPLY = 64
+MAX_ERROR_MESSAGE = 512
+
+
+class MessageError(Exception):
+    """Raised when a frame is not a well-formed message of the protocol."""
+
+
+@dataclass(frozen=True)
+class Submit:
+    tx: bytes
+
+
+@dataclass(frozen=True)
+class Wait:
+    tx_hash: bytes
+    timeout_ms: int
+
+
+@dataclass(frozen=True)
+class GetBlocks:
+    start: int
+    count: int
+    wait_ms: int
+
+
+@dataclass(frozen=True)
+class ErrorReply:
+    code: str
+    message: str
+
+
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def _unpack(data: bytes, limit: int) -> list[Any]:
+    if len(data) > limit:
+        raise MessageError(f"message of {len(data)} bytes over the {limit}-byte limit")
+    try:
+        value = msgpack.unpackb(data, raw=False, strict_map_key=True, max_ext_len=0)
+    except Exception as exc:  # msgpack raises several unrelated types on junk
+        raise MessageError(f"not msgpack: {type(exc).__name__}") from None
+    if type(value) is not list or not value or type(value[0]) is not int:
+        raise MessageError("a message is an array that starts with its type")
+    return value
+
+
+def _uint(value: Any, what: str, maximum: int) -> int:
+    if type(value) is not int or not 0 <= value <= maximum:
+        raise MessageError(f"{what} must be an integer in [0, {maximum}]")
+    return value
+
+
+def _bytes(value: Any, what: str, size: int | None = None, limit: int = MAX_TX_SIZE) -> bytes:
+    if type(value) is not bytes or (size is not None and len(value) != size) or len(value) > limit:
+        raise MessageError(f"{what} must be bin" + (f" of {size} bytes" if size else f" of at most {limit} bytes"))
+    return value
+
+
+# ------------------------------------------------------------ requests
+
+
+def encode_submit(tx: bytes) -> bytes:
+    return _pack([SUBMIT, tx])
+
+
+def encode_wait(tx_hash: bytes, timeout_ms: int) -> bytes:
+    return _pack([WAIT, tx_hash, timeout_ms])
+
+
+def encode_get_blocks(start: int, count: int, wait_ms: int) -> bytes:
+    return _pack([GET_BLOCKS, start, count, wait_ms])
+
+
+def decode_tx_request(data: bytes) -> Submit | Wait:
+    f = _unpack(data, MAX_TX_REQUEST)
+    if f[0] == SUBMIT and len(f) == 2:
+        return Submit(_bytes(f[1], "tx"))
+    if f[0] == WAIT and len(f) == 3:
+        return Wait(_bytes(f[1], "tx hash", 32), _uint(f[2], "timeout_ms", MAX_WAIT_MS))
+    raise MessageError(f"unknown request type {f[0]} (or wrong length {len(f)})")
+
+
+def decode_sync_request(data: bytes) -> GetBlocks:
+    f = _unpack(data, MAX_SYNC_REQUEST)
+    if f[0] == GET_BLOCKS and len(f) == 4:
+        return GetBlocks(
+            _uint(f[1], "from height", 2**63),
+            _uint(f[2], "count", MAX_BLOCKS_PER_REPLY),
+            _uint(f[3], "wait_ms", MAX_WAIT_MS),
+        )
+    raise MessageError(f"unknown request type {f[0]} (or wrong length {len(f)})")
+
+
+# ------------------------------------------------------------ replies
+
+
+def encode_error(code: str, message: str) -> bytes:
+    return _pack([ERROR, code[:64], message[:MAX_ERROR_MESSAGE]])
+
+
+def encode_submitted(tx_hash: bytes) -> bytes:
+    return _pack([OK, tx_hash])
+
+
+def encode_committed(tx_hash: bytes, height: int, block_hash: bytes) -> bytes:
+    return _pack([OK, tx_hash, height, block_hash])
+
+
+def encode_blocks(tip: int, blocks: list[tuple[bytes, bytes]]) -> bytes:
+    return _pack([OK, tip, [[b, c] for b, c in blocks]])
+
+
+def _error(f: list[Any]) -> ErrorReply | None:
+    if f[0] != ERROR:
+        return None
+    if len(f) != 3 or type(f[1]) is not str or type(f[2]) is not str:
+        raise MessageError("an error reply is [1, code, message]")
+    return ErrorReply(f[1], f[2])
+
+
+def decode_submit_reply(data: bytes) -> bytes | ErrorReply:
+    f = _unpack(data, MAX_REPLY)
+    err = _error(f)
+    if err is not None:
+        return err
+    if f[0] == OK and len(f) == 2:
+        return _bytes(f[1], "tx hash", 32)
+    raise MessageError("a submit reply is [0, tx_hash] or an error")
+
+
+def decode_wait_reply(data: bytes) -> tuple[bytes, int, bytes] | ErrorReply:
+    f = _unpack(data, MAX_REPLY)
+    err = _error(f)
+    if err is not None:
+        return err
+    if f[0] == OK and len(f) == 4:
+        return _bytes(f[1], "tx hash", 32), _uint(f[2], "height", 2**63), _bytes(f[3], "block hash", 32)
+    raise MessageError("a wait reply is [0, tx_hash, height, block_hash] or an error")
+
+
+def decode_blocks_reply(data: bytes) -> tuple[int, list[tuple[bytes, bytes]]] | ErrorReply:
+    f = _unpack(data, MAX_SYNC_REPLY)
+    err = _error(f)
+    if err is not None:
+        return err
+    if f[0] != OK or len(f) != 3 or type(f[2]) is not list or len(f[2]) > MAX_BLOCKS_PER_REPLY:
+        raise MessageError("a blocks reply is [0, tip, [[block, certificate], ...]] or an error")
+    blocks = []
+    for i, item in enumerate(f[2]):
+        if type(item) is not list or len(item) != 2:
+            raise MessageError(f"blocks reply entry {i} is not [block, certificate]")
+        blocks.append((_bytes(item[0], "block", limit=MAX_BLOCK_SIZE), _bytes(item[1], "certificate")))
+    return _uint(f[1], "tip", 2**63), blocks

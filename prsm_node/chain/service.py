@@ -1,0 +1,257 @@
+"""The chain service: this node's ledger, its mempool, and how blocks reach it.
+
+Roles, from genesis:
+- **solo validator** (the one validator of a development genesis): makes blocks from its
+  mempool, signs them, commits them. PBFT (protocols/pbft.md) replaces this producer when a
+  genesis names several validators; the ledger, storage and sync stay as they are.
+- **follower** (every other node): admits txs to its own mempool, forwards them to the
+  validators over ``/prsm/tx/1.0.0``, and keeps its ledger in step by fetching blocks with
+  their commit certificates over ``/prsm/sync/1.0.0``, checking the validator signatures and
+  replaying every tx itself.
+
+Every change of the state happens on the event loop between two blocks; the LevelDB write of
+a block runs in a worker thread under ``_lock``, during which no tx is admitted (admission
+uses the state's undo journal, which a block in flight must keep).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import trio
+
+from .._trio import TaskStatus
+from ..config import LedgerSection
+from ..genesis import Genesis
+from ..keys import NodeKey
+from ..ledger.block import (
+    Block,
+    BlockRejected,
+    Certificate,
+    apply_block,
+    decode_block,
+    decode_certificate,
+    make_block,
+    sign_commit,
+    verify_certificate,
+)
+from ..ledger.codec import tx_hash
+from ..ledger.exceptions import LedgerDecodeError, SupplyViolation
+from ..ledger.mempool import Mempool, Pending
+from ..ledger.signing import verify_receipt_signature, verify_tx_signature
+from ..ledger.state import LedgerState
+from ..ledger.storage import LedgerStore, Tip, touched_accounts
+from ..ledger.types import Settle, Tx
+from ..logs import kv
+from ..store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Committed:
+    height: int
+    index: int
+    block_hash: bytes
+
+
+class ChainService:
+    def __init__(self, store: Store, genesis: Genesis, key: NodeKey, cfg: LedgerSection) -> None:
+        self.cfg = cfg
+        self.genesis = genesis
+        self.key = key
+        self.account = key.account
+        self.ledger = LedgerStore(store.namespace("ledger"), genesis)
+        self.validators = frozenset(bytes.fromhex(v.account) for v in genesis.validators)
+        self.validator_peers = {bytes.fromhex(v.account): v.peer_id for v in genesis.validators}
+        n = len(self.validators)
+        self.quorum = n - (n - 1) // 3  # 2f+1 for n = 3f+1 (and n - f in general)
+        self.is_validator = self.account in self.validators
+        self.solo = self.is_validator and n == 1
+        self._state: LedgerState | None = None
+        self._mempool: Mempool | None = None
+        self.tip = Tip(0, bytes(32), 0)
+        self._lock = trio.Lock()
+        self._new_block = trio.Event()
+        self._new_tx = trio.Event()
+        self.blocks_made = 0
+        self.blocks_synced = 0
+
+    # ------------------------------------------------------------ accessors
+
+    @property
+    def state(self) -> LedgerState:
+        assert self._state is not None, "the chain service is not running"
+        return self._state
+
+    @property
+    def mempool(self) -> Mempool:
+        assert self._mempool is not None, "the chain service is not running"
+        return self._mempool
+
+    @property
+    def role(self) -> str:
+        if self.solo:
+            return "validator"
+        return "validator (waiting for consensus)" if self.is_validator else "follower"
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        state, self.tip = await trio.to_thread.run_sync(self.ledger.load)
+        self._state = state
+        self._mempool = Mempool(state, max_txs=self.cfg.mempool_size, max_per_sender=self.cfg.mempool_per_sender)
+        log.info(
+            "ledger loaded",
+            extra=kv(height=self.tip.height, state_hash=state.state_hash().hex()[:16], role=self.role),
+        )
+        async with trio.open_nursery() as nursery:
+            if self.solo:
+                nursery.start_soon(self._produce_loop)
+            task_status.started()
+            await trio.sleep_forever()
+
+    # ------------------------------------------------------------ transactions
+
+    async def submit(self, tx: Tx) -> Pending:
+        """Admit a signed tx to the mempool (raises a TxRejected subclass saying why)."""
+        async with self._lock:
+            entry = self.mempool.add(tx, now=time.monotonic())
+        self._new_tx.set()
+        self._new_tx = trio.Event()
+        return entry
+
+    def locate(self, digest: bytes) -> Committed | None:
+        where = self.ledger.locate(digest)
+        if where is None:
+            return None
+        block = self.ledger.block(where.height)
+        return Committed(where.height, where.index, block.hash())
+
+    async def wait_committed(self, digest: bytes) -> Committed:
+        """Wait until the tx with this hash is in a committed block (cancel to give up)."""
+        while True:
+            event = self._new_block
+            found = self.locate(digest)
+            if found is not None:
+                return found
+            await event.wait()
+
+    async def wait_height(self, height: int) -> None:
+        while self.tip.height < height:
+            await self._new_block.wait()
+
+    async def wait_new_tx(self) -> None:
+        await self._new_tx.wait()
+
+    # ------------------------------------------------------------ blocks
+
+    async def _produce_loop(self) -> None:
+        """Make a block whenever txs wait (or stake is unbonding), at most one per interval."""
+        last = -float("inf")
+        while True:
+            while not len(self.mempool) and not self.state.unbonding_pending:
+                await self._new_tx.wait()
+            await trio.sleep_until(last + self.cfg.block_interval)
+            last = trio.current_time()
+            await self.produce_block()
+
+    async def produce_block(self) -> Block:
+        """Make, sign and commit one block from the mempool (solo validator)."""
+        async with self._lock:
+            state = self.state
+            txs = self.mempool.select(self.cfg.max_block_txs)
+            time_ms = max(int(time.time() * 1000), self.tip.time_ms)
+            try:
+                block, included, dropped = make_block(
+                    state, txs, proposer=self.account, prev_hash=self.tip.hash, time_ms=time_ms
+                )
+            except BaseException:
+                state.revert_to_checkpoint()
+                raise
+            cert = Certificate((sign_commit(self.key.signing_key, block),))
+            await self._commit(block, cert, included)
+            self.mempool.discard(tx_hash(tx) for tx, _ in dropped)
+            for tx, why in dropped:
+                log.info("tx dropped from block", extra=kv(tx=tx_hash(tx).hex()[:16], error=str(why)))
+            self._after_block(included, [tx for tx, _ in dropped])
+        self.blocks_made += 1
+        return block
+
+    async def apply_synced(self, block_bytes: bytes, cert_bytes: bytes) -> Block:
+        """Check a block fetched from a peer and apply it: 2f+1 validator signatures, then
+        every tx replayed here. Raises BlockRejected or LedgerDecodeError; state unchanged."""
+        block, txs = decode_block(block_bytes)
+        cert = decode_certificate(cert_bytes)
+        if block.height != self.tip.height + 1:
+            raise BlockRejected(f"block {block.height} does not follow height {self.tip.height}")
+        verify_certificate(cert, block, self.validators, self.quorum)
+        # Signature checks are most of the cost: off the event loop, before taking the lock.
+        bad = await trio.to_thread.run_sync(_first_bad_signature, txs)
+        if bad is not None:
+            raise BlockRejected(f"block {block.height} tx {bad}: signature does not verify")
+        async with self._lock:
+            if block.height != self.tip.height + 1:  # another sync got there first
+                raise BlockRejected(f"block {block.height} does not follow height {self.tip.height}")
+            apply_block(self.state, block, txs, prev_hash=self.tip.hash, prev_time_ms=self.tip.time_ms, verify=False)
+            await self._commit(block, cert, txs)
+            self.mempool.discard(tx_hash(tx) for tx in txs)
+            self._after_block(txs, [])
+        self.blocks_synced += 1
+        return block
+
+    async def _commit(self, block: Block, cert: Certificate, txs: list[Tx]) -> None:
+        """Persist the block and the state changes (synced), then make them final in memory.
+        On any failure the in-memory state is rolled back to the last committed block."""
+        state = self.state
+        try:
+            state.check_supply()
+            changes = state.changes()
+            await trio.to_thread.run_sync(self.ledger.commit, block, cert, txs, changes)
+        except BaseException:
+            state.revert_to_checkpoint()
+            raise
+        state.checkpoint()
+        self.tip = Tip(block.height, block.hash(), block.header.time_ms)
+        log.info(
+            "block committed",
+            extra=kv(height=block.height, txs=len(txs), hash=block.hash().hex()[:16]),
+        )
+
+    def _after_block(self, included: list[Tx], dropped: list[Tx]) -> None:
+        senders = {tx.sender for tx in included} | {tx.sender for tx in dropped}
+        for tx in included:
+            senders.update(touched_accounts(tx))
+        self.mempool.reconcile(senders)
+        self._new_block.set()
+        self._new_block = trio.Event()
+
+    def block_and_cert(self, height: int) -> tuple[bytes, bytes] | None:
+        block = self.ledger.block_bytes(height)
+        cert = self.ledger.certificate_bytes(height)
+        if block is None or cert is None:
+            return None
+        return block, cert
+
+    def statistics(self) -> dict[str, object]:
+        return {
+            "role": self.role,
+            "height": self.tip.height,
+            "blocks_made": self.blocks_made,
+            "blocks_synced": self.blocks_synced,
+            **{f"mempool_{k}": v for k, v in self.mempool.statistics().items()},
+        }
+
+
+def _first_bad_signature(txs: list[Tx]) -> int | None:
+    for i, tx in enumerate(txs):
+        if not verify_tx_signature(tx):
+            return i
+        if isinstance(tx.body, Settle) and not all(verify_receipt_signature(r) for r in tx.body.receipts):
+            return i
+    return None
+
+
+__all__ = ["ChainService", "Committed", "LedgerDecodeError", "SupplyViolation"]

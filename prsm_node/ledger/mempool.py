@@ -1,0 +1,180 @@
+"""The mempool: signed transactions waiting for a block, checked before they are admitted.
+
+Admission checks the encoding, chain id, signature, nonce and balance against the committed
+state *plus the sender's own pending txs* (so a sender can queue several txs in a row). Each
+sender's pending txs have contiguous nonces starting at its account nonce, so arrival order
+is nonce order per sender and a block takes txs first-come first-served. A pending tx is
+never replaced; a duplicate is dropped. The pool is bounded in total and per sender; when
+full, a tx with a higher fee evicts the lowest-fee tx that ends some sender's queue (never
+one in the middle, which would strand its successors).
+
+Not thread-safe and not async: the ledger service calls it from the event loop only, between
+blocks (the state must be at a checkpoint).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .codec import encode_tx, tx_hash
+from .exceptions import BadNonce, DuplicateTx, MempoolFull, TooManyPending, TxRejected, WrongChain
+from .state import LedgerState
+from .types import Tx
+
+DEFAULT_MAX_TXS = 10_000
+DEFAULT_MAX_PER_SENDER = 64
+# Pending txs are checked with this account as their block's proposer: a real proposer is
+# not known yet, and fees only move to the proposer after the sender has paid them.
+CHECK_PROPOSER = bytes(32)
+
+
+@dataclass(frozen=True)
+class Pending:
+    tx: Tx
+    hash: bytes
+    encoded: bytes
+    received: float  # the caller's clock, for re-forwarding old txs
+
+
+class Mempool:
+    def __init__(
+        self, state: LedgerState, *, max_txs: int = DEFAULT_MAX_TXS, max_per_sender: int = DEFAULT_MAX_PER_SENDER
+    ) -> None:
+        self._state = state
+        self.max_txs = max_txs
+        self.max_per_sender = max_per_sender
+        self._txs: dict[bytes, Pending] = {}  # by hash, in arrival order
+        self._by_sender: dict[bytes, dict[int, bytes]] = {}  # sender -> nonce -> hash, ascending
+        self.admitted = 0
+        self.rejected = 0
+        self.evicted = 0
+
+    def __len__(self) -> int:
+        return len(self._txs)
+
+    def __contains__(self, digest: bytes) -> bool:
+        return digest in self._txs
+
+    def get(self, digest: bytes) -> Pending | None:
+        return self._txs.get(digest)
+
+    def pending(self) -> Iterable[Pending]:
+        """Every pending tx in arrival order."""
+        return list(self._txs.values())
+
+    def next_nonce(self, sender: bytes) -> int:
+        """The nonce ``sender``'s next tx must carry: its account nonce plus its pending txs."""
+        return self._state.account(sender).nonce + len(self._by_sender.get(sender, {}))
+
+    def statistics(self) -> dict[str, int]:
+        return {
+            "size": len(self._txs),
+            "senders": len(self._by_sender),
+            "admitted": self.admitted,
+            "rejected": self.rejected,
+            "evicted": self.evicted,
+        }
+
+    # ------------------------------------------------------------ admission
+
+    def add(self, tx: Tx, *, now: float = 0.0) -> Pending:
+        """Admit ``tx`` or raise a TxRejected subclass saying why (nothing changes then)."""
+        try:
+            return self._add(tx, now)
+        except TxRejected:
+            self.rejected += 1
+            raise
+
+    def _add(self, tx: Tx, now: float) -> Pending:
+        encoded = encode_tx(tx)  # validates every field first
+        digest = tx_hash(tx)
+        if digest in self._txs:
+            raise DuplicateTx(f"tx {digest.hex()} is already pending")
+        if tx.chain_id != self._state.chain_id:
+            raise WrongChain(f"tx for chain {tx.chain_id!r}, this ledger is {self._state.chain_id!r}")
+        queue = self._by_sender.get(tx.sender, {})
+        base = self._state.account(tx.sender).nonce
+        if base <= tx.nonce < base + len(queue):
+            other = queue[tx.nonce].hex()
+            raise DuplicateTx(f"account {tx.sender.hex()} already has pending tx {other} with nonce {tx.nonce}")
+        if tx.nonce != base + len(queue):
+            raise BadNonce(tx.sender, base + len(queue), tx.nonce)
+        if len(queue) >= self.max_per_sender:
+            raise TooManyPending(f"account {tx.sender.hex()} already has {len(queue)} pending txs (the limit)")
+        self._check_after_queue(tx, queue.values())
+        victim = None
+        if len(self._txs) >= self.max_txs:
+            victim = self._eviction_candidate()
+            if victim is None or victim.tx.fee >= tx.fee:
+                floor = victim.tx.fee if victim else 0
+                raise MempoolFull(f"the mempool holds {len(self._txs)} txs; only a fee above {floor} gets in now")
+        if victim is not None:
+            self._remove(victim.hash)
+            self.evicted += 1
+        entry = Pending(tx, digest, encoded, now)
+        self._txs[digest] = entry
+        self._by_sender.setdefault(tx.sender, {})[tx.nonce] = digest
+        self.admitted += 1
+        return entry
+
+    def _check_after_queue(self, tx: Tx, queue: Iterable[bytes]) -> None:
+        """``state.check(tx)`` as if the sender's pending txs had been applied first."""
+        state = self._state
+        height = state.height + 1
+        ahead = [self._txs[h].tx for h in queue]
+        if not ahead:
+            state.check(tx, proposer=CHECK_PROPOSER, height=height)
+            return
+        try:
+            for earlier in ahead:
+                state.apply(earlier, proposer=CHECK_PROPOSER, height=height, verify=False)
+            state.check(tx, proposer=CHECK_PROPOSER, height=height)
+        finally:
+            state.revert_to_checkpoint()
+
+    def _eviction_candidate(self) -> Pending | None:
+        tails = [self._txs[q[max(q)]] for q in self._by_sender.values() if q]
+        return min(tails, key=lambda p: (p.tx.fee, -p.received), default=None)
+
+    def _remove(self, digest: bytes) -> None:
+        entry = self._txs.pop(digest)
+        queue = self._by_sender[entry.tx.sender]
+        del queue[entry.tx.nonce]
+        if not queue:
+            del self._by_sender[entry.tx.sender]
+
+    # ------------------------------------------------------------ blocks
+
+    def select(self, limit: int) -> list[Tx]:
+        """Up to ``limit`` txs for the next block, first come first served."""
+        out: list[Tx] = []
+        for entry in self._txs.values():
+            if len(out) >= limit:
+                break
+            out.append(entry.tx)
+        return out
+
+    def reconcile(self, senders: Iterable[bytes] | None = None) -> int:
+        """After the state moved on (a block): drop every pending tx of ``senders`` (all when
+        None) that no longer fits: nonces now used, and any tx behind a gap. Returns the
+        number dropped."""
+        dropped = 0
+        for sender in list(self._by_sender if senders is None else senders):
+            queue = self._by_sender.get(sender)
+            if not queue:
+                continue
+            expected = self._state.account(sender).nonce
+            for nonce in sorted(queue):
+                if nonce == expected:
+                    expected += 1
+                else:
+                    self._remove(queue[nonce])
+                    dropped += 1
+        return dropped
+
+    def discard(self, digests: Iterable[bytes]) -> None:
+        """Drop these txs (rejected by a block, for instance); their successors go on reconcile."""
+        for digest in digests:
+            if digest in self._txs:
+                self._remove(digest)
