@@ -77,6 +77,7 @@ def create(directory: Path, nodes: int) -> list[DevnetNode]:
         cfg.p2p.listen = [f"/ip4/127.0.0.1/tcp/{port}"]
         cfg.discovery.bootstrap_backoff_initial = 0.2
         cfg.discovery.bootstrap_backoff_max = 5.0
+        cfg.ledger.block_interval = 0.25
         init_home(home, network=str(net_dir.resolve()), force=True, cfg=cfg, genesis=genesis, key=key)
         out.append(DevnetNode(i, peer_ids[i], addrs[i], str(home.path), str(home.control_socket)))
     return out

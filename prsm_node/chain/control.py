@@ -17,7 +17,6 @@ from ..exceptions import StoreError
 from ..ledger.block import Block
 from ..ledger.codec import decode_tx, tx_hash
 from ..ledger.exceptions import InvalidAmountString, LedgerDecodeError, LedgerError, TxRejected
-from ..ledger.signing import sign_tx
 from ..ledger.types import Account, Body, Settle, Stake, Transfer, Tx, Unstake, format_amount, parse_amount
 from .net import ChainNet
 from .service import ChainService
@@ -107,7 +106,19 @@ class LedgerMethods:
         self.net = net
 
     def register(self, server: ControlServer) -> None:
-        for name in ("status", "balance", "transfer", "stake", "unstake", "submit", "tx", "block", "history", "verify"):
+        for name in (
+            "status",
+            "balance",
+            "transfer",
+            "stake",
+            "unstake",
+            "submit",
+            "tx",
+            "block",
+            "history",
+            "verify",
+            "wait_height",
+        ):
             server.register(f"ledger.{name}", getattr(self, name))
 
     async def status(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -140,16 +151,7 @@ class LedgerMethods:
         return await self._sign_and_submit(Unstake(_amount_param(params, "amount")), params)
 
     async def _sign_and_submit(self, body: Body, params: dict[str, Any]) -> dict[str, Any]:
-        fee = _amount_param(params, "fee", "0")
-        chain = self.chain
-        tx = sign_tx(
-            chain.key.signing_key,
-            chain_id=chain.state.chain_id,
-            nonce=chain.mempool.next_nonce(chain.account),
-            fee=fee,
-            body=body,
-        )
-        return await self._submit(tx, params)
+        return await self._submit(None, params, body=body, fee=_amount_param(params, "fee", "0"))
 
     async def submit(self, params: dict[str, Any]) -> dict[str, Any]:
         """A tx signed elsewhere, as hex of its canonical encoding."""
@@ -164,16 +166,18 @@ class LedgerMethods:
             raise RequestError(exc.code, str(exc)) from None
         return await self._submit(tx, params)
 
-    async def _submit(self, tx: Tx, params: dict[str, Any]) -> dict[str, Any]:
+    async def _submit(
+        self, tx: Tx | None, params: dict[str, Any], *, body: Body | None = None, fee: int = 0
+    ) -> dict[str, Any]:
         wait = param(params, "wait", bool, True)
         timeout = param(params, "timeout", float, self.chain.cfg.confirm_timeout)
         if not 0 < timeout <= 600:
             raise RequestError("invalid_params", "timeout must be in (0, 600] seconds")
         try:
-            entry = await self.net.submit(tx)
+            entry = await self.net.submit(tx, body=body, fee=fee)
         except (TxRejected, LedgerDecodeError) as exc:
             raise RequestError(exc.code, str(exc)) from None
-        out = {"hash": entry.hash.hex(), "status": "pending", **tx_json(tx)}
+        out = {"hash": entry.hash.hex(), "status": "pending", **tx_json(entry.tx)}
         if not wait:
             return out
         with trio.move_on_after(timeout):
@@ -231,6 +235,17 @@ class LedgerMethods:
             time_ms = block.header.time_ms
             entries.append({**tx_json(tx), "height": where.height, "index": where.index, "time_ms": time_ms})
         return {"account": key.hex(), "txs": entries}
+
+    async def wait_height(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Block until the ledger reaches ``height`` (tests and scripts wait on this)."""
+        height = param(params, "height", int)
+        timeout = param(params, "timeout", float, 60.0)
+        if not 0 < timeout <= 600:
+            raise RequestError("invalid_params", "timeout must be in (0, 600] seconds")
+        with trio.move_on_after(timeout):
+            await self.chain.wait_height(height)
+            return {"height": self.chain.tip.height}
+        raise RequestError("timeout", f"the ledger is at height {self.chain.tip.height} after {timeout} s")
 
     async def verify(self, params: dict[str, Any]) -> dict[str, Any]:
         """Replay every stored block from genesis (all signatures re-checked) and compare."""

@@ -22,7 +22,7 @@ from ..ledger.block import BlockRejected
 from ..ledger.codec import decode_tx
 from ..ledger.exceptions import DuplicateTx, LedgerDecodeError, TxRejected
 from ..ledger.mempool import Pending
-from ..ledger.types import Tx
+from ..ledger.types import Body, Tx
 from ..logs import kv
 from ..wire import FrameError, guarded_handler, read_frame, write_frame
 from . import messages as m
@@ -63,9 +63,10 @@ class ChainNet:
 
     # ------------------------------------------------------------ submitting
 
-    async def submit(self, tx: Tx) -> Pending:
-        """Admit a tx (from a peer or a client) and send it on toward the validators."""
-        entry = await self.chain.submit(tx)
+    async def submit(self, tx: Tx | None = None, *, body: Body | None = None, fee: int = 0) -> Pending:
+        """Admit a tx (from a peer or a client, or ``body`` signed by this node) and send it
+        on toward the validators."""
+        entry = await self.chain.submit(tx, body=body, fee=fee)
         if not self.chain.is_validator:
             self._nursery.start_soon(self._forward, entry)
         return entry

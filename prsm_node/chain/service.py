@@ -40,10 +40,10 @@ from ..ledger.block import (
 from ..ledger.codec import tx_hash
 from ..ledger.exceptions import LedgerDecodeError, SupplyViolation
 from ..ledger.mempool import Mempool, Pending
-from ..ledger.signing import verify_receipt_signature, verify_tx_signature
+from ..ledger.signing import sign_tx, verify_receipt_signature, verify_tx_signature
 from ..ledger.state import LedgerState
 from ..ledger.storage import LedgerStore, Tip, touched_accounts
-from ..ledger.types import Settle, Tx
+from ..ledger.types import Body, Settle, Tx
 from ..logs import kv
 from ..store import Store
 
@@ -115,9 +115,16 @@ class ChainService:
 
     # ------------------------------------------------------------ transactions
 
-    async def submit(self, tx: Tx) -> Pending:
-        """Admit a signed tx to the mempool (raises a TxRejected subclass saying why)."""
+    async def submit(self, tx: Tx | None = None, *, body: Body | None = None, fee: int = 0) -> Pending:
+        """Admit a signed tx to the mempool (raises a TxRejected subclass saying why).
+
+        With ``body`` instead, this node signs the tx with its own key and next nonce; both
+        happen under the lock, so concurrent requests never pick the same nonce."""
         async with self._lock:
+            if tx is None:
+                assert body is not None
+                nonce = self.mempool.next_nonce(self.account)
+                tx = sign_tx(self.key.signing_key, chain_id=self.state.chain_id, nonce=nonce, fee=fee, body=body)
             entry = self.mempool.add(tx, now=time.monotonic())
         self._new_tx.set()
         self._new_tx = trio.Event()

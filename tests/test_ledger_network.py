@@ -1,0 +1,100 @@
+"""``/prsm/tx/1.0.0`` and ``/prsm/sync/1.0.0`` between real hosts on 127.0.0.1: a peer's
+bad bytes, bad signatures, wrong chains, overflowing amounts and unknown kinds each get a
+clear error code, and the node goes on serving."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgpack
+import pytest
+import nacl.signing
+import trio
+from libp2p.network.stream.exceptions import StreamEOF, StreamReset
+
+from prsm_node.chain import messages as m
+from prsm_node.chain.net import SYNC, TX
+from prsm_node.ledger import Transfer, encode_tx, sign_tx
+from prsm_node.ledger.codec import tx_hash
+from prsm_node.node import Node
+from prsm_node.wire import FrameError, encode_uvarint, read_frame, write_frame
+
+from .conftest import running_nodes
+
+STRANGER = nacl.signing.SigningKey(b"\x42" * 32)
+
+
+async def ask(client: Node, server: Node, protocol: object, body: bytes, limit: int = m.MAX_REPLY) -> bytes:
+    with trio.fail_after(10):
+        stream = await client.host.new_stream(server.host.get_id(), [protocol])  # type: ignore[list-item]
+        try:
+            await write_frame(stream, body)
+            return await read_frame(stream, limit)
+        finally:
+            await stream.close()
+
+
+def tx_fields(tx_bytes: bytes) -> list[object]:
+    return msgpack.unpackb(tx_bytes)
+
+
+async def test_tx_protocol_rejects_bad_input_clearly_and_accepts_a_good_tx(short_tmp: Path) -> None:
+    async with running_nodes(short_tmp, ["alice", "bob"]) as nodes:
+        alice, bob = nodes["alice"], nodes["bob"]
+        chain = alice.genesis.chain_id
+        owner = alice.key.signing_key  # alice's dev genesis funds alice's own account
+        good = sign_tx(owner, chain_id=chain, nonce=0, fee=0, body=Transfer(b"\x01" * 32, 10**18))
+        fields = tx_fields(encode_tx(good))
+
+        forged = msgpack.packb([*fields[:5], bytes(64)])
+        overflow = msgpack.packb([*fields[:4], [1, b"\x01" * 32, b"\x01" + b"\x00" * 16], fields[5]])
+        negative = msgpack.packb([*fields[:4], [1, b"\x01" * 32, -5], fields[5]])
+        unknown = msgpack.packb([*fields[:4], [9, b"\x00"], fields[5]])
+        other_chain = encode_tx(
+            sign_tx(owner, chain_id="prsm-elsewhere", nonce=0, fee=0, body=Transfer(b"\x01" * 32, 1))
+        )
+        stranger = encode_tx(sign_tx(STRANGER, chain_id=chain, nonce=0, fee=0, body=Transfer(b"\x01" * 32, 1)))
+        cases = [
+            (b"\xc1junk", "malformed"),
+            (msgpack.packb([7, b""]), "malformed"),
+            (m.encode_submit(b"not a tx"), "malformed"),
+            (m.encode_submit(forged), "bad_signature"),
+            (m.encode_submit(overflow), "malformed"),
+            (m.encode_submit(negative), "malformed"),
+            (m.encode_submit(unknown), "unknown_kind"),
+            (m.encode_submit(other_chain), "wrong_chain"),
+            (m.encode_submit(stranger), "insufficient_funds"),
+        ]
+        for body, code in cases:
+            reply = m.decode_submit_reply(await ask(bob, alice, TX, body))
+            assert isinstance(reply, m.ErrorReply) and reply.code == code, (body[:40], reply)
+            assert reply.message
+
+        # An oversized frame is refused before it is read; the node serves the next stream.
+        with trio.fail_after(10):
+            stream = await bob.host.new_stream(alice.host.get_id(), [TX])
+            await stream.write(encode_uvarint(m.MAX_TX_REQUEST + 1) + b"\x00" * 100)
+            with pytest.raises((StreamReset, StreamEOF, FrameError)):
+                await read_frame(stream, m.MAX_REPLY)
+
+        # A good tx is accepted, committed, and confirmed over WAIT; its replay is refused.
+        accepted = m.decode_submit_reply(await ask(bob, alice, TX, m.encode_submit(encode_tx(good))))
+        assert accepted == tx_hash(good)
+        committed = m.decode_wait_reply(await ask(bob, alice, TX, m.encode_wait(tx_hash(good), 10_000)))
+        assert not isinstance(committed, m.ErrorReply)
+        assert committed[0] == tx_hash(good) and committed[1] == 1
+        again = m.decode_submit_reply(await ask(bob, alice, TX, m.encode_submit(encode_tx(good))))
+        assert isinstance(again, m.ErrorReply) and again.code == "bad_nonce"
+        unknown_wait = m.decode_wait_reply(await ask(bob, alice, TX, m.encode_wait(b"\x00" * 32, 10)))
+        assert isinstance(unknown_wait, m.ErrorReply) and unknown_wait.code == "not_found"
+
+        # Sync: the block comes with its certificate; bad requests get clear errors.
+        reply = m.decode_blocks_reply(await ask(bob, alice, SYNC, m.encode_get_blocks(1, 8, 0), m.MAX_SYNC_REPLY))
+        assert not isinstance(reply, m.ErrorReply)
+        tip, blocks = reply
+        assert tip == 1 and len(blocks) == 1
+        for body, code in [(m.encode_get_blocks(0, 1, 0), "bad_request"), (b"\x93\x01", "malformed")]:
+            err = m.decode_blocks_reply(await ask(bob, alice, SYNC, body, m.MAX_SYNC_REPLY))
+            assert isinstance(err, m.ErrorReply) and err.code == code
+        assert alice.chain is not None and alice.chain.tip.height == 1
+        assert (await alice._status({}))["height"] == 1
