@@ -109,6 +109,15 @@ def test_tx_round_trip_is_byte_identical(tx: Tx) -> None:
 
 
 @EXAMPLES
+@given(txs)
+def test_signing_payload_cut_from_the_encoding_equals_the_built_one(tx: Tx) -> None:
+    """signing_payload takes a shortcut once a tx has been encoded: the same bytes."""
+    built = signing_payload(dataclasses.replace(tx))  # a fresh object: no cached encoding
+    encoded = decode_tx(encode_tx(tx))
+    assert signing_payload(encoded) == built
+
+
+@EXAMPLES
 @given(receipts)
 def test_receipt_round_trip(r: Receipt) -> None:
     data = encode_receipt(r)

@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import msgpack
-import pytest
 import nacl.signing
+import pytest
 import trio
 from libp2p.network.stream.exceptions import StreamEOF, StreamReset
 

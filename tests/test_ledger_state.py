@@ -326,8 +326,15 @@ def test_block_reward_is_minted_and_capped() -> None:
 def test_check_supply_detects_tampering() -> None:
     s = make_state()
     s._accounts[A] = Account(balance=1001)  # noqa: SLF001 - simulating a bug
-    with pytest.raises(SupplyViolation, match="expected genesis supply 1100"):
+    with pytest.raises(SupplyViolation, match="accounts hold 1101, the running total says 1100"):
         s.check_supply()
+    # A bug that changes the running total and the accounts alike: the per-block check sees it.
+    t = make_state()
+    t._put(A, Account(balance=1001))  # noqa: SLF001 - simulating a bug (one unit from nowhere)
+    with pytest.raises(SupplyViolation, match="expected genesis supply 1100"):
+        t.check_block_supply()
+    with pytest.raises(SupplyViolation, match="expected genesis supply 1100"):
+        t.check_supply()
 
 
 def test_check_supply_detects_negative_amounts() -> None:

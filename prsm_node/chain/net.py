@@ -230,8 +230,7 @@ class ChainNet:
         if isinstance(reply, m.ErrorReply):
             raise FrameError(f"{reply.code}: {reply.message}")
         tip, blocks = reply
-        for block_bytes, cert_bytes in blocks:
-            await self.chain.apply_synced(block_bytes, cert_bytes)
+        await self.chain.apply_synced(blocks)
         return bool(blocks) or tip <= self.chain.tip.height
 
     def statistics(self) -> dict[str, int]:

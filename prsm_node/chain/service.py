@@ -16,6 +16,7 @@ uses the state's undo journal, which a block in flight must keep).
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from dataclasses import dataclass
@@ -37,15 +38,16 @@ from ..ledger.block import (
     sign_commit,
     verify_certificate,
 )
-from ..ledger.codec import tx_hash
-from ..ledger.exceptions import LedgerDecodeError, SupplyViolation
+from ..ledger.codec import encode_tx, tx_hash
+from ..ledger.exceptions import BadSignature, LedgerDecodeError, SupplyViolation
 from ..ledger.mempool import Mempool, Pending
-from ..ledger.signing import sign_tx, verify_receipt_signature, verify_tx_signature
+from ..ledger.signing import sign_tx
 from ..ledger.state import LedgerState
 from ..ledger.storage import LedgerStore, Tip, touched_accounts
-from ..ledger.types import Body, Settle, Tx
+from ..ledger.types import Body, Tx
 from ..logs import kv
 from ..store import Store
+from .verifier import SignatureVerifier
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,10 @@ class ChainService:
         self._lock = trio.Lock()
         self._new_block = trio.Event()
         self._new_tx = trio.Event()
+        self.verifier = SignatureVerifier()
         self.blocks_made = 0
+        # (txs, ms) of recent blocks this node made: select, apply, state hash, synced write.
+        self.block_timings: collections.deque[tuple[int, float]] = collections.deque(maxlen=1024)
         self.blocks_synced = 0
 
     # ------------------------------------------------------------ accessors
@@ -108,6 +113,7 @@ class ChainService:
             extra=kv(height=self.tip.height, state_hash=state.state_hash().hex()[:16], role=self.role),
         )
         async with trio.open_nursery() as nursery:
+            await nursery.start(self.verifier.run)
             if self.solo:
                 nursery.start_soon(self._produce_loop)
             task_status.started()
@@ -120,12 +126,16 @@ class ChainService:
 
         With ``body`` instead, this node signs the tx with its own key and next nonce; both
         happen under the lock, so concurrent requests never pick the same nonce."""
+        if tx is not None:
+            encode_tx(tx)  # a malformed tx fails here, before it costs a signature check
+            if not await self.verifier.verify(tx):
+                raise BadSignature(f"tx from {tx.sender.hex()} nonce {tx.nonce}: a signature does not verify")
         async with self._lock:
             if tx is None:
                 assert body is not None
                 nonce = self.mempool.next_nonce(self.account)
                 tx = sign_tx(self.key.signing_key, chain_id=self.state.chain_id, nonce=nonce, fee=fee, body=body)
-            entry = self.mempool.add(tx, now=time.monotonic())
+            entry = self.mempool.add(tx, now=time.monotonic(), verified=True)
         self._new_tx.set()
         self._new_tx = trio.Event()
         return entry
@@ -168,6 +178,7 @@ class ChainService:
     async def produce_block(self) -> Block:
         """Make, sign and commit one block from the mempool (solo validator)."""
         async with self._lock:
+            started = time.perf_counter()
             state = self.state
             txs = self.mempool.select(self.cfg.max_block_txs)
             time_ms = max(int(time.time() * 1000), self.tip.time_ms)
@@ -184,21 +195,53 @@ class ChainService:
             for tx, why in dropped:
                 log.info("tx dropped from block", extra=kv(tx=tx_hash(tx).hex()[:16], error=str(why)))
             self._after_block(included, [tx for tx, _ in dropped])
+            self.block_timings.append((len(included), (time.perf_counter() - started) * 1000))
         self.blocks_made += 1
         return block
 
-    async def apply_synced(self, block_bytes: bytes, cert_bytes: bytes) -> Block:
-        """Check a block fetched from a peer and apply it: 2f+1 validator signatures, then
-        every tx replayed here. Raises BlockRejected or LedgerDecodeError; state unchanged."""
-        block, txs = decode_block(block_bytes)
-        cert = decode_certificate(cert_bytes)
-        if block.height != self.tip.height + 1:
-            raise BlockRejected(f"block {block.height} does not follow height {self.tip.height}")
-        verify_certificate(cert, block, self.validators, self.quorum)
-        # Signature checks are most of the cost: off the event loop, before taking the lock.
-        bad = await trio.to_thread.run_sync(_first_bad_signature, txs)
-        if bad is not None:
-            raise BlockRejected(f"block {block.height} tx {bad}: signature does not verify")
+    async def apply_synced(self, items: list[tuple[bytes, bytes]]) -> int:
+        """Check blocks fetched from a peer and apply them in order: each needs 2f+1 validator
+        signatures, and every tx is replayed here. Signatures of the next block are checked on
+        the worker thread while this one is applied and written. Returns the blocks applied;
+        raises BlockRejected or LedgerDecodeError at the first bad one (earlier ones stay)."""
+        send, receive = trio.open_memory_channel[tuple[Block, list[Tx], Certificate] | Exception](1)
+
+        async def check_ahead() -> None:
+            async with send:
+                for block_bytes, cert_bytes in items:
+                    try:
+                        block, txs = decode_block(block_bytes)
+                        cert = decode_certificate(cert_bytes)
+                        verify_certificate(cert, block, self.validators, self.quorum)
+                        bad = await self.verifier.first_invalid(txs)
+                        if bad is not None:
+                            raise BlockRejected(f"block {block.height} tx {bad}: a signature does not verify")
+                    except (BlockRejected, LedgerDecodeError) as exc:
+                        await send.send(exc)
+                        return
+                    await send.send((block, txs, cert))
+
+        applied = 0
+        error: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(check_ahead)
+            async with receive:
+                async for item in receive:
+                    if isinstance(item, Exception):
+                        error = item
+                        break
+                    try:
+                        await self._apply_checked(*item)
+                    except (BlockRejected, LedgerDecodeError) as exc:
+                        error = exc
+                        break
+                    applied += 1
+                nursery.cancel_scope.cancel()  # before the channel closes under check_ahead
+        if error is not None:
+            raise error
+        return applied
+
+    async def _apply_checked(self, block: Block, txs: list[Tx], cert: Certificate) -> None:
         async with self._lock:
             if block.height != self.tip.height + 1:  # another sync got there first
                 raise BlockRejected(f"block {block.height} does not follow height {self.tip.height}")
@@ -207,14 +250,13 @@ class ChainService:
             self.mempool.discard(tx_hash(tx) for tx in txs)
             self._after_block(txs, [])
         self.blocks_synced += 1
-        return block
 
     async def _commit(self, block: Block, cert: Certificate, txs: list[Tx]) -> None:
         """Persist the block and the state changes (synced), then make them final in memory.
         On any failure the in-memory state is rolled back to the last committed block."""
         state = self.state
         try:
-            state.check_supply()
+            state.check_block_supply()
             changes = state.changes()
             await trio.to_thread.run_sync(self.ledger.commit, block, cert, txs, changes)
         except BaseException:
@@ -250,15 +292,6 @@ class ChainService:
             "blocks_synced": self.blocks_synced,
             **{f"mempool_{k}": v for k, v in self.mempool.statistics().items()},
         }
-
-
-def _first_bad_signature(txs: list[Tx]) -> int | None:
-    for i, tx in enumerate(txs):
-        if not verify_tx_signature(tx):
-            return i
-        if isinstance(tx.body, Settle) and not all(verify_receipt_signature(r) for r in tx.body.receipts):
-            return i
-    return None
 
 
 __all__ = ["ChainService", "Committed", "LedgerDecodeError", "SupplyViolation"]

@@ -167,17 +167,42 @@ def _body_array(body: Body) -> list[Any]:
     return [Kind.SETTLE.value, [[*_receipt_fields(r), r.signature] for r in body.receipts]]
 
 
+# Encodings are cached on the (frozen, immutable) objects themselves: a tx is decoded, checked,
+# hashed, put in a block and stored, and an account is hashed and stored, each from one
+# encoding. A Tx carrying a cached encoding has passed validate_tx (``is_validated``).
+_CACHE = "_canonical"
+_HASH_CACHE = "_hash"
+
+
+_SIG_FIELD = 2 + SIGNATURE_SIZE  # bin8 header + 64 bytes
+_PAYLOAD_PREFIX = b"\x96" + msgpack.packb(TX_DOMAIN)
+
+
+def is_validated(tx: Tx) -> bool:
+    """True when ``tx`` was encoded before, so every field has been validated."""
+    return _CACHE in tx.__dict__
+
+
 def encode_tx(tx: Tx) -> bytes:
     """The canonical bytes of a signed tx: ``[chain_id, sender, nonce, fee, body, signature]``."""
+    cached: bytes | None = tx.__dict__.get(_CACHE)
+    if cached is not None:
+        return cached
     validate_tx(tx)
     data = _pack([tx.chain_id, tx.sender, tx.nonce, _amount(tx.fee), _body_array(tx.body), tx.signature])
     if len(data) > MAX_TX_SIZE:
         raise MalformedTx(f"encoded tx is {len(data)} bytes, over the {MAX_TX_SIZE}-byte limit")
+    object.__setattr__(tx, _CACHE, data)
     return data
 
 
 def signing_payload(tx: Tx) -> bytes:
     """What the sender signs: ``["prsm-tx-v1", chain_id, sender, nonce, fee, body]``."""
+    encoded: bytes | None = tx.__dict__.get(_CACHE)
+    if encoded is not None:
+        # The same bytes, cut from the signed encoding ``[chain_id, .., body, signature]``:
+        # both are 6-element arrays, and the signature is always the last 66 bytes.
+        return _PAYLOAD_PREFIX + encoded[1:-_SIG_FIELD]
     validate_tx(tx, signed=False)
     return _pack([TX_DOMAIN, tx.chain_id, tx.sender, tx.nonce, _amount(tx.fee), _body_array(tx.body)])
 
@@ -187,7 +212,11 @@ def tx_hash(tx: Tx) -> bytes:
 
     Not a replay key: replay protection is the (sender, nonce) pair.
     """
-    return hashlib.sha256(encode_tx(tx)).digest()
+    cached: bytes | None = tx.__dict__.get(_HASH_CACHE)
+    if cached is None:
+        cached = hashlib.sha256(encode_tx(tx)).digest()
+        object.__setattr__(tx, _HASH_CACHE, cached)
+    return cached
 
 
 def encode_receipt(r: Receipt) -> bytes:
@@ -204,7 +233,10 @@ def receipt_signing_payload(r: Receipt) -> bytes:
 
 def encode_account(a: Account) -> bytes:
     """``[balance, nonce, stake, [[amount, release_height], ...]]``: hashed into the state hash."""
-    return _pack(
+    cached: bytes | None = a.__dict__.get(_CACHE)
+    if cached is not None:
+        return cached
+    data = _pack(
         [
             _amount(a.balance),
             a.nonce,
@@ -212,6 +244,8 @@ def encode_account(a: Account) -> bytes:
             [[_amount(amount), release] for amount, release in a.unbonding],
         ]
     )
+    object.__setattr__(a, _CACHE, data)
+    return data
 
 
 # ------------------------------------------------------------ decode

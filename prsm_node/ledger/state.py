@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from ..genesis import Genesis
 from . import statehash
-from .codec import validate_tx
+from .codec import is_validated, validate_tx
 from .exceptions import (
     AmountOutOfRange,
     BadNonce,
@@ -40,6 +40,10 @@ from .signing import verify_receipt_signature, verify_tx_signature
 from .types import ACCOUNT_SIZE, MAX_AMOUNT, MAX_NONCE, Account, Receipt, Settle, Stake, Transfer, Tx, Unstake
 
 EMPTY = Account()
+
+
+def _who(tx: Tx) -> str:
+    return f"tx from {tx.sender.hex()} nonce {tx.nonce}"
 
 
 def receipt_key(payer: bytes, receipt_id: bytes) -> bytes:
@@ -87,11 +91,11 @@ class _Work:
         a = self.get(key)
         if a.balance < amount:
             raise InsufficientFunds(f"account {key.hex()}: balance {a.balance} does not cover {why} {amount}")
-        self.put(key, dataclasses.replace(a, balance=a.balance - amount))
+        self.put(key, Account(a.balance - amount, a.nonce, a.stake, a.unbonding))
 
     def credit(self, key: bytes, amount: int) -> None:
         a = self.get(key)
-        self.put(key, dataclasses.replace(a, balance=a.balance + amount))
+        self.put(key, Account(a.balance + amount, a.nonce, a.stake, a.unbonding))
 
 
 class LedgerState:
@@ -134,8 +138,12 @@ class LedgerState:
         self._genesis_supply = held - minted if genesis_supply is None else genesis_supply
         if held > MAX_AMOUNT:
             raise SupplyViolation(f"accounts hold {held}, over 2**128-1")
+        self._held = held
         self.check_supply()  # before hashing: a negative amount has no encoding
         self._acc = statehash.from_scratch(self._accounts, self._settled)
+        # Accounts changed since the accumulator was last brought up to date, with their value
+        # then: the accumulator is updated once per account per block, not once per tx.
+        self._dirty: dict[bytes, Account] = {}
         self._due: dict[int, set[bytes]] = {}  # release height -> accounts with unbonding due then
         for key, a in self._accounts.items():
             self._index(key, a, add=True)
@@ -171,6 +179,7 @@ class LedgerState:
     @property
     def accumulator(self) -> int:
         """The raw 16384-bit set-hash accumulator (storage may persist it)."""
+        self._flush()
         return self._acc
 
     def account(self, key: bytes) -> Account:
@@ -195,16 +204,34 @@ class LedgerState:
         return bool(self._due)
 
     def state_hash(self) -> bytes:
-        """32 bytes binding chain id, height and every account and settled receipt. O(1)."""
+        """32 bytes binding chain id, height and every account and settled receipt.
+        O(accounts changed since the last call)."""
+        self._flush()
         return statehash.report(self.chain_id, self._height, self._acc)
 
     def recompute_state_hash(self) -> bytes:
         """The same hash computed from scratch over the whole state. O(accounts + receipts)."""
         return statehash.report(self.chain_id, self._height, statehash.from_scratch(self._accounts, self._settled))
 
+    def check_block_supply(self) -> None:
+        """The per-block supply check, O(accounts changed since the checkpoint): the running
+        total held (kept up to date by every change) equals genesis + minted, and no changed
+        account is negative anywhere. ``check_supply`` re-sums everything."""
+        if self._held != self.total_supply:
+            raise SupplyViolation(
+                f"accounts hold {self._held}, expected genesis supply {self._genesis_supply} + minted {self._minted}"
+            )
+        for key in self._journal_accounts:
+            a = self.account(key)
+            if min(a.balance, a.stake, *(x for x, _ in a.unbonding)) < 0:
+                raise SupplyViolation(f"negative balance, stake or unbonding in account {key.hex()}")
+
     def check_supply(self) -> None:
-        """Raise SupplyViolation unless sum(balance + stake + unbonding) == genesis + minted."""
+        """Raise SupplyViolation unless sum(balance + stake + unbonding) == genesis + minted
+        (and equals the running total that check_block_supply relies on). O(accounts)."""
         held = sum(a.total for a in self._accounts.values())
+        if held != self._held:
+            raise SupplyViolation(f"accounts hold {held}, the running total says {self._held}")
         if held != self.total_supply:
             raise SupplyViolation(
                 f"accounts hold {held}, expected genesis supply {self._genesis_supply} + minted {self._minted}"
@@ -258,6 +285,7 @@ class LedgerState:
 
     def changes(self) -> StateChanges:
         """Everything changed since the last checkpoint (or construction)."""
+        self._flush()
         return StateChanges(
             height=self._height,
             minted=self._minted,
@@ -296,37 +324,39 @@ class LedgerState:
         Cheap checks come first and signatures last, so junk costs no Ed25519 verify.
         """
         self._check_context(proposer, height)
-        validate_tx(tx)
+        if not is_validated(tx):
+            validate_tx(tx)
         sender, fee, body = tx.sender, tx.fee, tx.body
-        who = f"tx from {sender.hex()} nonce {tx.nonce}"
         if tx.chain_id != self.chain_id:
-            raise WrongChain(f"{who}: chain id {tx.chain_id!r}, this ledger is {self.chain_id!r}")
+            raise WrongChain(f"{_who(tx)}: chain id {tx.chain_id!r}, this ledger is {self.chain_id!r}")
         start = self.account(sender)
         if tx.nonce != start.nonce:
             raise BadNonce(sender, start.nonce, tx.nonce)
         if tx.nonce == MAX_NONCE:  # the next nonce would not fit a uint64
-            raise MalformedTx(f"{who}: account nonce space exhausted")
+            raise MalformedTx(f"{_who(tx)}: account nonce space exhausted")
         if fee < self.params.min_fee:
-            raise FeeTooLow(f"{who}: fee {fee} is below the minimum fee {self.params.min_fee}")
+            raise FeeTooLow(f"{_who(tx)}: fee {fee} is below the minimum fee {self.params.min_fee}")
+        if type(body) is Transfer:
+            return self._transfer(tx, body, start, proposer, verify), []
         work = _Work(self)
         receipts: list[Receipt] = []
         if isinstance(body, Transfer | Stake | Unstake):
             if body.amount <= 0:
-                raise AmountOutOfRange(f"{who}: {type(body).__name__.lower()} amount must be positive, got 0")
+                raise AmountOutOfRange(f"{_who(tx)}: {type(body).__name__.lower()} amount must be positive, got 0")
         if isinstance(body, Transfer | Stake):
             if start.balance < body.amount + fee:
                 raise InsufficientFunds(
-                    f"{who}: balance {start.balance} does not cover amount {body.amount} + fee {fee}"
+                    f"{_who(tx)}: balance {start.balance} does not cover amount {body.amount} + fee {fee}"
                 )
             work.debit(sender, body.amount, "amount")
             if isinstance(body, Transfer):
                 work.credit(body.to, body.amount)
             else:
                 s = work.get(sender)
-                work.put(sender, dataclasses.replace(s, stake=s.stake + body.amount))
+                work.put(sender, Account(s.balance, s.nonce, s.stake + body.amount, s.unbonding))
         elif isinstance(body, Unstake):
             if start.stake < body.amount:
-                raise InsufficientStake(f"{who}: stake {start.stake} does not cover unstake {body.amount}")
+                raise InsufficientStake(f"{_who(tx)}: stake {start.stake} does not cover unstake {body.amount}")
             release = height + self.params.unbonding_blocks
             entries = list(start.unbonding)
             if entries and entries[-1][1] == release:
@@ -335,20 +365,43 @@ class LedgerState:
                 entries.append((body.amount, release))
             work.put(sender, dataclasses.replace(start, stake=start.stake - body.amount, unbonding=tuple(entries)))
         else:
-            receipts = self._settle(work, tx, body, who)
+            receipts = self._settle(work, tx, body, _who(tx))
         # The fee is charged after the body, so a payee may pay a Settle's fee from what it settles.
         work.debit(sender, fee, "fee")
         work.credit(proposer, fee)
         s = work.get(sender)
-        work.put(sender, dataclasses.replace(s, nonce=s.nonce + 1))
+        work.put(sender, Account(s.balance, s.nonce + 1, s.stake, s.unbonding))
         if verify:
             if not verify_tx_signature(tx):
-                raise BadSignature(f"{who}: signature does not verify")
+                raise BadSignature(f"{_who(tx)}: signature does not verify")
             for r in receipts:
                 if not verify_receipt_signature(r):
                     rid, payer = r.receipt_id.hex(), r.payer.hex()
-                    raise BadSignature(f"{who}: receipt {rid} is not signed by its payer {payer}")
+                    raise BadSignature(f"{_who(tx)}: receipt {rid} is not signed by its payer {payer}")
         return work.touched, [receipt_key(r.payer, r.receipt_id) for r in receipts]
+
+    def _transfer(
+        self, tx: Tx, body: Transfer, start: Account, proposer: bytes, verify: bool
+    ) -> dict[bytes, Account]:
+        """The hot path of ``_execute`` for a transfer: the same rules and result (sender
+        debited amount + fee with its nonce advanced, recipient credited, proposer paid the fee;
+        any of them may be the same account), without the general bookkeeping."""
+        amount, fee, sender = body.amount, tx.fee, tx.sender
+        if amount <= 0:
+            raise AmountOutOfRange(f"{_who(tx)}: transfer amount must be positive, got 0")
+        if start.balance < amount + fee:
+            raise InsufficientFunds(
+                f"{_who(tx)}: balance {start.balance} does not cover amount {amount} + fee {fee}"
+            )
+        touched = {sender: Account(start.balance - amount - fee, start.nonce + 1, start.stake, start.unbonding)}
+        r = touched.get(body.to) or self.account(body.to)
+        touched[body.to] = Account(r.balance + amount, r.nonce, r.stake, r.unbonding)
+        if fee:
+            p = touched.get(proposer) or self.account(proposer)
+            touched[proposer] = Account(p.balance + fee, p.nonce, p.stake, p.unbonding)
+        if verify and not verify_tx_signature(tx):
+            raise BadSignature(f"{_who(tx)}: signature does not verify")
+        return touched
 
     def _settle(self, work: _Work, tx: Tx, body: Settle, who: str) -> list[Receipt]:
         seen: set[bytes] = set()
@@ -376,15 +429,25 @@ class LedgerState:
             return
         if journal and key not in self._journal_accounts:
             self._journal_accounts[key] = old
-        self._acc = (
-            self._acc - statehash.account_term(key, old) + statehash.account_term(key, new)
-        ) & statehash.ACC_MASK
+        if key not in self._dirty:
+            self._dirty[key] = old
+        self._held += new.total - old.total
         self._index(key, old, add=False)
         self._index(key, new, add=True)
         if new.is_empty:
             self._accounts.pop(key, None)
         else:
             self._accounts[key] = new
+
+    def _flush(self) -> None:
+        """Bring the accumulator up to date: each changed account's old term out, new term in."""
+        acc = self._acc
+        for key, before in self._dirty.items():
+            after = self._accounts.get(key, EMPTY)
+            if after != before:
+                acc += statehash.account_term(key, after) - statehash.account_term(key, before)
+        self._acc = acc & statehash.ACC_MASK
+        self._dirty.clear()
 
     def _settle_key(self, key: bytes) -> None:
         self._settled.add(key)
