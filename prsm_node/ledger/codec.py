@@ -175,7 +175,7 @@ _HASH_CACHE = "_hash"
 
 
 _SIG_FIELD = 2 + SIGNATURE_SIZE  # bin8 header + 64 bytes
-_PAYLOAD_PREFIX = b"\x96" + msgpack.packb(TX_DOMAIN)
+_PAYLOAD_PREFIX: bytes = b"\x96" + msgpack.packb(TX_DOMAIN)
 
 
 def is_validated(tx: Tx) -> bool:
