@@ -1,0 +1,442 @@
+"""The model runtime: loads models within a memory budget and serves batched inference.
+
+``ModelRuntime`` is a service: ``serve()`` owns one nursery with a batcher task per loaded
+model. A caller does ``await runtime.load(model_id, spec, weights)`` once, then any number of
+concurrent ``await runtime.run(model_id, inputs)``; requests for one model that arrive while
+its previous batch runs (or within ``max_batch_wait_s`` of the first) run together in one
+forward pass, up to ``max_batch_size`` items. Inference and loading run in worker threads
+(``trio.to_thread.run_sync``), one at a time per device, so the event loop never blocks.
+
+torch is imported only by the first ``load()``, in a worker thread: a node that runs no model
+never pays for it.
+
+Cancelling a caller of ``run()`` withdraws its request: if it was still queued it never runs;
+if its batch was already running, the batch finishes and that request's result is dropped.
+Memory is accounted, not measured: a model reserves its parameter bytes plus its family's
+working estimate for a full batch; a load that does not fit evicts idle models, least recently
+used first, and is refused if that is not enough.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import trio
+
+from .._trio import TaskStatus
+from ..exceptions import ConfigError
+from .exceptions import (
+    DeviceUnavailable,
+    InferenceFailed,
+    MemoryBudgetExceeded,
+    ModelAlreadyLoaded,
+    ModelNotLoaded,
+    ModelUnloaded,
+    RuntimeBusy,
+    RuntimeClosed,
+)
+from .inputs import ModelInput, RunResult, Usage, parse_input
+from .specs import FAMILY_TAGS, ModelSpec, parse_spec
+
+DEVICES = ("auto", "cpu", "cuda")
+WeightSource = str | Path | Sequence[str | Path]
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """The ``[agents]`` settings of the runtime."""
+
+    device: str = "auto"  # "auto": cuda when torch sees one, else cpu; "cpu" forces the CPU
+    memory_limit_bytes: int = 4 << 30
+    max_batch_size: int = 16  # items per forward pass: prompts, texts to embed, inputs to classify
+    max_batch_wait_s: float = 0.005  # how long a first request waits for company
+    max_queue: int = 1024  # queued requests per model before RuntimeBusy
+    torch_threads: int = 0  # intra-op CPU threads for torch; 0 leaves torch's default
+
+    @classmethod
+    def for_tests(cls) -> RuntimeConfig:
+        return cls(device="cpu", memory_limit_bytes=256 << 20, max_batch_wait_s=0.0, torch_threads=1)
+
+    def validate(self) -> None:
+        if self.device not in DEVICES:
+            raise ConfigError(f"[agents].device must be one of {list(DEVICES)}")
+        if self.memory_limit_bytes < 0:
+            raise ConfigError("[agents].memory_limit_bytes must be >= 0")
+        if not 1 <= self.max_batch_size <= 1024:
+            raise ConfigError("[agents].max_batch_size must be in [1, 1024]")
+        if not 0.0 <= self.max_batch_wait_s <= 10.0:
+            raise ConfigError("[agents].max_batch_wait_s must be in [0, 10]")
+        if self.max_queue < 1:
+            raise ConfigError("[agents].max_queue must be >= 1")
+        if not 0 <= self.torch_threads <= 256:
+            raise ConfigError("[agents].torch_threads must be in [0, 256]")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_id: str
+    family: str
+    tags: tuple[str, ...]
+    param_count: int
+    reserved_bytes: int
+    device: str
+
+
+@dataclass(frozen=True)
+class ModelStatistics:
+    model_id: str
+    family: str
+    reserved_bytes: int
+    queue_length: int
+    running: int
+    served: int
+    batches: int
+    last_used: int
+
+
+@dataclass(frozen=True)
+class RuntimeStatistics:
+    """What ``agents status`` shows. ``device`` is the configured one until a load resolves it."""
+
+    device: str
+    memory_limit_bytes: int
+    bytes_in_use: int
+    models: tuple[ModelStatistics, ...]
+    queue_length: int
+    tasks_served: int
+    tasks_cancelled: int
+    batches: int
+    evictions: int
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "models"}
+        d["models"] = [m.__dict__.copy() for m in self.models]
+        return d
+
+
+@dataclass(eq=False)
+class _Request:
+    input: ModelInput
+    done: trio.Event = field(default_factory=trio.Event)
+    result: RunResult | None = None
+    error: Exception | None = None
+    cancelled: bool = False
+
+
+@dataclass(eq=False)
+class _Model:
+    info: ModelInfo
+    spec: ModelSpec
+    module: Any
+    queue: deque[_Request] = field(default_factory=deque)
+    running: list[_Request] = field(default_factory=list)
+    wakeup: trio.Event = field(default_factory=trio.Event)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    stopped: trio.Event = field(default_factory=trio.Event)
+    closed_error: Exception | None = None
+    served: int = 0
+    batches: int = 0
+    last_used: int = 0
+
+    @property
+    def idle(self) -> bool:
+        return not self.queue and not self.running
+
+    def queued_items(self) -> int:
+        return sum(r.input.items for r in self.queue)
+
+
+def _resolve_device(wanted: str, torch_threads: int) -> str:
+    import torch  # the first import costs ~2 s: this runs in a worker thread
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    if wanted == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if wanted == "cuda":
+        raise DeviceUnavailable("[agents].device is 'cuda' but torch sees no CUDA device")
+    return "cpu"
+
+
+def _check(spec: ModelSpec, weights: WeightSource) -> list[Path]:
+    from .weights import check_files, weight_files
+
+    files = weight_files(weights)
+    check_files(spec, files)
+    return files
+
+
+def _load(spec: ModelSpec, files: list[Path], device: str) -> Any:
+    from .weights import load_module
+
+    return load_module(spec, files, device)
+
+
+def _run(spec: ModelSpec, module: Any, inputs: list[ModelInput], device: str) -> tuple[list[Any], float]:
+    import torch
+
+    from .architectures import run_batch
+
+    start = time.perf_counter()
+    results = run_batch(spec, module, inputs, torch.device(device))
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return results, (time.perf_counter() - start) * 1000.0
+
+
+class ModelRuntime:
+    """Loaded models and their batchers. Start it with ``nursery.start(runtime.serve)`` (or
+    ``open_runtime``); ``load``/``run``/``unload`` before that raise RuntimeClosed."""
+
+    def __init__(self, config: RuntimeConfig | None = None) -> None:
+        self.config = config or RuntimeConfig()
+        self.config.validate()
+        self._nursery: trio.Nursery | None = None
+        self._device: str | None = None
+        self._models: dict[str, _Model] = {}
+        self._loading: dict[str, int] = {}  # model id -> bytes reserved while it loads
+        self._device_limiter = trio.CapacityLimiter(1)
+        self._load_limiter = trio.CapacityLimiter(1)
+        self._tick = 0
+        self._served = 0
+        self._cancelled = 0
+        self._batches = 0
+        self._evictions = 0
+
+    # ------------------------------------------------------------ service
+
+    async def serve(self, *, task_status: TaskStatus[ModelRuntime] = trio.TASK_STATUS_IGNORED) -> NoReturn:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started(self)
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            self._models.clear()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _check_open(self) -> trio.Nursery:
+        if self._nursery is None:
+            raise RuntimeClosed("the model runtime is not running")
+        return self._nursery
+
+    @property
+    def device(self) -> str:
+        return self._device or self.config.device
+
+    # ------------------------------------------------------------ loading
+
+    def bytes_in_use(self) -> int:
+        return sum(m.info.reserved_bytes for m in self._models.values()) + sum(self._loading.values())
+
+    def loaded(self) -> list[ModelInfo]:
+        return [m.info for m in self._models.values()]
+
+    async def load(self, model_id: str, spec: object, weights: WeightSource) -> ModelInfo:
+        """Load a model from its spec and safetensors weights (a folder or a list of files).
+
+        Raises InvalidSpec, InvalidWeights, MemoryBudgetExceeded, ModelAlreadyLoaded,
+        DeviceUnavailable."""
+        nursery = self._check_open()
+        if model_id in self._models or model_id in self._loading:
+            raise ModelAlreadyLoaded(model_id)
+        parsed = parse_spec(spec)
+        need = parsed.param_bytes() + parsed.working_bytes(self.config.max_batch_size)
+        if need > self.config.memory_limit_bytes:
+            raise MemoryBudgetExceeded(need, self.config.memory_limit_bytes, self.config.memory_limit_bytes)
+        self._loading[model_id] = 0
+        try:
+            if self._device is None:
+                self._device = await trio.to_thread.run_sync(
+                    _resolve_device, self.config.device, self.config.torch_threads, limiter=self._load_limiter
+                )
+            device = self._device
+            # bad weights must not cost another model its place: check them before evicting
+            files = await trio.to_thread.run_sync(_check, parsed, weights, limiter=self._load_limiter)
+            self._make_room(need)
+            self._loading[model_id] = need
+            module = await trio.to_thread.run_sync(_load, parsed, files, device, limiter=self._load_limiter)
+        finally:
+            del self._loading[model_id]
+        if self._nursery is not nursery:
+            raise RuntimeClosed("the model runtime stopped while loading")
+        self._tick += 1
+        info = ModelInfo(model_id, parsed.family, FAMILY_TAGS[parsed.family], parsed.param_count(), need, device)
+        model = _Model(info=info, spec=parsed, module=module, last_used=self._tick)
+        self._models[model_id] = model
+        nursery.start_soon(self._batcher, model)
+        return info
+
+    def _make_room(self, need: int) -> None:
+        """Evict idle models, least recently used first, until ``need`` bytes fit; evict
+        nothing and raise if even evicting every idle model would not be enough."""
+        limit = self.config.memory_limit_bytes
+        free = limit - self.bytes_in_use()
+        idle = sorted((m for m in self._models.values() if m.idle), key=lambda m: m.last_used)
+        if need > free + sum(m.info.reserved_bytes for m in idle):
+            raise MemoryBudgetExceeded(need, free + sum(m.info.reserved_bytes for m in idle), limit)
+        for model in idle:
+            if need <= free:
+                break
+            free += model.info.reserved_bytes
+            self._evictions += 1
+            self._close(model, ModelUnloaded(f"{model.info.model_id} was evicted"))
+
+    def _close(self, model: _Model, error: Exception) -> None:
+        if self._models.get(model.info.model_id) is model:
+            del self._models[model.info.model_id]
+        model.closed_error = error
+        model.scope.cancel()
+
+    async def unload(self, model_id: str) -> None:
+        """Unload a model now (e.g. a circuit-breaker halt): its queued requests fail with
+        ModelUnloaded; a batch already running finishes and delivers. Returns once its batcher
+        has stopped, so the model is no longer running anything."""
+        model = self._models.get(model_id)
+        if model is None:
+            raise ModelNotLoaded(model_id)
+        self._close(model, ModelUnloaded(f"{model_id} was unloaded"))
+        await model.stopped.wait()
+
+    # ------------------------------------------------------------ inference
+
+    async def run(self, model_id: str, inputs: object) -> RunResult:
+        """Run one request; raises InvalidInput, ModelNotLoaded, RuntimeBusy, ModelUnloaded,
+        InferenceFailed. Cancelling the caller withdraws the request."""
+        self._check_open()
+        model = self._models.get(model_id)
+        if model is None:
+            raise ModelNotLoaded(model_id)
+        request = _Request(parse_input(model.spec, inputs))
+        if len(model.queue) >= self.config.max_queue:
+            raise RuntimeBusy(f"{model_id}: {len(model.queue)} requests queued")
+        self._tick += 1
+        model.last_used = self._tick
+        model.queue.append(request)
+        model.wakeup.set()
+        try:
+            await request.done.wait()
+        except trio.Cancelled:
+            request.cancelled = True
+            if request in model.queue:
+                model.queue.remove(request)
+            self._cancelled += 1
+            raise
+        if request.error is not None:
+            raise request.error
+        assert request.result is not None
+        return request.result
+
+    async def _wait_wakeup(self, model: _Model) -> None:
+        model.wakeup = trio.Event()
+        await model.wakeup.wait()
+
+    def _take_batch(self, model: _Model) -> list[_Request]:
+        """Queued requests in arrival order, up to max_batch_size items (at least one request)."""
+        batch: list[_Request] = []
+        items = 0
+        while model.queue:
+            size = model.queue[0].input.items
+            if batch and items + size > self.config.max_batch_size:
+                break
+            batch.append(model.queue.popleft())
+            items += size
+        return batch
+
+    async def _batcher(self, model: _Model) -> None:
+        cfg = self.config
+        try:
+            with model.scope:
+                while True:
+                    while not model.queue:
+                        await self._wait_wakeup(model)
+                    if cfg.max_batch_wait_s > 0:
+                        with trio.move_on_after(cfg.max_batch_wait_s):
+                            while model.queued_items() < cfg.max_batch_size:
+                                await self._wait_wakeup(model)
+                    model.running = self._take_batch(model)
+                    if model.running:
+                        await self._run_batch(model)
+                    model.running = []
+        finally:
+            error = model.closed_error or RuntimeClosed("the model runtime stopped")
+            for request in [*model.running, *model.queue]:
+                if not request.done.is_set():
+                    request.error = error
+                    request.done.set()
+            model.queue.clear()
+            model.running = []
+            model.module = None
+            model.stopped.set()
+
+    async def _run_batch(self, model: _Model) -> None:
+        batch = model.running
+        device = model.info.device
+        try:
+            results, wall_ms = await trio.to_thread.run_sync(
+                _run, model.spec, model.module, [r.input for r in batch], device, limiter=self._device_limiter
+            )
+        except Exception as e:  # torch's errors (device out of memory, ...): fail this batch only
+            for request in batch:
+                request.error = InferenceFailed(f"{model.info.model_id}: {type(e).__name__}: {e}")
+                request.done.set()
+            return
+        model.batches += 1
+        self._batches += 1
+        for request, (output, tokens_in, tokens_out) in zip(batch, results, strict=True):
+            if request.cancelled:
+                continue  # its caller is gone: the result is dropped
+            usage = Usage(tokens_in, tokens_out, round(wall_ms, 3), len(batch), device)
+            request.result = RunResult(output, usage)
+            model.served += 1
+            self._served += 1
+            request.done.set()
+
+    # ------------------------------------------------------------ status
+
+    def statistics(self) -> RuntimeStatistics:
+        models = tuple(
+            ModelStatistics(
+                model_id=m.info.model_id,
+                family=m.info.family,
+                reserved_bytes=m.info.reserved_bytes,
+                queue_length=len(m.queue),
+                running=len(m.running),
+                served=m.served,
+                batches=m.batches,
+                last_used=m.last_used,
+            )
+            for m in self._models.values()
+        )
+        return RuntimeStatistics(
+            device=self.device,
+            memory_limit_bytes=self.config.memory_limit_bytes,
+            bytes_in_use=self.bytes_in_use(),
+            models=models,
+            queue_length=sum(m.queue_length for m in models),
+            tasks_served=self._served,
+            tasks_cancelled=self._cancelled,
+            batches=self._batches,
+            evictions=self._evictions,
+        )
+
+
+@asynccontextmanager
+async def open_runtime(config: RuntimeConfig | None = None) -> AsyncIterator[ModelRuntime]:
+    """A running ModelRuntime for the duration of the block (tests, scripts, small tools)."""
+    runtime = ModelRuntime(config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(runtime.serve)
+        try:
+            yield runtime
+        finally:
+            nursery.cancel_scope.cancel()

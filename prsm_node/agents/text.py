@@ -1,0 +1,39 @@
+"""Text to numbers, in pure Python, shared by the runtime and the training script.
+
+Both must turn a text into exactly the same ids and features, or a model trained here would
+answer differently on another node; so the hashing is ``zlib.crc32`` (fixed, unsalted), never
+Python's ``hash()``.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+from .specs import N_SPECIAL, UNK_ID
+
+
+def encode_chars(vocab: str, text: str) -> list[int]:
+    """Character ids: ``vocab[i]`` is ``i + 2``; any other character is ``UNK_ID``."""
+    index = {c: i + N_SPECIAL for i, c in enumerate(vocab)}
+    return [index.get(c, UNK_ID) for c in text]
+
+
+def decode_chars(vocab: str, ids: list[int]) -> str:
+    """The inverse of encode_chars; padding and unknown ids decode to nothing."""
+    return "".join(vocab[i - N_SPECIAL] for i in ids if N_SPECIAL <= i < len(vocab) + N_SPECIAL)
+
+
+def ngram_features(text: str, dim: int, ngram_min: int, ngram_max: int) -> dict[int, float]:
+    """Hashed character n-gram features of a lower-cased text padded with one space each side:
+    bucket ``crc32(ngram) % dim`` counts each n-gram, then ``log1p`` and L2 normalisation.
+    Returns the non-zero buckets only."""
+    padded = f" {' '.join(text.lower().split())} "
+    counts: dict[int, float] = {}
+    for n in range(ngram_min, ngram_max + 1):
+        for i in range(len(padded) - n + 1):
+            bucket = zlib.crc32(padded[i : i + n].encode("utf-8")) % dim
+            counts[bucket] = counts.get(bucket, 0.0) + 1.0
+    feats = {k: math.log1p(v) for k, v in counts.items()}
+    norm = math.sqrt(sum(v * v for v in feats.values()))
+    return {k: v / norm for k, v in feats.items()} if norm else feats
