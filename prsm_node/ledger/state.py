@@ -432,8 +432,9 @@ class LedgerState:
         if key not in self._dirty:
             self._dirty[key] = old
         self._held += new.total - old.total
-        self._index(key, old, add=False)
-        self._index(key, new, add=True)
+        if old.unbonding or new.unbonding:
+            self._index(key, old, add=False)
+            self._index(key, new, add=True)
         if new.is_empty:
             self._accounts.pop(key, None)
         else:

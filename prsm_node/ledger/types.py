@@ -44,6 +44,8 @@ class Account:
     @property
     def total(self) -> int:
         """What this account holds in every form: balance + stake + unbonding."""
+        if not self.unbonding:
+            return self.balance + self.stake
         return self.balance + self.stake + sum(amount for amount, _ in self.unbonding)
 
 
