@@ -12,8 +12,11 @@ What the tests prove:
    ``senderRecord`` / ``signedRecord`` fields are skipped), a PRSM node finds the KadDHT peer by
    lookup, and a PRSM node whose only bootstrap peer is the KadDHT node joins the PRSM network
    through it.
-3. Not interoperable, by design: PRSM serves no records, so KadDHT's GET_PROVIDERS / GET_VALUE
-   get a stream reset (KadDHT reports "nothing found"), and both sides carry on.
+3. Provider records work both ways: KadDHT finds providers PRSM nodes announced (from its own
+   GET_PROVIDERS lookup through PRSM nodes, and from ADD_PROVIDER requests PRSM nodes sent it),
+   and PRSM nodes find providers KadDHT announced (its fire-and-forget ADD_PROVIDER is stored by
+   PRSM nodes, and its GET_PROVIDERS answers decode). Values of a namespace PRSM has not
+   registered (KadDHT's ``/pk/``) are not stored or served: KadDHT reports "nothing found".
 4. Negative control: KadDHT on its default ``/ipfs/kad/1.0.0`` connects (TCP, Noise and yamux are
    shared) but gets no answer from PRSM nodes, and they get none from it: protocol negotiation
    fails both ways, so the two networks never mix.
@@ -21,6 +24,7 @@ What the tests prove:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from collections.abc import AsyncIterator
@@ -281,22 +285,67 @@ async def test_prsm_nodes_use_kad_dht_as_a_peer(short_tmp: Path, kad_dht_on_prsm
                 assert {str(a) for a in info.addrs} == bare_addrs(carol.host)
 
 
-async def test_kad_dht_record_queries_get_nothing_from_prsm(short_tmp: Path, kad_dht_on_prsm_id: None) -> None:
-    """PRSM serves peer routing only: KadDHT's GET_PROVIDERS and GET_VALUE get a stream reset,
-    which KadDHT reads as 'nothing found'. Neither side breaks."""
+async def test_provider_records_work_both_ways_with_kad_dht(short_tmp: Path, kad_dht_on_prsm_id: None) -> None:
+    ours, early, theirs = (hashlib.sha256(name).digest() for name in (b"ours", b"early", b"theirs"))
     async with running_nodes(short_tmp, ["alice", "bob", "carol"]) as nodes:
         await network_of(nodes)
-        alice, carol = nodes["alice"], nodes["carol"]
+        alice, bob, carol = nodes["alice"], nodes["bob"], nodes["carol"]
+        assert alice.kad is not None and bob.kad is not None and carol.kad is not None
+        with trio.fail_after(10):
+            assert await bob.kad.provide(early) == 2  # before the foreign peer exists
         async with foreign_dht(DHTMode.SERVER) as (host, dht):
+            foreign = host.get_id()
             with trio.fail_after(10):
                 await connect(host, alice)
-                assert await dht.find_providers("6b6579") == []
+                await dht.peer_routing.find_closest_peers_network(foreign.to_bytes())
+                await carol.kad.wait_table_size(3)
+            assert foreign.to_bytes() in carol.kad.table
+
+            # PRSM -> KadDHT. It was never told about `early`: its GET_PROVIDERS lookup asks PRSM
+            # nodes. py-libp2p returns a provider once per peer that named it; we compare sets.
+            with trio.fail_after(10):
+                found = await dht.find_providers(early.hex())
+            assert {p.peer_id for p in found} == {bob.host.get_id()}
+            assert {str(strip_p2p(a)) for p in found for a in p.addrs} == bare_addrs(bob.host)
+            # and our ADD_PROVIDER reaches its store (it answers with an echo, as we require)
+            with trio.fail_after(10):
+                assert await carol.kad.provide(ours) == 3
+            stored = dht.provider_store.get_providers(ours)
+            assert [p.peer_id for p in stored] == [carol.host.get_id()]
+            with trio.fail_after(10):
+                assert {p.peer_id for p in await dht.find_providers(ours.hex())} == {carol.host.get_id()}
+
+            # KadDHT -> PRSM. Its ADD_PROVIDER is fire-and-forget (it reads no answer), so wait
+            # until the PRSM nodes have stored it.
+            with trio.fail_after(10):
+                assert await dht.provide(theirs.hex())
+                while not all(n.kad is not None and n.kad.local_providers(theirs) for n in nodes.values()):
+                    await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+            for node in (alice, bob, carol):
+                assert node.kad is not None
+                infos = node.kad.local_providers(theirs)
+                assert [i.peer_id for i in infos] == [foreign]
+                assert {str(a) for a in infos[0].addrs} == bare_addrs(host)  # its /p2p/ suffix stripped
+            # its GET_PROVIDERS answers decode (signedRecord skipped), itself listed once
+            with trio.fail_after(10):
+                resp = await bob.kad.request(foreign, m.KadMessage(type=m.MessageType.GET_PROVIDERS, key=theirs))
+            assert [ID(p.id) for p in resp.provider_peers] == [foreign]
+            # a PRSM node that joins now finds it through PRSM nodes and through KadDHT itself
+            async with extra_node(
+                short_tmp, "erin", [f"{a}/p2p/{alice.host.get_id()}" for a in bare_addrs(alice.host)]
+            ) as erin:
+                assert erin.kad is not None
+                with trio.fail_after(10):
+                    await erin.kad.wait_table_size(4)
+                    found = await erin.kad.find_providers(theirs)
+                assert [p.peer_id for p in found] == [foreign]
+                assert {str(a) for a in found[0].addrs} == bare_addrs(host)
+
+            # values of a namespace PRSM has not registered: not stored, not served
+            with trio.fail_after(10):
                 assert await dht.get_value("/pk/key") is None
-                # the same connection still serves kad, to it and to others
                 info = await dht.find_peer(carol.host.get_id())
-                assert info is not None and {str(strip_p2p(a)) for a in info.addrs} == bare_addrs(carol.host)
-                resp = await find_node(carol, alice.host.get_id(), host.get_id().to_bytes())
-            assert host.get_id() in {ID(p.id) for p in resp.closer_peers}
+            assert info is not None and {str(strip_p2p(a)) for a in info.addrs} == bare_addrs(carol.host)
 
 
 def negotiation_failed(exc: BaseException) -> bool:

@@ -100,7 +100,7 @@ async def test_bad_kad_input_leaves_the_node_serving(short_tmp: Path, caplog: py
                     await stream.close()
                 except Exception:
                     pass
-        # an unsupported message type gets a reset, not an answer
+        # a GET_VALUE whose key has no registered /namespace/ gets a reset, not an answer
         with trio.fail_after(5):
             stream = await _raw_stream(bob, alice)
             await write_frame(stream, m.encode(m.KadMessage(type=m.MessageType.GET_VALUE, key=b"k")))

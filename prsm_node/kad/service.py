@@ -2,14 +2,16 @@
 
 The service answers FIND_NODE and PING, runs iterative lookups, dials the bootstrap peers with
 backoff until one answers, refreshes stale buckets, and saves known peers so a restarted node
-redials them. See protocols/kad.md.
+redials them. It also keeps provider records (ADD_PROVIDER / GET_PROVIDERS: who serves a content
+key) and validated values (PUT_VALUE / GET_VALUE, per registered namespace); the stores are in
+providers.py and values.py. See protocols/kad.md.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import msgpack
@@ -28,7 +30,15 @@ from ..logs import kv
 from ..store import Namespace
 from ..wire import FrameError, guarded_handler, read_frame, write_frame
 from . import messages as m
+from .providers import (
+    MAX_PROVIDER_ADDRS,
+    MAX_PROVIDER_KEY_LEN,
+    PROVIDER_REPUBLISH_INTERVAL,
+    ProviderStore,
+    WriteLimiter,
+)
 from .routing import RoutingTable, kad_key, random_key_in_bucket
+from .values import InvalidRecord, Select, Validate, Validators, ValueNotFound, ValueStore, namespace_of
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +60,17 @@ FIND_PEER_LOOKUPS = 2
 FIRST_REFRESH_AFTER = 10.0
 # Consecutive failed requests before a peer leaves the routing table.
 EVICT_AFTER_FAILURES = 2
+# Expired provider records and values are swept this often (reads also skip expired ones).
+EXPIRE_INTERVAL = 60.0
+
+
+class RecordRefused(Exception):
+    """Raised when an ADD_PROVIDER or PUT_VALUE request is refused: the stream is reset.
+    ``forged`` marks a request no honest peer sends (a provider record for another peer)."""
+
+    def __init__(self, reason: str, *, forged: bool = False) -> None:
+        super().__init__(reason)
+        self.forged = forged
 
 
 def strip_p2p(addr: multiaddr.Multiaddr) -> multiaddr.Multiaddr:
@@ -86,6 +107,20 @@ class Kademlia:
         self._nursery: trio.Nursery | None = None
         self.lookups = 0
         self.requests_served = 0
+        self.providers = ProviderStore()
+        self.values = ValueStore()
+        self.validators = Validators()
+        self._write_limiter = WriteLimiter()
+        self._providing: dict[bytes, None] = {}  # our own provider records, in announce order
+        self._unannounced: set[bytes] = set()  # provided while no peer accepted them
+        self._own_values: dict[bytes, bytes] = {}
+        # Tests shorten this; config.toml [discovery] does not carry it yet.
+        self.republish_interval = PROVIDER_REPUBLISH_INTERVAL
+        self.provides = 0
+        self.provider_lookups = 0
+        self.value_lookups = 0
+        self.records_refused = 0
+        self.invalid_values_received = 0
 
     # ---- service ----------------------------------------------------------------------
 
@@ -99,6 +134,8 @@ class Kademlia:
                 nursery.start_soon(self._dial_bootstrap, addr)
             nursery.start_soon(self._refresh_loop)
             nursery.start_soon(self._save_loop)
+            nursery.start_soon(self._republish_loop)
+            nursery.start_soon(self._expire_loop)
             task_status.started()
             try:
                 await trio.sleep_forever()
@@ -157,6 +194,12 @@ class Kademlia:
                 await self.lookup(self.local_id.to_bytes())
             except DiscoveryError as exc:
                 log.debug("self lookup failed", extra=kv(error=str(exc)))
+                return
+        if self._unannounced and self._nursery is not None:
+            # Keys provided while we knew nobody: announce them now that we know somebody.
+            pending, self._unannounced = self._unannounced, set()
+            for key in pending:
+                self._nursery.start_soon(self._announce, key)
 
     async def _refresh_loop(self) -> None:
         """Self-lookups soon after start, then less and less often (a network that is still
@@ -194,6 +237,25 @@ class Kademlia:
             await trio.sleep(SAVE_INTERVAL)
             if self._dirty:
                 self.save_peers()
+
+    async def _republish_loop(self) -> None:
+        """Announce our provider records and put our values again before they expire elsewhere."""
+        while True:
+            await trio.sleep(self.republish_interval)
+            await self.republish()
+
+    async def republish(self) -> None:
+        """Announce every record we provide and put every value we put, once more."""
+        for key in list(self._providing):
+            await self._announce(key)
+        for key, value in list(self._own_values.items()):
+            await self._put_remote(key, value)
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await trio.sleep(EXPIRE_INTERVAL)
+            self.providers.expire()
+            self.values.expire()
 
     # ---- peers ------------------------------------------------------------------------
 
@@ -268,11 +330,12 @@ class Kademlia:
             unique.setdefault(str(bare), bare)
         return list(unique.values())
 
-    def _kad_peer(self, peer_id: ID) -> m.KadPeer:
+    def _kad_peer(self, peer_id: ID, addrs: list[multiaddr.Multiaddr] | None = None) -> m.KadPeer:
         connected = peer_id in self.host.get_network().connections
+        addrs = self.addrs_of(peer_id) if addrs is None else addrs
         return m.KadPeer(
             id=peer_id.to_bytes(),
-            addrs=tuple(a.to_bytes() for a in self.addrs_of(peer_id)[:MAX_ADDRS_PER_PEER]),
+            addrs=tuple(a.to_bytes() for a in addrs[:MAX_ADDRS_PER_PEER]),
             connection=m.ConnectionType.CONNECTED if connected else m.ConnectionType.NOT_CONNECTED,
         )
 
@@ -320,7 +383,18 @@ class Kademlia:
             except m.KadDecodeError as exc:
                 log.info("malformed kad request", extra=kv(peer=str(peer_id), error=str(exc)))
                 raise FrameError(f"malformed kad message: {exc}") from None
-            response = self._respond(peer_id, request)
+            try:
+                response = self._respond(peer_id, request)
+            except RecordRefused as exc:
+                self.records_refused += 1
+                log.info(
+                    "kad request refused",
+                    extra=kv(peer=str(peer_id), type=request.type.name, reason=str(exc)),
+                )
+                if exc.forged:
+                    self._failed(peer_id)
+                await stream.reset()
+                return
             if response is None:
                 log.debug("unsupported kad request", extra=kv(peer=str(peer_id), type=request.type.name))
                 await stream.reset()
@@ -332,21 +406,87 @@ class Kademlia:
             self._seen(peer_id, serves_kad=self._advertises_kad(peer_id))
 
     def _respond(self, requester: ID, request: m.KadMessage) -> m.KadMessage | None:
-        if request.type == m.MessageType.PING:
+        """The response to one request; RecordRefused if a record in it is refused."""
+        mtype = request.type
+        if mtype == m.MessageType.PING:
             return m.KadMessage(type=m.MessageType.PING)
-        if request.type == m.MessageType.FIND_NODE:
-            count = min(self.cfg.bucket_size, m.MAX_CLOSER_PEERS - 1)  # room for our own entry
-            closest = self.table.closest(kad_key(request.key), count, exclude=requester.to_bytes())
-            peers = [self._kad_peer(ID(raw)) for raw in closest]
-            target = _peer_id_or_none(request.key)
-            if target == self.local_id:
-                peers.insert(0, self._kad_peer_self())
+        if mtype == m.MessageType.FIND_NODE:
+            peers = self._closer_peers(requester, request.key)
+            if _peer_id_or_none(request.key) == self.local_id:
+                peers[:0] = [me for me in (self._kad_peer_self(),) if me.addrs]
+            return m.KadMessage(type=mtype, key=request.key, closer_peers=tuple(peers))
+        if mtype == m.MessageType.ADD_PROVIDER:
+            self._accept_provider(requester, request)
+            return m.KadMessage(type=mtype, key=request.key)  # an echo confirms the record was stored
+        if mtype == m.MessageType.GET_PROVIDERS:
+            if not 0 < len(request.key) <= MAX_PROVIDER_KEY_LEN:
+                raise RecordRefused(f"provider key of {len(request.key)} bytes")
+            providers = [self._kad_peer(i.peer_id, i.addrs) for i in self.local_providers(request.key) if i.addrs]
             return m.KadMessage(
-                type=m.MessageType.FIND_NODE,
+                type=mtype,
                 key=request.key,
-                closer_peers=tuple(p for p in peers if p.addrs),
+                closer_peers=tuple(self._closer_peers(requester, request.key)),
+                provider_peers=tuple(providers[: m.MAX_PROVIDER_PEERS]),
             )
-        return None  # provider and value records arrive with the shard exchange
+        if mtype == m.MessageType.PUT_VALUE:
+            self._accept_value(requester, request)
+            return request  # an echo confirms the value was stored
+        if mtype == m.MessageType.GET_VALUE:
+            try:  # a key outside any namespace can hold no value: the request is malformed
+                namespace_of(request.key)
+            except InvalidRecord as exc:
+                raise RecordRefused(str(exc)) from None
+            value = self.values.get(request.key)
+            return m.KadMessage(
+                type=mtype,
+                key=request.key,
+                record=None if value is None else m.Record(key=request.key, value=value),
+                closer_peers=tuple(self._closer_peers(requester, request.key)),
+            )
+        return None
+
+    def _closer_peers(self, requester: ID, key: bytes) -> list[m.KadPeer]:
+        """The table's min(k, 63) peers closest to ``key`` (room for our own entry), without the
+        requester, nearest first; peers with no known address are left out."""
+        count = min(self.cfg.bucket_size, m.MAX_CLOSER_PEERS - 1)
+        closest = self.table.closest(kad_key(key), count, exclude=requester.to_bytes())
+        peers = [self._kad_peer(ID(raw)) for raw in closest]
+        return [p for p in peers if p.addrs]
+
+    def _accept_provider(self, requester: ID, request: m.KadMessage) -> None:
+        """Store the requester as a provider of the key, or raise RecordRefused. A peer may
+        only announce itself: a record naming anyone else is refused as forged."""
+        key = request.key
+        if not 0 < len(key) <= MAX_PROVIDER_KEY_LEN:
+            raise RecordRefused(f"provider key of {len(key)} bytes")
+        if not request.provider_peers:
+            raise RecordRefused("no provider record")
+        if any(p.id != requester.to_bytes() for p in request.provider_peers):
+            raise RecordRefused("provider record for another peer", forged=True)
+        if not self._write_limiter.allow(requester.to_bytes()):
+            raise RecordRefused("too many records, too fast")
+        addrs = _parse_addrs(a for p in request.provider_peers for a in p.addrs) or self.addrs_of(requester)
+        if not addrs:
+            raise RecordRefused("no address to reach the provider")
+        self.providers.add(key, requester.to_bytes(), tuple(a.to_bytes() for a in addrs[:MAX_PROVIDER_ADDRS]))
+
+    def _accept_value(self, requester: ID, request: m.KadMessage) -> None:
+        """Store a value that its namespace's validator accepts and that is at least as good
+        as the one stored (by the namespace's select), or raise RecordRefused."""
+        record = request.record
+        if record is None or record.key != request.key:
+            raise RecordRefused("PUT_VALUE without a record for its key")
+        if not self._write_limiter.allow(requester.to_bytes()):
+            raise RecordRefused("too many records, too fast")
+        try:
+            self.validators.check(request.key, record.value)
+            stored = self.values.get(request.key)
+            if stored is not None and stored != record.value:
+                if self.validators.best(request.key, [record.value, stored]) != 0:
+                    raise RecordRefused("the stored value is better")
+        except InvalidRecord as exc:
+            raise RecordRefused(str(exc)) from None
+        self.values.put(request.key, record.value)
 
     def _kad_peer_self(self) -> m.KadPeer:
         addrs = tuple(strip_p2p(a).to_bytes() for a in self.host.get_addrs()[:MAX_ADDRS_PER_PEER])
@@ -379,6 +519,20 @@ class Kademlia:
     async def lookup(self, key: bytes, *, target: ID | None = None) -> LookupResult:
         """Iterative FIND_NODE: query the alpha closest unqueried peers until the k closest
         known peers have all answered (or failed). Stops early when ``target`` is reached."""
+        return await self._walk(key, m.MessageType.FIND_NODE, target=target)
+
+    async def _walk(
+        self,
+        key: bytes,
+        mtype: m.MessageType,
+        *,
+        target: ID | None = None,
+        on_response: Callable[[ID, m.KadMessage], None] | None = None,
+        done: Callable[[], bool] = lambda: False,
+    ) -> LookupResult:
+        """The iterative lookup behind FIND_NODE, GET_PROVIDERS and GET_VALUE: every answer's
+        closer peers become candidates, ``on_response`` sees each answer, and the walk stops
+        when the k closest candidates are all queried, ``target`` is found or ``done()``."""
         self.lookups += 1
         goal = kad_key(key)
         k = self.cfg.bucket_size
@@ -392,7 +546,7 @@ class Kademlia:
         async def ask(raw: bytes) -> None:
             peer_id = ID(raw)
             try:
-                response = await self.request(peer_id, m.KadMessage(type=m.MessageType.FIND_NODE, key=key))
+                response = await self.request(peer_id, m.KadMessage(type=mtype, key=key))
             except DiscoveryError:
                 return
             answered.add(raw)
@@ -403,8 +557,10 @@ class Kademlia:
                 candidates.setdefault(peer.id, kad_key(peer.id))
                 if target is not None and learned.peer_id == target and result.found is None:
                     result.found = learned
+            if on_response is not None:
+                on_response(peer_id, response)
 
-        while result.found is None:
+        while result.found is None and not done():
             nearest = sorted(candidates, key=lambda raw: candidates[raw] ^ goal)[:k]
             batch = [raw for raw in nearest if raw not in queried][: self.cfg.alpha]
             if not batch:
@@ -483,12 +639,203 @@ class Kademlia:
             log.debug("dial failed", extra=kv(peer=str(peer_id), error=repr(exc)))
             return False
 
+    # ---- provider records -------------------------------------------------------------
+
+    async def provide(self, key: bytes) -> int:
+        """Announce that we serve ``key``: store our own record, then send ADD_PROVIDER to the
+        k closest peers an iterative lookup of the key finds. Returns how many accepted it.
+        The record is announced again every ``republish_interval`` until stop_providing, and
+        at the next self-lookup if no peer accepted it now."""
+        if not 0 < len(key) <= MAX_PROVIDER_KEY_LEN:
+            raise ValueError(f"provider key must be 1 to {MAX_PROVIDER_KEY_LEN} bytes")
+        self._providing[key] = None
+        return await self._announce(key)
+
+    def stop_providing(self, key: bytes) -> None:
+        """Drop our own record of ``key`` and stop announcing it; remote copies expire."""
+        self._providing.pop(key, None)
+        self._unannounced.discard(key)
+
+    def local_providers(self, key: bytes) -> list[PeerInfo]:
+        """Providers of ``key`` known here, without asking anyone: ourselves first if we
+        provide it, then stored records, most recently announced first."""
+        infos: list[PeerInfo] = []
+        if key in self._providing:
+            infos.append(PeerInfo(self.local_id, [strip_p2p(a) for a in self.host.get_addrs()]))
+        for record in self.providers.get(key):
+            if record.peer_id != self.local_id.to_bytes():
+                infos.append(PeerInfo(ID(record.peer_id), _parse_addrs(record.addrs)))
+        return infos
+
+    async def find_providers(self, key: bytes, count: int = 20) -> list[PeerInfo]:
+        """Up to ``count`` distinct providers of ``key``: local records first, then an iterative
+        GET_PROVIDERS lookup that stops once ``count`` are known. Their addresses go to the
+        peerstore. A provider named by several peers is listed once, with all its addresses."""
+        self.provider_lookups += 1
+        found: dict[ID, list[multiaddr.Multiaddr]] = {}
+
+        def add(peer_id: ID, addrs: list[multiaddr.Multiaddr]) -> None:
+            known = found.setdefault(peer_id, [])
+            known += [a for a in addrs if a not in known][: MAX_ADDRS_PER_PEER - len(known)]
+
+        for info in self.local_providers(key):
+            add(info.peer_id, info.addrs)
+
+        def on_response(_: ID, response: m.KadMessage) -> None:
+            for peer in response.provider_peers:
+                peer_id = _peer_id_or_none(peer.id)
+                if peer_id is None or peer_id == self.local_id:
+                    continue
+                addrs = _parse_addrs(peer.addrs)
+                if addrs:
+                    self.host.get_peerstore().add_addrs(peer_id, addrs, LEARNED_ADDR_TTL)
+                addrs = addrs or self.addrs_of(peer_id)
+                if addrs and (peer_id in found or len(found) < count):
+                    add(peer_id, addrs)
+
+        if len(found) < count:
+            try:
+                await self._walk(
+                    key, m.MessageType.GET_PROVIDERS, on_response=on_response, done=lambda: len(found) >= count
+                )
+            except DiscoveryError as exc:  # an empty routing table: the local records are all
+                log.debug("provider lookup failed", extra=kv(error=str(exc)))
+        return [PeerInfo(peer_id, addrs) for peer_id, addrs in list(found.items())[:count]]
+
+    async def _announce(self, key: bytes) -> int:
+        if key not in self._providing:
+            return 0
+        self.provides += 1
+        request = m.KadMessage(type=m.MessageType.ADD_PROVIDER, key=key, provider_peers=(self._kad_peer_self(),))
+        accepted = await self._send_to_closest(key, request)
+        if not accepted and key in self._providing:
+            self._unannounced.add(key)
+        return accepted
+
+    async def _send_to_closest(self, key: bytes, request: m.KadMessage) -> int:
+        """Send ``request`` to the k closest peers of ``key`` at once; how many echoed it."""
+        try:
+            closest = (await self.lookup(key)).closest
+        except DiscoveryError as exc:
+            log.debug("no peers to store a record on", extra=kv(error=str(exc)))
+            return 0
+        accepted = 0
+
+        async def send(peer_id: ID) -> None:
+            nonlocal accepted
+            try:
+                await self.request(peer_id, request)
+                accepted += 1
+            except DiscoveryError as exc:
+                log.debug("record not stored", extra=kv(peer=str(peer_id), error=str(exc)))
+
+        async with trio.open_nursery() as nursery:
+            for peer_id in closest:
+                nursery.start_soon(send, peer_id)
+        return accepted
+
+    # ---- values -----------------------------------------------------------------------
+
+    def register_namespace(self, prefix: bytes, validate: Validate, select: Select) -> None:
+        """Accept, store and serve values whose key starts with ``prefix`` (``/name/``).
+        ``validate(key, value)`` raises on a bad value; ``select(key, values)`` returns the
+        index of the best. Values of unregistered namespaces are refused."""
+        self.validators.register(prefix, validate, select)
+
+    async def put_value(self, key: bytes, value: bytes) -> int:
+        """Store ``value`` here and on the k closest peers of ``key``; returns how many peers
+        accepted it. InvalidRecord if our own validator refuses it. Put again every
+        ``republish_interval`` while this node runs."""
+        self.validators.check(key, value)
+        self.values.put(key, value)
+        self._own_values[key] = value
+        return await self._put_remote(key, value)
+
+    async def _put_remote(self, key: bytes, value: bytes) -> int:
+        request = m.KadMessage(type=m.MessageType.PUT_VALUE, key=key, record=m.Record(key=key, value=value))
+        return await self._send_to_closest(key, request)
+
+    async def get_value(self, key: bytes, quorum: int = 1) -> bytes:
+        """The best valid value of ``key``: an iterative GET_VALUE that stops once ``quorum``
+        peers returned a valid value (or the k closest were asked), plus our own copy; the
+        namespace's select picks the best. Peers that returned an older value are sent the
+        best one. ValueNotFound if nobody has a valid value."""
+        self.validators.check_key(key)
+        self.value_lookups += 1
+        got: dict[ID, bytes] = {}
+
+        def on_response(peer_id: ID, response: m.KadMessage) -> None:
+            record = response.record
+            if record is None or not record.value:
+                return
+            try:
+                if record.key not in (b"", key):
+                    raise InvalidRecord("record for another key")
+                self.validators.check(key, record.value)
+            except InvalidRecord as exc:
+                self.invalid_values_received += 1
+                log.info("invalid value received", extra=kv(peer=str(peer_id), error=str(exc)))
+                return
+            got[peer_id] = record.value
+
+        try:
+            await self._walk(key, m.MessageType.GET_VALUE, on_response=on_response, done=lambda: len(got) >= quorum)
+        except DiscoveryError as exc:
+            log.debug("value lookup failed", extra=kv(error=str(exc)))
+        local = self.values.get(key)
+        values = list(got.values()) + ([local] if local is not None else [])
+        if not values:
+            raise ValueNotFound(f"no value for {key!r}")
+        best = values[self.validators.best(key, values)]
+        outdated = [peer_id for peer_id, value in got.items() if value != best]
+        if outdated and self._nursery is not None:
+            self._nursery.start_soon(self._correct, key, best, outdated)
+        if local is not None and local != best:
+            self.values.put(key, best)
+        return best
+
+    async def _correct(self, key: bytes, value: bytes, peers: list[ID]) -> None:
+        request = m.KadMessage(type=m.MessageType.PUT_VALUE, key=key, record=m.Record(key=key, value=value))
+        async with trio.open_nursery() as nursery:
+            for peer_id in peers:
+                nursery.start_soon(self._request_quietly, peer_id, request)
+
+    async def _request_quietly(self, peer_id: ID, request: m.KadMessage) -> None:
+        try:
+            await self.request(peer_id, request)
+        except DiscoveryError:
+            pass
+
     def statistics(self) -> dict[str, int]:
         return {
             "routing_table_size": len(self.table),
             "lookups": self.lookups,
             "requests_served": self.requests_served,
+            "provider_keys": self.providers.key_count(),
+            "provider_records": len(self.providers),
+            "providing": len(self._providing),
+            "provides": self.provides,
+            "provider_lookups": self.provider_lookups,
+            "values_stored": len(self.values),
+            "value_bytes": self.values.size_bytes,
+            "value_lookups": self.value_lookups,
+            "records_refused": self.records_refused,
+            "invalid_values_received": self.invalid_values_received,
         }
+
+
+def _parse_addrs(raw: Iterable[bytes]) -> list[multiaddr.Multiaddr]:
+    """Valid binary multiaddrs, /p2p/ stripped and deduplicated, at most MAX_ADDRS_PER_PEER."""
+    unique: dict[bytes, multiaddr.Multiaddr] = {}
+    for data in raw:
+        try:
+            addr = strip_p2p(multiaddr.Multiaddr(data))
+        except Exception:  # a bad address from a peer is its problem, not ours
+            continue
+        unique.setdefault(addr.to_bytes(), addr)
+        if len(unique) >= MAX_ADDRS_PER_PEER:
+            break
+    return list(unique.values())
 
 
 def _peer_id_or_none(raw: bytes) -> ID | None:
