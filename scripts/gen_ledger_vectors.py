@@ -7,6 +7,10 @@ the spec. Only the state sequence is run through prsm_node.ledger.LedgerState (t
 step's outcome). Keys come from fixed seeds and Ed25519 signatures are deterministic, so
 rerunning gives the same file.
 
+The block and certificate vectors follow "Blocks" and "Commit certificates": header, tx root,
+block hash, commit payload and certificate are all packed here from the spec; LedgerState
+only supplies the accounts after the block, whose state hash is again the spec formula.
+
     python scripts/gen_ledger_vectors.py            # rewrite the file
     python scripts/gen_ledger_vectors.py --check    # exit 1 if it is stale
 """
@@ -19,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import base58
 import msgpack
 import nacl.signing
 
@@ -26,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "protocols" / "ledger-vectors.json"
 sys.path.insert(0, str(ROOT))
 
-from prsm_node.genesis import Genesis  # noqa: E402
+from prsm_node.genesis import Genesis, Validator  # noqa: E402
 from prsm_node.ledger import LedgerState, TxRejected, decode_tx  # noqa: E402
 
 CHAIN = "prsm-vectors-1"
@@ -224,6 +229,147 @@ def state_sequence(txs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+# ------------------------------------------------------------ blocks and certificates
+
+BLOCK_TIME_MS = 1_700_000_000_000
+ZERO_HASH = bytes(32)
+
+
+def peer_id(name: str) -> str:
+    """The libp2p peer id of a key: base58 of the identity multihash of its protobuf PublicKey."""
+    public_key = bytes([0x08, 0x01, 0x12, 0x20]) + ACCT[name]
+    return base58.b58encode(bytes([0x00, len(public_key)]) + public_key).decode()
+
+
+def block_genesis() -> Genesis:
+    """The genesis of the block vector: dave is the single (development) validator."""
+    return Genesis(
+        chain_id=CHAIN,
+        network="vectors",
+        genesis_time=0,
+        validators=[Validator(account=ACCT["dave"].hex(), peer_id=peer_id("dave"))],
+        balances={ACCT["alice"].hex(): str(100 * FTNS), ACCT["bob"].hex(): str(50 * FTNS)},
+        params={"unbonding_blocks": 2, "min_fee": "0", "block_reward": str(2 * FTNS)},
+    )
+
+
+def commit_payload(height: int, block_hash: bytes) -> bytes:
+    return pack(["prsm-commit-v1", CHAIN, height, block_hash])
+
+
+def certificate(signers: list[str], validators: list[str], height: int, block_hash: bytes) -> dict[str, Any]:
+    payload = commit_payload(height, block_hash)
+    pairs = sorted((ACCT[n], KEYS[n].sign(payload).signature) for n in signers)
+    n = len(validators)
+    return {
+        "validators": [ACCT[v].hex() for v in validators],
+        "quorum": n - (n - 1) // 3,
+        "signers": [ACCT[s].hex() for s in sorted(signers, key=lambda s: ACCT[s])],
+        "commit_payload": payload.hex(),
+        "signatures": [[a.hex(), sig.hex()] for a, sig in pairs],
+        "hex": pack([[a, sig] for a, sig in pairs]).hex(),
+    }
+
+
+def block_vectors() -> dict[str, Any]:
+    """One block of two transfers on top of block_genesis(), its certificates, and defects."""
+    fee = FTNS // 1000
+    txs = [
+        tx(
+            "alice_to_bob",
+            "alice",
+            0,
+            fee,
+            {"kind": "transfer", "to": ACCT["bob"].hex(), "amount": str(10 * FTNS)},
+            [1, ACCT["bob"], amount(10 * FTNS)],
+        ),
+        tx(
+            "bob_to_carol",
+            "bob",
+            0,
+            0,
+            {"kind": "transfer", "to": ACCT["carol"].hex(), "amount": str(3 * FTNS // 2)},
+            [1, ACCT["carol"], amount(3 * FTNS // 2)],
+        ),
+    ]
+    encoded = [bytes.fromhex(t["hex"]) for t in txs]
+    root = hashlib.sha256(b"prsm-txroot-v1" + b"".join(hashlib.sha256(e).digest() for e in encoded)).digest()
+
+    # The state after the block: both txs with dave as proposer, then end_block(1).
+    genesis = block_genesis()
+    state = LedgerState.from_genesis(genesis)
+    for e in encoded:
+        state.apply(decode_tx(e), proposer=ACCT["dave"], height=1)
+    state.end_block(1, proposer=ACCT["dave"])
+    accounts = {k.hex(): account_json(a) for k, a in state.accounts()}
+    state_hash = spec_state_hash(1, accounts, [])
+    if state_hash != state.state_hash().hex():
+        raise SystemExit("prsm_node.ledger's state hash after the block disagrees with the spec formula")
+
+    fields = [CHAIN, 1, ZERO_HASH, BLOCK_TIME_MS, ACCT["dave"], root, len(encoded), bytes.fromhex(state_hash)]
+    header = pack(fields)
+    block_hash = hashlib.sha256(b"prsm-block-v1" + header).digest()
+
+    def block_hex(header_fields: list[Any], body: list[bytes]) -> str:
+        return pack([header_fields, body]).hex()
+
+    def replace(i: int, value: Any) -> list[Any]:
+        return [value if j == i else f for j, f in enumerate(fields)]
+
+    non_minimal = bytes.fromhex(block_hex(fields, encoded))
+    # height 1 as uint16 (cd 0001) instead of the positive fixint 01, right after the chain id
+    chain_str = pack(CHAIN)
+    at = 2 + len(chain_str)  # fixarray(2), fixarray(8), chain id
+    assert non_minimal[at] == 0x01
+    non_minimal = non_minimal[:at] + bytes.fromhex("cd0001") + non_minimal[at + 1 :]
+
+    undecodable, rejected = "LedgerDecodeError", "BlockRejected"
+    solo = certificate(["dave"], ["dave"], 1, block_hash)
+    four = ["alice", "bob", "carol", "dave"]
+    three_of_four = certificate(["carol", "alice", "dave"], four, 1, block_hash)
+    sig = bytes.fromhex(solo["signatures"][0][1])
+    pairs = sorted((ACCT[n], KEYS[n].sign(commit_payload(1, block_hash)).signature) for n in four)
+    return {
+        "genesis": genesis.to_json(),
+        "block": {
+            "txs": txs,
+            "header": {
+                "chain_id": CHAIN,
+                "height": 1,
+                "prev_hash": ZERO_HASH.hex(),
+                "time_ms": BLOCK_TIME_MS,
+                "proposer": ACCT["dave"].hex(),
+                "tx_root": root.hex(),
+                "tx_count": len(encoded),
+                "state_hash": state_hash,
+            },
+            "header_hex": header.hex(),
+            "hex": block_hex(fields, encoded),
+            "hash": block_hash.hex(),
+            "accounts_after": accounts,
+        },
+        "certificates": [{"name": "solo", **solo}, {"name": "three_of_four", **three_of_four}],
+        # Rejected by decode_block (LedgerDecodeError) or, decoded fine, by apply_block on the
+        # genesis state with prev_hash zero and prev_time_ms 0 (BlockRejected).
+        "invalid_blocks": [
+            {"name": "tx_count_mismatch", "hex": block_hex(replace(6, 3), encoded), "error": undecodable},
+            {"name": "tx_root_mismatch", "hex": block_hex(replace(5, bytes(32)), encoded), "error": undecodable},
+            {"name": "height_non_minimal_uint16", "hex": non_minimal.hex(), "error": undecodable},
+            {"name": "header_of_7", "hex": block_hex(fields[:7], encoded), "error": undecodable},
+            {"name": "wrong_state_hash", "hex": block_hex(replace(7, bytes(32)), encoded), "error": rejected},
+            {"name": "wrong_prev_hash", "hex": block_hex(replace(2, b"\x01" * 32), encoded), "error": rejected},
+            {"name": "height_2", "hex": block_hex(replace(1, 2), encoded), "error": rejected},
+            {"name": "wrong_chain", "hex": block_hex(replace(0, "prsm-vectors-2"), encoded), "error": rejected},
+        ],
+        "invalid_certificates": [
+            {"name": "empty", "hex": pack([]).hex()},
+            {"name": "descending", "hex": pack([[a, s] for a, s in reversed(pairs)]).hex()},
+            {"name": "duplicate_account", "hex": pack([[ACCT["dave"], sig], [ACCT["dave"], sig]]).hex()},
+            {"name": "short_signature", "hex": pack([[ACCT["dave"], sig[:63]]]).hex()},
+        ],
+    }
+
+
 def vectors() -> dict[str, Any]:
     txs, rcpt = transactions()
     return {
@@ -233,6 +379,7 @@ def vectors() -> dict[str, Any]:
         "receipt": rcpt,
         "invalid": invalid(txs),
         "state": state_sequence(txs),
+        "blocks": block_vectors(),
     }
 
 

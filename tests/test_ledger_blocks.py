@@ -294,3 +294,17 @@ def test_independent_stores_reach_the_same_state_hash(tmp_path_factory: pytest.T
         hashes.append((state.state_hash(), ledger.replay().state_hash()))
         store.close()
     assert hashes[0][0] == hashes[0][1] == hashes[1][0] == hashes[1][1]
+
+
+def test_make_block_stops_before_the_size_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A block never exceeds MAX_BLOCK_SIZE: what does not fit waits for the next block, and
+    the block still decodes."""
+    import prsm_node.ledger.block as block_mod
+
+    monkeypatch.setattr(block_mod, "MAX_BLOCK_SIZE", block_mod.BLOCK_OVERHEAD + 3 * 200)
+    state = LedgerState.from_genesis(genesis())
+    txs = [transfer(0, 1, 5, n) for n in range(10)]
+    block, included, dropped = make_block(state, txs, proposer=PROPOSER, prev_hash=ZERO_HASH, time_ms=1)
+    assert 1 <= len(included) < 10 and dropped == []
+    assert len(encode_block(block)) <= block_mod.MAX_BLOCK_SIZE
+    assert decode_block(encode_block(block))[1] == included

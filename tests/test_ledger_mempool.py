@@ -158,3 +158,15 @@ def test_pending_txs_always_apply_in_order(plan) -> None:  # type: ignore[no-unt
     assert dropped == [] and len(included) == len(pool)
     state.revert_to_checkpoint()
     assert state.state_hash() == before
+
+
+def test_eviction_never_takes_the_newcomers_own_last_tx() -> None:
+    """Evicting the submitting sender's own tail would leave a gap just before its new tx."""
+    pool = Mempool(fresh_state(), max_txs=2)
+    pool.add(tx(0, 0, fee=1))
+    pool.add(tx(1, 0, fee=5))
+    with pytest.raises(MempoolFull):
+        pool.add(tx(0, 1, fee=3))  # sender 0's own fee-1 tx is not a candidate; sender 1's costs more
+    pool.add(tx(0, 1, fee=6))  # evicts sender 1's tx
+    assert [p.tx.sender for p in pool.pending()] == [ACCTS[0], ACCTS[0]]
+    assert pool.next_nonce(ACCTS[0]) == 2

@@ -1,4 +1,5 @@
-"""protocols/ledger-vectors.json: the codec, signatures and state hash against the spec's bytes.
+"""protocols/ledger-vectors.json: the codec, signatures, state hash, blocks and commit
+certificates against the spec's bytes.
 
 scripts/gen_ledger_vectors.py builds the vector bytes with plain msgpack + pynacl from the
 spec (not with prsm_node.ledger.codec) and recomputes the final state hash from the spec's
@@ -17,6 +18,7 @@ import nacl.signing
 import pytest
 
 from prsm_node.genesis import Genesis
+from prsm_node.keys import NodeKey
 from prsm_node.ledger import (
     Account,
     LedgerState,
@@ -40,6 +42,22 @@ from prsm_node.ledger import (
     verify_tx_signature,
 )
 from prsm_node.ledger import exceptions as errors
+from prsm_node.ledger.block import (
+    ZERO_HASH,
+    Block,
+    BlockRejected,
+    Certificate,
+    apply_block,
+    commit_payload,
+    decode_block,
+    decode_certificate,
+    encode_block,
+    encode_certificate,
+    make_block,
+    sign_commit,
+    tx_root,
+    verify_certificate,
+)
 from prsm_node.ledger.types import Body
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,3 +161,101 @@ def test_vector_file_is_up_to_date() -> None:
     script = ROOT / "scripts" / "gen_ledger_vectors.py"
     proc = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+# ------------------------------------------------------------ blocks and certificates
+
+BLOCKS = VECTORS["blocks"]
+
+
+def _vector_block() -> tuple[Block, list[Tx]]:
+    return decode_block(bytes.fromhex(BLOCKS["block"]["hex"]))
+
+
+def test_block_vector_is_what_make_block_produces() -> None:
+    v = BLOCKS["block"]
+    genesis = Genesis.from_json(BLOCKS["genesis"], "vectors")
+    state = LedgerState.from_genesis(genesis)
+    txs = [decode_tx(bytes.fromhex(t["hex"])) for t in v["txs"]]
+    h = v["header"]
+    block, included, dropped = make_block(
+        state, txs, proposer=bytes.fromhex(h["proposer"]), prev_hash=ZERO_HASH, time_ms=h["time_ms"]
+    )
+    assert included == txs and dropped == []
+    assert block.header.fields() == [
+        h["chain_id"],
+        h["height"],
+        bytes.fromhex(h["prev_hash"]),
+        h["time_ms"],
+        bytes.fromhex(h["proposer"]),
+        bytes.fromhex(h["tx_root"]),
+        h["tx_count"],
+        bytes.fromhex(h["state_hash"]),
+    ]
+    assert tx_root([tx_hash(t) for t in txs]).hex() == h["tx_root"]
+    assert encode_block(block).hex() == v["hex"]
+    assert block.hash().hex() == v["hash"]
+    assert state.state_hash().hex() == h["state_hash"] == state.recompute_state_hash().hex()
+    assert {k.hex(): a for k, a in state.accounts()} == {
+        k: Account(int(a["balance"]), a["nonce"], int(a["stake"]), tuple((int(x), r) for x, r in a["unbonding"]))
+        for k, a in v["accounts_after"].items()
+    }
+
+
+def test_block_vector_decodes_and_applies() -> None:
+    v = BLOCKS["block"]
+    block, txs = _vector_block()
+    assert [encode_tx(t).hex() for t in txs] == [t["hex"] for t in v["txs"]]
+    assert encode_block(block).hex() == v["hex"] and block.hash().hex() == v["hash"]
+    state = LedgerState.from_genesis(Genesis.from_json(BLOCKS["genesis"], "vectors"))
+    apply_block(state, block, txs, prev_hash=ZERO_HASH, prev_time_ms=0)
+    assert state.height == 1 and state.state_hash().hex() == v["header"]["state_hash"]
+
+
+@pytest.mark.parametrize("v", BLOCKS["certificates"], ids=[v["name"] for v in BLOCKS["certificates"]])
+def test_certificate_vector(v: dict[str, Any]) -> None:
+    block, _ = _vector_block()
+    assert commit_payload(block.header.chain_id, block.height, block.hash()).hex() == v["commit_payload"]
+    by_account = {bytes(k.verify_key).hex(): k for k in KEYS.values()}
+    cert = Certificate(tuple(sign_commit(by_account[a], block) for a in v["signers"]))
+    assert [[a.hex(), s.hex()] for a, s in cert.signatures] == v["signatures"]
+    assert encode_certificate(cert).hex() == v["hex"]
+    assert decode_certificate(bytes.fromhex(v["hex"])) == cert
+    validators = frozenset(bytes.fromhex(a) for a in v["validators"])
+    n = len(validators)
+    assert v["quorum"] == n - (n - 1) // 3
+    verify_certificate(cert, block, validators, v["quorum"])
+    with pytest.raises(BlockRejected):
+        verify_certificate(cert, block, validators, len(cert.signatures) + 1)
+    other, _ = decode_block(bytes.fromhex(BLOCKS["invalid_blocks"][-1]["hex"]))  # another chain id
+    with pytest.raises(BlockRejected):
+        verify_certificate(cert, other, validators, v["quorum"])
+
+
+def test_genesis_validator_peer_id() -> None:
+    dave = next(k for k in VECTORS["keys"] if k["name"] == "dave")
+    (validator,) = BLOCKS["genesis"]["validators"]
+    assert validator["account"] == dave["account"]
+    assert validator["peer_id"] == NodeKey(bytes.fromhex(dave["seed"])).peer_id.to_base58()
+
+
+@pytest.mark.parametrize("v", BLOCKS["invalid_blocks"], ids=[v["name"] for v in BLOCKS["invalid_blocks"]])
+def test_invalid_block_vector(v: dict[str, str]) -> None:
+    data = bytes.fromhex(v["hex"])
+    if v["error"] == "LedgerDecodeError":
+        with pytest.raises(errors.LedgerDecodeError):
+            decode_block(data)
+        return
+    assert v["error"] == "BlockRejected"
+    block, txs = decode_block(data)
+    state = LedgerState.from_genesis(Genesis.from_json(BLOCKS["genesis"], "vectors"))
+    before = state.state_hash()
+    with pytest.raises(BlockRejected):
+        apply_block(state, block, txs, prev_hash=ZERO_HASH, prev_time_ms=0)
+    assert state.height == 0 and state.state_hash() == before and state.changes().accounts == {}
+
+
+@pytest.mark.parametrize("v", BLOCKS["invalid_certificates"], ids=[v["name"] for v in BLOCKS["invalid_certificates"]])
+def test_invalid_certificate_vector(v: dict[str, str]) -> None:
+    with pytest.raises(errors.LedgerDecodeError):
+        decode_certificate(bytes.fromhex(v["hex"]))

@@ -128,8 +128,13 @@ def decode_sync_request(data: bytes) -> GetBlocks:
 # ------------------------------------------------------------ replies
 
 
+def _cut(text: str, limit: int) -> str:
+    """At most ``limit`` UTF-8 bytes of ``text``, never splitting a character."""
+    return text.encode("utf-8")[:limit].decode("utf-8", "ignore")
+
+
 def encode_error(code: str, message: str) -> bytes:
-    return _pack([ERROR, code[:64], message[:MAX_ERROR_MESSAGE]])
+    return _pack([ERROR, _cut(code, 64), _cut(message, MAX_ERROR_MESSAGE)])
 
 
 def encode_submitted(tx_hash: bytes) -> bytes:

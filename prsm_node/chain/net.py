@@ -55,8 +55,10 @@ class ChainNet:
         self.host.set_stream_handler(SYNC, guarded_handler(m.SYNC_PROTOCOL, self._handle_sync))
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            if not self.chain.is_validator:
+            if not self.chain.solo:
+                # Followers, and validators until consensus produces blocks, follow the chain.
                 nursery.start_soon(self._sync_loop)
+            if not self.chain.is_validator:
                 nursery.start_soon(self._rebroadcast_loop)
             task_status.started()
             await trio.sleep_forever()
@@ -213,7 +215,8 @@ class ChainNet:
                     self.sync_errors += 1
                     log.warning("peer sent a bad block", extra=kv(peer=str(peer), error=str(exc)))
                     continue
-                break
+                if progressed:
+                    break  # else: a source that claims more blocks than it sends; try the next
             if progressed:
                 backoff = 0.5
             else:

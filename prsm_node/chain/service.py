@@ -212,6 +212,8 @@ class ChainService:
                     try:
                         block, txs = decode_block(block_bytes)
                         cert = decode_certificate(cert_bytes)
+                        if block.header.proposer not in self.validators:
+                            raise BlockRejected(f"block {block.height} was proposed by a non-validator")
                         verify_certificate(cert, block, self.validators, self.quorum)
                         bad = await self.verifier.first_invalid(txs)
                         if bad is not None:

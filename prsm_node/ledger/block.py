@@ -26,12 +26,16 @@ TX_ROOT_DOMAIN = b"prsm-txroot-v1"
 MAX_BLOCK_TXS = 4096
 MAX_BLOCK_SIZE = 8 * 1024 * 1024
 ZERO_HASH = bytes(HASH_SIZE)
+# Room for the header and array headers of an encoded block (the header is ~250 bytes).
+BLOCK_OVERHEAD = 1024
 
 
 class BlockRejected(LedgerError):
     """Raised when a block does not follow from the current state: wrong chain, height or
     parent, a tx root or count that does not match its txs, a tx that does not apply, or a
     resulting state hash other than the one its header commits. The state is unchanged."""
+
+    code = "block_rejected"
 
 
 @dataclass(frozen=True)
@@ -135,13 +139,18 @@ def make_block(
     height = state.height + 1
     included: list[Tx] = []
     dropped: list[tuple[Tx, TxRejected]] = []
+    size = BLOCK_OVERHEAD
     for tx in txs[:MAX_BLOCK_TXS]:
+        tx_size = len(encode_tx(tx)) + 5  # bin32 header
+        if size + tx_size > MAX_BLOCK_SIZE:
+            break  # the rest waits for the next block
         try:
             state.apply(tx, proposer=proposer, height=height, verify=False)
         except TxRejected as exc:
             dropped.append((tx, exc))
         else:
             included.append(tx)
+            size += tx_size
     state.end_block(height, proposer=proposer)
     encoded = tuple(encode_tx(tx) for tx in included)
     header = Header(

@@ -128,7 +128,7 @@ class Mempool:
                 raise BadSignature(f"tx from {tx.sender.hex()} nonce {tx.nonce}: signature does not verify")
         victim = None
         if len(self._txs) >= self.max_txs:
-            victim = self._eviction_candidate()
+            victim = self._eviction_candidate(exclude=tx.sender)
             if victim is None or victim.tx.fee >= tx.fee:
                 floor = victim.tx.fee if victim else 0
                 raise MempoolFull(f"the mempool holds {len(self._txs)} txs; only a fee above {floor} gets in now")
@@ -143,8 +143,9 @@ class Mempool:
 
     def _check_simple(self, tx: Tx, ahead: list[Tx]) -> None:
         """The rules of a transfer, stake or unstake against the committed account less what
-        the sender's pending txs spend (what they would credit is not counted): the same
-        verdict as ``state.check`` after the queue, at a fraction of its cost."""
+        the sender's pending txs spend, at a fraction of the cost of ``state.check`` after the
+        queue. What pending txs would credit the sender (a transfer to itself) is not counted,
+        so this may refuse a tx that would apply; it never admits one that would not."""
         account = self._state.account(tx.sender)
         who = f"tx from {tx.sender.hex()} nonce {tx.nonce}"
         if tx.nonce == MAX_NONCE:
@@ -189,8 +190,10 @@ class Mempool:
         finally:
             state.revert_to_checkpoint()
 
-    def _eviction_candidate(self) -> Pending | None:
-        tails = [self._txs[q[max(q)]] for q in self._by_sender.values() if q]
+    def _eviction_candidate(self, *, exclude: bytes) -> Pending | None:
+        """The cheapest tx that ends another sender's queue (the newcomer's own last tx would
+        leave a gap right before it)."""
+        tails = [self._txs[q[max(q)]] for s, q in self._by_sender.items() if q and s != exclude]
         return min(tails, key=lambda p: (p.tx.fee, -p.received), default=None)
 
     def _remove(self, digest: bytes) -> None:
