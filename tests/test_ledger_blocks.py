@@ -30,7 +30,7 @@ from prsm_node.ledger.block import (
     verify_certificate,
 )
 from prsm_node.ledger.exceptions import LedgerDecodeError
-from prsm_node.ledger.storage import LedgerStore
+from prsm_node.ledger.storage import LedgerStore, TxLocation
 from prsm_node.ledger.types import Tx
 from prsm_node.store import Store
 
@@ -225,7 +225,12 @@ def test_store_commit_load_replay_history(tmp_path: Path) -> None:
     assert ledger.replay().state_hash() == expected
     history = list(ledger.history(ACCTS[0], limit=10))
     assert [(w.height, w.index) for w, _ in history] == [(3, 1), (3, 0), (2, 0), (1, 0)]
-    assert [(w.height, w.index) for w, _ in ledger.history(ACCTS[0], limit=10, before=3)] == [(2, 0), (1, 0)]
+    older = ledger.history(ACCTS[0], limit=10, before=TxLocation(3, 0))
+    assert [(w.height, w.index) for w, _ in older] == [(2, 0), (1, 0)]
+    # Paging from the last entry of a page goes on inside the same block.
+    page = [(w.height, w.index) for w, _ in ledger.history(ACCTS[0], limit=10, before=TxLocation(3, 1))]
+    assert page == [(3, 0), (2, 0), (1, 0)]
+    assert list(ledger.history(ACCTS[0], limit=10, before=TxLocation(1, 0))) == []
     assert [w.height for w, _ in ledger.history(ACCTS[0], limit=1)] == [3]
     assert ledger.locate(tx_hash(batches[0][1])) is not None
     assert ledger.locate(b"\x00" * 32) is None

@@ -17,6 +17,7 @@ from ..exceptions import StoreError
 from ..ledger.block import Block
 from ..ledger.codec import decode_tx, tx_hash
 from ..ledger.exceptions import InvalidAmountString, LedgerDecodeError, LedgerError, TxRejected
+from ..ledger.storage import TxLocation
 from ..ledger.types import Account, Body, Settle, Stake, Transfer, Tx, Unstake, format_amount, parse_amount
 from .net import ChainNet
 from .service import ChainService
@@ -225,7 +226,11 @@ class LedgerMethods:
     async def history(self, params: dict[str, Any]) -> dict[str, Any]:
         key = parse_account(param(params, "account", str))
         limit = param(params, "limit", int, 50)
-        before = param(params, "before", int, 0) or None
+        before_height = param(params, "before", int, 0)
+        before_index = param(params, "before_index", int, 0)
+        if before_height < 0 or before_index < 0:
+            raise RequestError("invalid_params", "before and before_index must not be negative")
+        before = TxLocation(before_height, before_index) if before_height else None
         if not 1 <= limit <= MAX_HISTORY:
             raise RequestError("invalid_params", f"limit must be in [1, {MAX_HISTORY}]")
         entries = []

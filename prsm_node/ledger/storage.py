@@ -214,12 +214,20 @@ class LedgerStore:
             return None
         return TxLocation(int.from_bytes(where[:8], "big"), int.from_bytes(where[8:], "big"))
 
-    def history(self, account: bytes, *, limit: int, before: int | None = None) -> Iterator[tuple[TxLocation, bytes]]:
-        """The txs touching ``account``, newest first (``before``: only heights below it)."""
+    def history(
+        self, account: bytes, *, limit: int, before: TxLocation | None = None
+    ) -> Iterator[tuple[TxLocation, bytes]]:
+        """The txs touching ``account``, newest first; ``before``: only those strictly older
+        than that position (pass the last one of a page to get the next page)."""
         prefix = b"h/" + account
-        start = None if before is None else prefix + _h(before - 1) + b"\xff" * 4
-        if before is not None and before <= 1:
-            return
+        start = None
+        if before is not None:
+            if before.height == 0 or (before.height == 1 and before.index == 0):
+                return
+            if before.index == 0:
+                start = prefix + _h(before.height - 1) + b"\xff" * 4
+            else:
+                start = prefix + _h(before.height) + (before.index - 1).to_bytes(4, "big")
         for count, (key, digest) in enumerate(self._ns.scan(prefix, reverse=True, start=start)):
             if count >= limit:
                 return
