@@ -52,6 +52,14 @@ from .verifier import SignatureVerifier
 log = logging.getLogger(__name__)
 
 
+class _Verdict:
+    """The signature check of one block, filled in by the verifier."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.bad: int | None = None
+
+
 @dataclass(frozen=True)
 class Committed:
     height: int
@@ -201,47 +209,46 @@ class ChainService:
 
     async def apply_synced(self, items: list[tuple[bytes, bytes]]) -> int:
         """Check blocks fetched from a peer and apply them in order: each needs 2f+1 validator
-        signatures, and every tx is replayed here. Signatures of the next block are checked on
-        the worker thread while this one is applied and written. Returns the blocks applied;
-        raises BlockRejected or LedgerDecodeError at the first bad one (earlier ones stay)."""
-        send, receive = trio.open_memory_channel[tuple[Block, list[Tx], Certificate] | Exception](1)
-
-        async def check_ahead() -> None:
-            async with send:
-                for block_bytes, cert_bytes in items:
-                    try:
-                        block, txs = decode_block(block_bytes)
-                        cert = decode_certificate(cert_bytes)
-                        if block.header.proposer not in self.validators:
-                            raise BlockRejected(f"block {block.height} was proposed by a non-validator")
-                        verify_certificate(cert, block, self.validators, self.quorum)
-                        bad = await self.verifier.first_invalid(txs)
-                        if bad is not None:
-                            raise BlockRejected(f"block {block.height} tx {bad}: a signature does not verify")
-                    except (BlockRejected, LedgerDecodeError) as exc:
-                        await send.send(exc)
-                        return
-                    await send.send((block, txs, cert))
-
-        applied = 0
+        signatures, and every tx is replayed here. Each block's tx signatures are queued for
+        the verifier as soon as it is decoded, so the verifier works through later blocks
+        while earlier ones are applied and written. Returns the blocks applied; raises
+        BlockRejected or LedgerDecodeError at the first bad one (earlier ones stay)."""
+        checked: list[tuple[Block, list[Tx], Certificate, _Verdict]] = []
         error: Exception | None = None
+        applied = 0
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(check_ahead)
-            async with receive:
-                async for item in receive:
-                    if isinstance(item, Exception):
-                        error = item
-                        break
-                    try:
-                        await self._apply_checked(*item)
-                    except (BlockRejected, LedgerDecodeError) as exc:
-                        error = exc
-                        break
-                    applied += 1
-                nursery.cancel_scope.cancel()  # before the channel closes under check_ahead
+            for block_bytes, cert_bytes in items:
+                try:
+                    block, txs = decode_block(block_bytes)
+                    cert = decode_certificate(cert_bytes)
+                    if block.header.proposer not in self.validators:
+                        raise BlockRejected(f"block {block.height} was proposed by a non-validator")
+                    verify_certificate(cert, block, self.validators, self.quorum)
+                except (BlockRejected, LedgerDecodeError) as exc:
+                    error = exc
+                    break
+                verdict = _Verdict()
+                nursery.start_soon(self._check_signatures, txs, verdict)
+                checked.append((block, txs, cert, verdict))
+                await trio.lowlevel.checkpoint()  # let it queue at the verifier, in order
+            for block, txs, cert, verdict in checked:
+                await verdict.done.wait()
+                try:
+                    if verdict.bad is not None:
+                        raise BlockRejected(f"block {block.height} tx {verdict.bad}: a signature does not verify")
+                    await self._apply_checked(block, txs, cert)
+                except (BlockRejected, LedgerDecodeError) as exc:
+                    error = exc
+                    break
+                applied += 1
+            nursery.cancel_scope.cancel()
         if error is not None:
             raise error
         return applied
+
+    async def _check_signatures(self, txs: list[Tx], verdict: _Verdict) -> None:
+        verdict.bad = await self.verifier.first_invalid(txs)
+        verdict.done.set()
 
     async def _apply_checked(self, block: Block, txs: list[Tx], cert: Certificate) -> None:
         async with self._lock:

@@ -53,6 +53,7 @@ class SignatureVerifier:
         self._wake = trio.Event()
         self._use_process = use_process
         self._worker: _Worker | None = None
+        self._starting = trio.Lock()
         self.batches = 0
         self.verified = 0
         self.in_process = 0
@@ -106,9 +107,11 @@ class SignatureVerifier:
     async def _verify(self, triples: list[Triple]) -> list[bool]:
         if self._use_process and len(triples) >= PROCESS_MIN_BATCH:
             try:
-                if self._worker is None:
-                    self._worker = await _Worker.start()
-                results = await self._worker.verify(triples)
+                async with self._starting:
+                    if self._worker is None:
+                        self._worker = await _Worker.start()
+                    worker = self._worker
+                results = await worker.verify(triples)
                 self.in_process += len(triples)
                 return results
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, _WorkerError) as exc:
@@ -140,9 +143,9 @@ class _Worker:
         return cls(process)
 
     async def verify(self, triples: list[Triple]) -> list[bool]:
-        if self._broken:
-            raise _WorkerError("the worker was interrupted mid-request")
         async with self._lock:
+            if self._broken:
+                raise _WorkerError("the worker was interrupted mid-request")
             assert self._process.stdin is not None and self._process.stdout is not None
             body = msgpack.packb([list(t) for t in triples])
             self._broken = True  # until the whole answer is in
