@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -385,6 +386,166 @@ def ledger_verify(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
         typer.echo(f"{verdict}: replayed {result['height']} blocks, state hash {result['replayed_state_hash']}")
     if not result["ok"]:
         raise typer.Exit(1)
+
+
+# ---- model ----------------------------------------------------------------------------
+
+model_app = typer.Typer(help="Models: publish, fetch, list, inspect and remove shared models.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+POLL_INTERVAL = 0.25
+FETCH_END_STATES = ("done", "failed", "cancelled")
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _progress_line(p: dict[str, Any], width: int = 30) -> str:
+    total = p["bytes_total"] or 0
+    done = p["bytes_done"] or 0
+    frac = done / total if total else 0.0
+    filled = int(frac * width)
+    eta = f"ETA {p['eta_s']:.0f}s" if p.get("eta_s") is not None else ""
+    name = f"{p['name']}:{p['version']}" if p.get("name") else p["id"][:16]
+    return (f"{name} [{'#' * filled}{'.' * (width - filled)}] {frac * 100:5.1f}% "
+            f"{_bytes(done)}/{_bytes(total)} {p['rate_bps'] / 1e6:.1f} MB/s {eta} {p['state']}")
+
+
+@model_app.command("publish")
+def model_publish(
+    path: Annotated[Path, typer.Argument(help="A .safetensors file or a folder of them.")],
+    name: Annotated[str, typer.Option("--name", help="Model name, e.g. org/model.")],
+    version: Annotated[str, typer.Option("--version", help="Version, e.g. 1.0.0.")],
+    description: Annotated[str, typer.Option(help="Free text.")] = "",
+    license: Annotated[str, typer.Option("--license", help="SPDX license id.")] = "",
+    tags: Annotated[str, typer.Option(help="Capability tags, comma-separated (lm,embedding).")] = "",
+    metadata_json: Annotated[
+        Path | None, typer.Option("--metadata-json", help="A JSON file holding an object: the model's metadata.")
+    ] = None,
+    chunk_size: Annotated[int | None, typer.Option(help="Chunk size in bytes (a power of two).")] = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Chunk, sign and store a model, and announce this node as its provider."""
+    params: dict[str, Any] = {
+        "path": str(path.expanduser().resolve()),
+        "name": name,
+        "version": version,
+        "description": description,
+        "license": license,
+        "tags": [t.strip() for t in tags.split(",") if t.strip()],
+    }
+    if metadata_json is not None:
+        try:
+            metadata = json.loads(metadata_json.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            _fail(f"cannot read {metadata_json}: {exc}", 2)
+        if not isinstance(metadata, dict):
+            _fail(f"{metadata_json} must hold a JSON object", 2)
+        params["metadata"] = metadata
+    if chunk_size is not None:
+        params["chunk_size"] = chunk_size
+    result = _call(home, "model.publish", params, timeout=3600.0)
+    if as_json:
+        return _print_json(result)
+    typer.echo(f"published {result['name']}:{result['version']} {result['id']}")
+    typer.echo(f"  {len(result['files'])} files, {_bytes(result['total_size'])}, {result['chunks']} chunks")
+
+
+@model_app.command("fetch")
+def model_fetch(
+    ref: Annotated[str, typer.Argument(metavar="ID|NAME[:VERSION]", help="Manifest id or model name.")],
+    timeout: Annotated[float | None, typer.Option(help="Give up waiting after this many seconds.")] = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fetch a model from its providers (resumes an interrupted fetch); Ctrl-C cancels it."""
+    started = _call(home, "model.fetch", {"ref": ref, "wait": False}, timeout=120.0)
+    mid = started["id"]
+    deadline = time.monotonic() + timeout if timeout else None
+    progress = started
+    drawn = False
+    try:
+        while progress["state"] not in FETCH_END_STATES:
+            if deadline is not None and time.monotonic() > deadline:
+                _fail(f"fetch of {mid} still running after {timeout} s; `model fetch` again attaches to it")
+            time.sleep(POLL_INTERVAL)
+            progress = _call(home, "model.progress", {"id": mid})
+            if not as_json:
+                typer.echo("\r" + _progress_line(progress) + "\033[K", err=True, nl=False)
+                drawn = True
+    except KeyboardInterrupt:
+        try:
+            call(_home(home), "model.cancel", {"id": mid}, timeout=10.0)
+        except Exception:  # the daemon may be gone: nothing to cancel
+            pass
+        typer.echo("\ninterrupted: fetch cancelled; run the same command again to resume", err=True)
+        raise typer.Exit(130) from None
+    if drawn:
+        typer.echo("", err=True)
+    if progress["state"] != "done":
+        _fail(f"fetch {progress['state']}: {progress['error']}")
+    if as_json:
+        return _print_json(progress)
+    typer.echo(f"fetched {progress['name']}:{progress['version']} {mid}")
+    typer.echo(f"  {progress['chunks_fetched']} chunks fetched, {progress['chunks_present']} already here, "
+               f"from {sum(1 for p in progress['providers'] if p['chunks'])} providers")
+    typer.echo(f"  {progress['path']}")
+
+
+@model_app.command("ls")
+def model_ls(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Models stored on this node, complete or not."""
+    result = _call(home, "model.ls")
+    if as_json:
+        return _print_json(result)
+    if not result["models"]:
+        typer.echo("no models")
+    else:
+        rows = []
+        for m in result["models"]:
+            state = "complete" if m["complete"] else f"{m['chunks_present']}/{m['chunks']} chunks"
+            rows.append([m["id"][:16], m["name"], m["version"], _bytes(m["total_size"]),
+                         "fetching" if m["fetching"] else state])
+        _table(rows, ["ID", "NAME", "VERSION", "SIZE", "STATE"])
+    quota = f" of {_bytes(result['quota'])}" if result["quota"] is not None else ""
+    typer.echo(f"store: {_bytes(result['usage'])}{quota}")
+
+
+@model_app.command("info")
+def model_info(
+    model_id: Annotated[str, typer.Argument(metavar="ID", help="Manifest id (or a unique prefix).")],
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A stored model's manifest and local state."""
+    result = _call(home, "model.info", {"id": model_id})
+    if as_json:
+        return _print_json(result)
+    rows = [[k, str(result[k])] for k in ("id", "name", "version", "description", "license", "publisher",
+                                          "chunk_size", "chunks", "chunks_present", "complete", "path")]
+    rows += [["tags", ",".join(result["tags"])], ["size", _bytes(result["total_size"])]]
+    _table(rows, ["", ""])
+    typer.echo("")
+    _table([[f["path"], _bytes(f["size"]), str(f["tensors"])] for f in result["files"]], ["FILE", "SIZE", "TENSORS"])
+
+
+@model_app.command("rm")
+def model_rm(
+    model_id: Annotated[str, typer.Argument(metavar="ID", help="Manifest id (or a unique prefix).")],
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove a model: its manifest, assembled files, and chunks no other model shares."""
+    result = _call(home, "model.rm", {"id": model_id})
+    if as_json:
+        return _print_json(result)
+    typer.echo(f"removed {result['id']} ({_bytes(result['freed_bytes'])} freed)")
 
 
 def main() -> None:

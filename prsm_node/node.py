@@ -1,6 +1,7 @@
 """The daemon: one root nursery that starts every service in dependency order.
 
-store → host → discovery → chain (ledger, mempool, tx + sync protocols) → control (→ metrics).
+store → host → discovery → chain (ledger, mempool, tx + sync protocols) → shards (model exchange)
+→ control (→ metrics).
 Teardown runs in reverse, storage last: each service lives inside the context of the ones it needs.
 """
 
@@ -23,6 +24,7 @@ from .chain.service import ChainService
 from .config import Config
 from .control.server import AfterReply, ControlServer, RequestError, param
 from .exceptions import DiscoveryError, ListenError
+from .exchange import ModelMethods, ShardService
 from .genesis import Genesis
 from .home import Home
 from .host import build_host, listen_addrs
@@ -30,6 +32,7 @@ from .kad.service import Kademlia, strip_p2p
 from .keys import NodeKey
 from .logs import kv
 from .metrics import MetricsServer
+from .shards import ShardStore
 from .store import Store
 from .wire import TRAFFIC
 
@@ -78,6 +81,7 @@ class Node:
         self.kad: Kademlia | None = None
         self.chain: ChainService | None = None
         self.chain_net: ChainNet | None = None
+        self.shards: ShardService | None = None
         self.control = ControlServer(home.control_socket, cfg.control.max_request_bytes)
         self.metrics: MetricsServer | None = None
         self._cancel = trio.CancelScope()
@@ -128,8 +132,12 @@ class Node:
             await nursery.start(self.chain.run)
             self.chain_net = ChainNet(self.host, self.kad, self.chain)
             await nursery.start(self.chain_net.run)
+            shard_store = await trio.to_thread.run_sync(ShardStore, self.home.data_dir)
+            self.shards = ShardService(self.host, self.kad, shard_store, self.key, self.home.path / "models")
+            await nursery.start(self.shards.run)
             self._register_methods()
             LedgerMethods(self.chain, self.chain_net).register(self.control)
+            ModelMethods(self.shards).register(self.control)
             await nursery.start(self.control.run)
             if self.cfg.metrics.enabled:
                 self.metrics = MetricsServer(self.cfg.metrics.listen, self._gauges())

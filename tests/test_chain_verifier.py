@@ -30,15 +30,27 @@ def txs(count: int, bad: set[int]) -> list[Tx]:
 
 
 async def test_large_batches_go_to_the_worker_process_and_agree() -> None:
-    batch = txs(PROCESS_MIN_BATCH + 40, bad={3, 150, PROCESS_MIN_BATCH + 39})
+    size = 4 * PROCESS_MIN_BATCH + 40
+    middle = 2 * PROCESS_MIN_BATCH
+    batch = txs(size, bad={3, middle, size - 1})
     verifier = SignatureVerifier()
     async with trio.open_nursery() as nursery:
         await nursery.start(verifier.run)
         with trio.fail_after(30):
             assert await verifier.first_invalid(batch) == 3
-            assert await verifier.first_invalid(batch[4:]) == 146
-            assert await verifier.first_invalid(batch[151:]) == len(batch) - 152
-            assert verifier.in_process >= 3 * PROCESS_MIN_BATCH // 2
+            assert await verifier.first_invalid(batch[4:]) == middle - 4
+            assert await verifier.first_invalid(batch[middle + 1 :]) == size - middle - 2
+            assert verifier.in_process >= 3 * PROCESS_MIN_BATCH
+            # Several large batches in flight at once come back each to its own caller.
+            results: dict[int, int | None] = {}
+
+            async def check(start: int) -> None:
+                results[start] = await verifier.first_invalid(batch[start:])
+
+            async with trio.open_nursery() as inner:
+                for start in (0, 4, middle + 1, 10, middle - 1):
+                    inner.start_soon(check, start)
+            assert results == {0: 3, 4: middle - 4, middle + 1: size - middle - 2, 10: middle - 10, middle - 1: 1}
             # One by one through the queue: small batches, checked in a thread.
             assert [await verifier.verify(t) for t in batch[:5]] == [True, True, True, False, True]
         # A settlement whose receipt is forged fails as a whole.

@@ -13,6 +13,7 @@ call takes every queued tx at once.
 
 from __future__ import annotations
 
+import collections
 import logging
 import subprocess
 import sys
@@ -28,9 +29,9 @@ from ..logs import kv
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 4096
-# Batches this large (in signatures) go to the worker process; smaller ones to a thread,
+# Batches this large (in signatures; ~4 ms of checks) go to the worker process; smaller ones to a thread,
 # where the hand-off costs less than the checks.
-PROCESS_MIN_BATCH = 256
+PROCESS_MIN_BATCH = 64
 
 
 def signatures_valid(tx: Tx) -> bool:
@@ -54,26 +55,34 @@ class SignatureVerifier:
         self._use_process = use_process
         self._worker: _Worker | None = None
         self._starting = trio.Lock()
+        self._nursery: trio.Nursery | None = None
         self.batches = 0
         self.verified = 0
         self.in_process = 0
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
         try:
-            while True:
-                await self._wake.wait()
-                self._wake = trio.Event()
-                while self._queue:
-                    batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-                    results = await self._check([r.tx for r in batch])
-                    for request, ok in zip(batch, results, strict=True):
-                        request.ok = ok
-                        request.done.set()
-                    self.batches += 1
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                while True:
+                    await self._wake.wait()
+                    self._wake = trio.Event()
+                    while self._queue:
+                        # One batch at a time: submissions that arrive meanwhile make the next
+                        # batch larger, which is what keeps the per-batch overhead small.
+                        batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                        await self._answer(batch)
         finally:
             with trio.CancelScope(shield=True):
                 await self.aclose()
+
+    async def _answer(self, batch: list[_Request]) -> None:
+        results = await self._check([r.tx for r in batch])
+        for request, ok in zip(batch, results, strict=True):
+            request.ok = ok
+            request.done.set()
+        self.batches += 1
 
     async def aclose(self) -> None:
         worker, self._worker = self._worker, None
@@ -105,18 +114,19 @@ class SignatureVerifier:
         return out
 
     async def _verify(self, triples: list[Triple]) -> list[bool]:
-        if self._use_process and len(triples) >= PROCESS_MIN_BATCH:
+        if self._use_process and self._nursery is not None and len(triples) >= PROCESS_MIN_BATCH:
             try:
                 async with self._starting:
-                    if self._worker is None:
-                        self._worker = await _Worker.start()
+                    if self._worker is None or self._worker.failed:
+                        await self.aclose()  # reap a failed one
+                        self._worker = await _Worker.start(self._nursery)
                     worker = self._worker
                 results = await worker.verify(triples)
                 self.in_process += len(triples)
                 return results
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, _WorkerError) as exc:
+                # The next large batch starts a new worker; this one is checked in a thread.
                 log.warning("verifier process failed; checking signatures in a thread", extra=kv(error=repr(exc)))
-                await self.aclose()
         return await trio.to_thread.run_sync(verify_triples, triples)
 
 
@@ -124,38 +134,82 @@ class _WorkerError(Exception):
     """Raised when the worker process answers out of protocol or exits."""
 
 
+class _Pending:
+    __slots__ = ("count", "done", "results", "error")
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.done = trio.Event()
+        self.results: list[bool] = []
+        self.error: str | None = None
+
+
 class _Worker:
-    """One ``verify_worker`` process; one request at a time. A request interrupted halfway
-    (cancelled) leaves the pipe out of step, so the worker is then killed and replaced."""
+    """One ``verify_worker`` process. Requests are pipelined: each is written as soon as it
+    comes (the worker reads the next while it checks this one), and a reader task hands the
+    answers back in order, so the worker never waits for the event loop between requests.
+    A request cut off halfway (cancelled while being written) puts the pipe out of step:
+    the worker is then failed, and its callers fall back to a thread."""
 
     def __init__(self, process: trio.Process) -> None:
         self._process = process
-        self._lock = trio.Lock()
-        self._broken = False
+        self._send_lock = trio.Lock()
+        self._pending: collections.deque[_Pending] = collections.deque()
+        self._failed: str | None = None
 
     @classmethod
-    async def start(cls) -> _Worker:
+    async def start(cls, nursery: trio.Nursery) -> _Worker:
         process = await trio.lowlevel.open_process(
             [sys.executable, "-m", "prsm_node.ledger.verify_worker"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
-        return cls(process)
+        worker = cls(process)
+        nursery.start_soon(worker._read_answers)
+        return worker
+
+    @property
+    def failed(self) -> bool:
+        return self._failed is not None
 
     async def verify(self, triples: list[Triple]) -> list[bool]:
-        async with self._lock:
-            if self._broken:
-                raise _WorkerError("the worker was interrupted mid-request")
-            assert self._process.stdin is not None and self._process.stdout is not None
-            body = msgpack.packb([list(t) for t in triples])
-            self._broken = True  # until the whole answer is in
-            await self._process.stdin.send_all(len(body).to_bytes(4, "big") + body)
-            size = int.from_bytes(await self._read(4), "big")
-            if size != len(triples):
-                raise _WorkerError(f"the worker answered {size} results for {len(triples)} checks")
-            answer = await self._read(size)
-            self._broken = False
-            return [b == 1 for b in answer]
+        assert self._process.stdin is not None
+        body = msgpack.packb([list(t) for t in triples])
+        entry = _Pending(len(triples))
+        async with self._send_lock:
+            if self._failed is not None:
+                raise _WorkerError(self._failed)
+            self._pending.append(entry)
+            try:
+                await self._process.stdin.send_all(len(body).to_bytes(4, "big") + body)
+            except BaseException as exc:
+                self._fail(f"writing a request failed: {exc!r}")
+                raise
+        await entry.done.wait()
+        if entry.error is not None:
+            raise _WorkerError(entry.error)
+        return entry.results
+
+    async def _read_answers(self) -> None:
+        try:
+            while True:
+                size = int.from_bytes(await self._read(4), "big")
+                if not self._pending or size != self._pending[0].count:
+                    raise _WorkerError(f"the worker answered {size} results out of turn")
+                answer = await self._read(size)
+                entry = self._pending.popleft()
+                entry.results = [b == 1 for b in answer]
+                entry.done.set()
+        except (_WorkerError, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._fail(str(exc))
+
+    def _fail(self, why: str) -> None:
+        if self._failed is None:
+            self._failed = why
+        while self._pending:
+            entry = self._pending.popleft()
+            entry.error = self._failed
+            entry.done.set()
 
     async def _read(self, n: int) -> bytes:
         assert self._process.stdout is not None
@@ -171,6 +225,7 @@ class _Worker:
         """Close its stdin (it exits at end of input) and reap it; kill it if it lingers."""
         process = self._process
         assert process.stdin is not None and process.stdout is not None
+        self._fail("the verifier is closing")
         await process.stdin.aclose()
         with trio.move_on_after(2) as waited:
             await process.wait()

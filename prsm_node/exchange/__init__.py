@@ -1,0 +1,34 @@
+"""The model exchange: the ``/prsm/shard/1.0.0`` service, publishing, parallel verified fetches,
+signed name records, and the ``model.*`` control methods. Built on the pure core in
+prsm_node.shards; the rules are in protocols/shard.md ("Service behaviour")."""
+
+from __future__ import annotations
+
+from .control import ModelMethods
+from .exceptions import (
+    ExchangeError,
+    FetchBusy,
+    FetchFailed,
+    NameNotFound,
+    NoProviders,
+    ProtocolViolation,
+    RemoteError,
+    Unreachable,
+)
+from .fetch import Fetch, FetchParams
+from .service import ShardService
+
+__all__ = [
+    "ExchangeError",
+    "Fetch",
+    "FetchBusy",
+    "FetchFailed",
+    "FetchParams",
+    "ModelMethods",
+    "NameNotFound",
+    "NoProviders",
+    "ProtocolViolation",
+    "RemoteError",
+    "ShardService",
+    "Unreachable",
+]

@@ -1,0 +1,548 @@
+"""One model fetch: resolve the manifest, ask providers HAVE, pull the missing chunks from
+several providers at once, verify and store each, assemble the files.
+
+Scheduling is work stealing over one shared queue of missing chunk indices (rarest first, then
+in order; requeued chunks first): every provider runs ``streams_per_peer`` workers, each with
+its own reused stream, and each worker takes the next batch its provider holds. A fast provider
+comes back for work sooner and so takes more; batches shrink near the end so no provider sits
+on a large tail. A provider is penalised for a chunk that fails verification, a transfer that
+breaks, or an ``internal`` error, and dropped after ``max_failures``; one that breaks the
+protocol, answers ``not_found``/``halted``, or cannot be reached is dropped at once. Whatever a
+provider held in flight when it failed goes back to the queue. A provider whose rate falls far
+below the best (``slow_factor``) is marked slow and only gets chunks nobody else holds.
+
+Resume is a property of the store: the chunks a fetch needs are those ``store.missing()``
+reports when it starts, so a fetch restarted after a cancel or a daemon restart never asks for
+a chunk already verified and stored. ``chunks_present`` and ``chunks_fetched`` show the split.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+from libp2p.abc import IHost
+from libp2p.exceptions import BaseLibp2pError
+from libp2p.peer.id import ID
+
+from ..logs import kv
+from ..shards import (
+    MAX_CHUNKS_PER_REQUEST,
+    ChunkHashMismatch,
+    ErrorCode,
+    Manifest,
+    ShardError,
+    ShardStore,
+)
+from ..shards import Chunk as ChunkMsg
+from ..wire import FrameError
+from .client import ShardStream
+from .exceptions import FetchFailed, NoProviders, ProtocolViolation, RemoteError, Unreachable
+from .providers import Providers
+
+log = logging.getLogger(__name__)
+
+# What a broken transfer raises: the stream or connection died, a frame was cut or too slow.
+PEER_ERRORS = (BaseLibp2pError, FrameError, trio.TooSlowError, OSError, trio.BrokenResourceError,
+               trio.ClosedResourceError)
+MAX_REDISCOVERIES = 3
+
+
+@dataclass
+class FetchParams:
+    parallel_peers: int = 4  # FETCH_PARALLEL_PEERS
+    streams_per_peer: int = 2  # at most MAX_STREAMS_PER_PEER (4)
+    max_batch: int = MAX_CHUNKS_PER_REQUEST
+    max_request_bytes: int = 16 << 20  # chunks asked in one GET_CHUNKS, in bytes
+    open_timeout: float = 10.0
+    response_timeout: float = 30.0  # RESPONSE_TIMEOUT, per frame
+    max_failures: int = 3
+    slow_factor: float = 0.2  # slower than this fraction of the best provider's rate: slow
+    slow_min_chunks: int = 8  # chunks a provider must have delivered before it is judged
+    busy_backoff: float = 1.0
+    busy_backoff_max: float = 60.0
+    store_flush_bytes: int = 1 << 20  # received chunks are stored in one thread call per this much
+
+
+@dataclass
+class Provider:
+    peer: ID
+    have: set[int]
+    spare: ShardStream | None = None  # the stream HAVE went over, for the first worker
+    chunks: int = 0
+    bytes: int = 0
+    busy: float = 0.0  # seconds spent in GET_CHUNKS exchanges, summed over its streams
+    failures: int = 0
+    bad_chunks: int = 0
+    dropped: str | None = None
+    slow: bool = False
+    active: bool = False
+    backoff: float = 0.0
+    resume_at: float = 0.0
+
+    def rate(self) -> float:
+        return self.bytes / self.busy if self.busy > 0 else 0.0
+
+    def json(self) -> dict[str, Any]:
+        return {
+            "peer_id": str(self.peer),
+            "chunks": self.chunks,
+            "bytes": self.bytes,
+            "rate_bps": round(self.rate()),
+            "failures": self.failures,
+            "bad_chunks": self.bad_chunks,
+            "slow": self.slow,
+            "dropped": self.dropped,
+        }
+
+
+@dataclass
+class FetchResult:
+    files: list[str] = field(default_factory=list)
+
+
+class Fetch:
+    def __init__(self, manifest_id: bytes, *, host: IHost, kad: Any, store: ShardStore, providers: Providers,
+                 models_dir: Path, params: FetchParams | None = None) -> None:
+        self.manifest_id = manifest_id
+        self.host = host
+        self.kad = kad
+        self.store = store
+        self.providers_source = providers
+        self.dest = models_dir / manifest_id.hex()
+        self.params = params or FetchParams()
+        self.state = "resolving"
+        self.error: str | None = None
+        self.done = trio.Event()
+        self.manifest: Manifest | None = None
+        self.files: list[str] = []
+        self.chunks_total = self.chunks_present = self.chunks_fetched = self.bad_chunks = 0
+        self.bytes_total = self.bytes_present = self.bytes_fetched = 0
+        self.started = trio.current_time()
+        self.finished: float | None = None
+        self.providers: dict[ID, Provider] = {}
+        self._cancel = trio.CancelScope()
+        self._changed = trio.Event()
+        self._spares: dict[ID, ShardStream] = {}
+        self._hashes: tuple[bytes, ...] = ()
+        self._pending: set[int] = set()
+        self._order: list[int] = []
+        self._retry: deque[int] = deque()
+        self._in_flight: dict[int, ID] = {}
+        self._workers = 0
+        self._fatal: BaseException | None = None
+        self._nursery: trio.Nursery | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def cancel(self) -> None:
+        self._cancel.cancel()
+
+    @property
+    def running(self) -> bool:
+        return not self.done.is_set()
+
+    async def wait_until(self, predicate: Callable[[Fetch], bool]) -> None:
+        """Block until ``predicate(self)`` holds or the fetch ends (tests and callers wait on this)."""
+        while not predicate(self) and self.running:
+            await self._changed.wait()
+
+    async def run(self) -> None:
+        """Run to the end; never raises but Cancelled (the outcome is in ``state``/``error``)."""
+        try:
+            with self._cancel:
+                try:
+                    await self._run()
+                    self.state = "done"
+                except (FetchFailed, ShardError) as exc:
+                    self.state, self.error = "failed", str(exc)
+                    log.warning("fetch failed", extra=kv(id=self.manifest_id.hex()[:16], error=str(exc)))
+            if self._cancel.cancelled_caught:
+                self.state, self.error = "cancelled", "cancelled"
+        finally:
+            if self.state not in ("done", "failed", "cancelled"):
+                self.state, self.error = "cancelled", "the node is stopping"
+            for ss in self._spares.values():
+                await ss.aclose()
+            self.finished = trio.current_time()
+            self.done.set()
+            self._notify()
+
+    async def _run(self) -> None:
+        m = self.manifest = await self._resolve_manifest()
+        self._hashes = m.chunk_hashes()
+        self.chunks_total, self.bytes_total = m.chunk_count, m.total_size
+        present = await trio.to_thread.run_sync(self.store.present, m)
+        sizes = [span.length for span in m.chunk_spans()]
+        missing = [i for i, held in enumerate(present) if not held]
+        self.chunks_present = self.chunks_total - len(missing)
+        self.bytes_present = self.bytes_total - sum(sizes[i] for i in missing)
+        log.info("fetch started", extra=kv(id=self.manifest_id.hex()[:16], name=m.name, version=m.version,
+                                           chunks=self.chunks_total, missing=len(missing)))
+        if missing:
+            self.state = "fetching"
+            await self._transfer(missing)
+        self.state = "assembling"
+        try:
+            paths = await trio.to_thread.run_sync(self.store.assemble, m, self.dest)
+        except ShardError as exc:
+            raise FetchFailed(f"assembling {m.name}:{m.version} failed: {exc}") from None
+        self.files = [str(p) for p in paths]
+        await self.providers_source.announce(self.manifest_id)
+        log.info("fetch done", extra=kv(id=self.manifest_id.hex()[:16], fetched=self.chunks_fetched,
+                                        present=self.chunks_present))
+
+    # ------------------------------------------------------------ manifest
+
+    async def _resolve_manifest(self) -> Manifest:
+        mid = self.manifest_id
+        if await trio.to_thread.run_sync(self.store.has_manifest, mid):
+            return await trio.to_thread.run_sync(self.store.get_manifest, mid)
+        problems: list[str] = []
+        candidates = await self.providers_source.find(mid)
+        for peer in candidates:
+            try:
+                ss = await ShardStream.open(self.host, self.kad, peer, open_timeout=self.params.open_timeout,
+                                            response_timeout=self.params.response_timeout)
+            except Unreachable as exc:
+                problems.append(str(exc))
+                continue
+            try:
+                data = await ss.get_manifest(mid)
+                _, m = await trio.to_thread.run_sync(self.store.put_manifest, data)
+            except RemoteError as exc:
+                await ss.aclose()
+                if exc.code is not ErrorCode.NOT_FOUND:
+                    problems.append(f"{peer}: {exc}")
+                continue
+            except (ProtocolViolation, ShardError) as exc:
+                await ss.aclose()
+                log.warning("peer sent a bad manifest", extra=kv(peer=str(peer), error=str(exc)))
+                problems.append(f"{peer} sent a bad manifest: {type(exc).__name__}: {exc}")
+                continue
+            except PEER_ERRORS as exc:
+                await ss.aclose()
+                problems.append(f"{peer}: {exc!r}")
+                continue
+            self._spares[peer] = ss
+            return m
+        detail = f": {'; '.join(problems[:3])}" if problems else ""
+        raise NoProviders(f"no peer serves manifest {mid.hex()} ({len(candidates)} asked){detail}")
+
+    # ------------------------------------------------------------ providers
+
+    async def _ask_have(self, peers: list[ID]) -> None:
+        """HAVE to each peer at once; a peer that holds some of what we need becomes a provider."""
+        assert self.manifest is not None
+        count = self.manifest.chunk_count
+
+        async def ask(peer: ID) -> None:
+            ss = self._spares.pop(peer, None)
+            try:
+                if ss is None:
+                    ss = await ShardStream.open(self.host, self.kad, peer, open_timeout=self.params.open_timeout,
+                                                response_timeout=self.params.response_timeout)
+                reply = await ss.have(self.manifest_id, count)
+            except (RemoteError, ProtocolViolation, Unreachable, *PEER_ERRORS) as exc:
+                log.debug("HAVE failed", extra=kv(peer=str(peer), error=repr(exc)))
+                if ss is not None:
+                    await ss.aclose()
+                return
+            have = set(reply.indices())
+            known = self.providers.get(peer)
+            if known is not None:
+                known.have = have
+                await ss.aclose()
+            elif have:
+                self.providers[peer] = Provider(peer, have, spare=ss)
+            else:
+                await ss.aclose()
+
+        async with trio.open_nursery() as nursery:
+            for peer in peers:
+                if peer != self.host.get_id() and not (peer in self.providers and self.providers[peer].dropped):
+                    nursery.start_soon(ask, peer)
+
+    def _live(self) -> list[Provider]:
+        return [p for p in self.providers.values() if not p.dropped]
+
+    def _activate(self) -> None:
+        """Start workers for the most useful idle providers, up to ``parallel_peers`` at once."""
+        assert self._nursery is not None
+        live = self._live()
+        active = sum(p.active for p in live)
+        for p in sorted((p for p in live if not p.active), key=lambda p: -len(p.have & self._pending)):
+            if active >= self.params.parallel_peers:
+                break
+            if not p.have & self._pending:
+                continue
+            p.active = True
+            active += 1
+            for _ in range(self.params.streams_per_peer):
+                self._workers += 1
+                self._nursery.start_soon(self._worker, p)
+
+    def _penalise(self, p: Provider, why: str) -> None:
+        p.failures += 1
+        log.info("provider penalised", extra=kv(peer=str(p.peer), failures=p.failures, why=why))
+        if p.failures >= self.params.max_failures:
+            self._drop(p, f"{p.failures} failures, last: {why}")
+
+    def _drop(self, p: Provider, why: str) -> None:
+        if p.dropped is None:
+            p.dropped = why
+            log.info("provider dropped", extra=kv(peer=str(p.peer), why=why))
+            self._notify()
+
+    def _check_slow(self) -> None:
+        measured = [q for q in self._live() if q.chunks >= self.params.slow_min_chunks and q.busy > 0]
+        if len(measured) < 2:
+            return
+        best = max(q.rate() for q in measured)
+        for q in measured:
+            if not q.slow and q.rate() < self.params.slow_factor * best:
+                q.slow = True
+                log.info("provider is slow", extra=kv(peer=str(q.peer), rate=round(q.rate()), best=round(best)))
+
+    # ------------------------------------------------------------ the queue
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _finished(self) -> bool:
+        return not self._pending and not self._in_flight
+
+    def _batch_size(self) -> int:
+        assert self.manifest is not None
+        share = math.ceil(len(self._pending) / max(1, 2 * self._workers))
+        by_bytes = max(1, self.params.max_request_bytes // self.manifest.chunk_size)
+        return max(1, min(self.params.max_batch, by_bytes, share))
+
+    def _take(self, p: Provider) -> list[int]:
+        """The next batch for ``p``: pending chunks it holds, requeued ones first. A slow provider
+        only gets chunks that no other live, not-slow provider holds."""
+        n = self._batch_size()
+        others = [q.have for q in self._live() if q is not p and not q.slow] if p.slow else []
+
+        def fits(i: int) -> bool:
+            return i in self._pending and i in p.have and not any(i in h for h in others)
+
+        out: list[int] = []
+        for i in list(self._retry):
+            if len(out) >= n:
+                break
+            if fits(i):
+                out.append(i)
+                self._pending.discard(i)
+        if len(self._order) > 2 * len(self._pending) + 256:
+            self._order = [i for i in self._order if i in self._pending]
+        if len(out) < n:
+            for i in self._order:
+                if fits(i):
+                    out.append(i)
+                    self._pending.discard(i)
+                    if len(out) >= n:
+                        break
+        if out:
+            taken = set(out)
+            self._retry = deque(i for i in self._retry if i not in taken and i in self._pending)
+            for i in out:
+                self._in_flight[i] = p.peer
+        return sorted(out)
+
+    def _requeue(self, batch: list[int], p: Provider) -> None:
+        back = [i for i in batch if self._in_flight.get(i) == p.peer]
+        for i in back:
+            del self._in_flight[i]
+            self._pending.add(i)
+            self._retry.append(i)
+        if back:
+            self._notify()
+
+    def _stuck(self) -> list[int]:
+        """Pending chunks no live provider holds, when nothing is in flight (else [])."""
+        if self._in_flight or not self._pending:
+            return []
+        held: set[int] = set()
+        for p in self._live():
+            held |= p.have
+        return sorted(self._pending - held)
+
+    async def _transfer(self, missing: list[int]) -> None:
+        assert self.manifest is not None
+        self._pending = set(missing)
+        await self._ask_have(await self.providers_source.find(self.manifest_id))
+        rarity = {i: 0 for i in missing}
+        for p in self.providers.values():
+            for i in p.have & self._pending:
+                rarity[i] += 1
+        self._order = sorted(missing, key=lambda i: (rarity[i], i))
+        rediscoveries = 0
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            while not self._finished() and self._fatal is None:
+                self._activate()
+                stuck = self._stuck()
+                if stuck:
+                    if rediscoveries >= MAX_REDISCOVERIES:
+                        break
+                    rediscoveries += 1
+                    await self._ask_have(await self.providers_source.find(self.manifest_id))
+                    continue
+                await self._changed.wait()
+            nursery.cancel_scope.cancel()
+        if self._fatal is not None:
+            if isinstance(self._fatal, FetchFailed | ShardError):
+                raise FetchFailed(str(self._fatal))
+            raise FetchFailed(f"fetch failed: {self._fatal!r}") from self._fatal
+        stuck = self._stuck()
+        if stuck:
+            asked = len(self.providers)
+            raise NoProviders(f"no reachable provider holds {len(stuck)} chunks (first: {stuck[:8]}); "
+                              f"{asked} providers tried, {self.chunks_fetched} chunks fetched, run again to resume")
+
+    # ------------------------------------------------------------ workers
+
+    async def _worker(self, p: Provider) -> None:
+        ss, p.spare = p.spare, None
+        try:
+            while not p.dropped and not self._finished():
+                wait = p.resume_at - trio.current_time()
+                if wait > 0:
+                    await trio.sleep(wait)
+                    continue
+                batch = self._take(p)
+                if not batch:
+                    await self._changed.wait()
+                    continue
+                try:
+                    if ss is None or ss.worn_out:
+                        if ss is not None:
+                            await ss.aclose()
+                        ss = None
+                        ss = await ShardStream.open(self.host, self.kad, p.peer,
+                                                    open_timeout=self.params.open_timeout,
+                                                    response_timeout=self.params.response_timeout)
+                    await self._fetch_batch(p, ss, batch)
+                    p.backoff = 0.0
+                except RemoteError as exc:
+                    if exc.code is ErrorCode.BUSY:
+                        p.backoff = min(max(2 * p.backoff, self.params.busy_backoff), self.params.busy_backoff_max)
+                        p.resume_at = trio.current_time() + p.backoff
+                    elif exc.code is ErrorCode.INTERNAL:
+                        self._penalise(p, str(exc))
+                    else:
+                        self._drop(p, str(exc))
+                except (ProtocolViolation, Unreachable) as exc:
+                    self._drop(p, str(exc))
+                except PEER_ERRORS as exc:
+                    if ss is not None:
+                        await ss.aclose()
+                        ss = None
+                    self._penalise(p, f"transfer broke: {exc!r}")
+                finally:
+                    self._requeue(batch, p)
+        except Exception as exc:  # a quota error or a bug: the whole fetch fails with it
+            if self._fatal is None:
+                self._fatal = exc
+        finally:
+            self._workers -= 1
+            if ss is not None:
+                await ss.aclose()
+            self._notify()
+
+    async def _fetch_batch(self, p: Provider, ss: ShardStream, batch: list[int]) -> None:
+        assert self.manifest is not None
+        chunk_size = self.manifest.chunk_size
+        started = trio.current_time()
+        await ss.request_chunks(self.manifest_id, batch)
+        expected = 0
+        buffer: list[ChunkMsg] = []
+        buffered = 0
+        while (chunk := await ss.next_chunk(chunk_size)) is not None:
+            try:
+                at = batch.index(chunk.index, expected)
+            except ValueError:
+                raise ProtocolViolation(f"{p.peer} sent chunk {chunk.index}, not requested or out of order") from None
+            p.have.difference_update(batch[expected:at])  # skipped: it does not hold them after all
+            expected = at + 1
+            buffer.append(chunk)
+            buffered += len(chunk.data)
+            if buffered >= self.params.store_flush_bytes:
+                await self._store(p, buffer)
+                buffer, buffered = [], 0
+        await self._store(p, buffer)
+        p.have.difference_update(batch[expected:])
+        p.busy += trio.current_time() - started
+        self._check_slow()
+
+    async def _store(self, p: Provider, chunks: list[ChunkMsg]) -> None:
+        """Verify and store received chunks (one thread call); a chunk that fails verification
+        penalises ``p`` and stays in flight, so the caller requeues it for the others."""
+        if not chunks:
+            return
+        hashes = self._hashes
+
+        def write() -> list[bool]:
+            ok = []
+            for c in chunks:
+                try:
+                    self.store.put_chunk(hashes[c.index], c.data)
+                    ok.append(True)
+                except ChunkHashMismatch:
+                    ok.append(False)
+            return ok
+
+        results = await trio.to_thread.run_sync(write)
+        for c, ok in zip(chunks, results, strict=True):
+            if ok:
+                if self._in_flight.pop(c.index, None) is not None:
+                    self.chunks_fetched += 1
+                    self.bytes_fetched += len(c.data)
+                p.chunks += 1
+                p.bytes += len(c.data)
+            else:
+                self.bad_chunks += 1
+                p.bad_chunks += 1
+                p.have.discard(c.index)
+                self._penalise(p, f"chunk {c.index} failed verification")
+        self._notify()
+        if p.dropped:
+            raise ProtocolViolation(p.dropped)
+
+    # ------------------------------------------------------------ progress
+
+    def progress(self) -> dict[str, Any]:
+        m = self.manifest
+        now = self.finished if self.finished is not None else trio.current_time()
+        elapsed = max(now - self.started, 1e-9)
+        rate = self.bytes_fetched / elapsed
+        done = self.bytes_present + self.bytes_fetched
+        remaining = max(self.bytes_total - done, 0)
+        return {
+            "id": self.manifest_id.hex(),
+            "name": m.name if m else None,
+            "version": m.version if m else None,
+            "state": self.state,
+            "error": self.error,
+            "chunks_total": self.chunks_total,
+            "chunks_present": self.chunks_present,
+            "chunks_fetched": self.chunks_fetched,
+            "bad_chunks": self.bad_chunks,
+            "bytes_total": self.bytes_total,
+            "bytes_done": done,
+            "bytes_fetched": self.bytes_fetched,
+            "elapsed_s": round(elapsed, 3),
+            "rate_bps": round(rate),
+            "eta_s": round(remaining / rate, 1) if rate > 0 and self.state == "fetching" else None,
+            "path": str(self.dest) if self.state == "done" else None,
+            "files": self.files,
+            "providers": [p.json() for p in self.providers.values()],
+        }

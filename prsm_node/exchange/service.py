@@ -1,0 +1,340 @@
+"""``ShardService``: serves ``/prsm/shard/1.0.0`` from the node's ShardStore, publishes models,
+runs fetches, and answers what the ``model`` control methods ask (protocols/shard.md).
+
+Serving: one handler per inbound stream, many requests per stream in order; at most
+``max_streams_per_peer`` streams per peer and ``max_serving`` GET_CHUNKS at once (``busy``
+beyond either); every request decoded with the 1024-byte limit and checked against the
+manifest; chunks read with verification in a thread, a group at a time, and written in large
+writes (many CHUNK frames per write: py-libp2p's cost is per write, see PITFALLS).
+
+Fetched models are assembled under ``models_dir/<manifest id hex>/``; the chunks stay in the
+store, so the node keeps serving them. Every store call goes through ``trio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.network.stream.exceptions import StreamEOF
+from libp2p.peer.id import ID
+
+from .._trio import TaskStatus
+from ..keys import NodeKey
+from ..logs import kv
+from ..shards import (
+    DEFAULT_CHUNK_SIZE,
+    MAX_REQUEST_SIZE,
+    PROTOCOL_ID,
+    Chunk,
+    ChunkNotFound,
+    CorruptChunk,
+    End,
+    Error,
+    ErrorCode,
+    GetChunks,
+    GetManifest,
+    Have,
+    HaveReply,
+    Manifest,
+    ManifestNotFound,
+    ManifestReply,
+    Message,
+    ShardDecodeError,
+    ShardError,
+    ShardStore,
+    build_manifest,
+    decode_request,
+    encode_bitmap,
+    encode_message,
+    manifest_id,
+    source_files,
+)
+from ..wire import TRAFFIC, FrameError, encode_uvarint, guarded_handler, read_frame, write_frame
+from .client import MAX_REQUESTS_PER_STREAM, SHARD
+from .exceptions import FetchBusy
+from .fetch import Fetch, FetchParams
+from .providers import Providers
+from .registry import encode_record, sign_record
+
+log = logging.getLogger(__name__)
+
+MAX_STREAMS_PER_PEER = 4
+MAX_SERVING = 64
+INBOUND_IDLE_TIMEOUT = 30.0
+WRITE_BYTES = 1 << 20  # chunk bytes read per thread call and sent per write
+REANNOUNCE_INTERVAL = 12 * 3600.0
+
+
+class ShardService:
+    def __init__(
+        self,
+        host: IHost,
+        kad: Any,
+        store: ShardStore,
+        key: NodeKey,
+        models_dir: Path,
+        *,
+        max_streams_per_peer: int = MAX_STREAMS_PER_PEER,
+        max_serving: int = MAX_SERVING,
+        idle_timeout: float = INBOUND_IDLE_TIMEOUT,
+        fetch_params: FetchParams | None = None,
+        reannounce_interval: float = REANNOUNCE_INTERVAL,
+        publish_chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> None:
+        self.host = host
+        self.kad = kad
+        self.store = store
+        self.key = key
+        self.models_dir = models_dir
+        self.max_streams_per_peer = max_streams_per_peer
+        self.max_serving = max_serving
+        self.idle_timeout = idle_timeout
+        self.fetch_params = fetch_params or FetchParams()
+        self.reannounce_interval = reannounce_interval
+        self.publish_chunk_size = publish_chunk_size
+        self.providers = Providers(host, kad)
+        self.fetches: dict[bytes, Fetch] = {}
+        self._streams: Counter[ID] = Counter()
+        self._serving = 0
+        self._nursery: trio.Nursery | None = None
+        self.chunks_served = 0
+        self.bytes_served = 0
+        self.requests_served = 0
+        self.errors_sent: Counter[str] = Counter()
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        self.providers.register_namespace()
+        self.host.set_stream_handler(SHARD, guarded_handler(PROTOCOL_ID, self._handle))
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._announce_loop)
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def _announce_loop(self) -> None:
+        """Announce every stored manifest at start and then periodically (records expire)."""
+        while True:
+            for mid in await trio.to_thread.run_sync(self.store.manifest_ids):
+                await self.providers.announce(mid)
+            await trio.sleep(self.reannounce_interval)
+
+    # ------------------------------------------------------------ serving
+
+    async def _handle(self, stream: INetStream) -> None:
+        peer = stream.muxed_conn.peer_id
+        self._streams[peer] += 1
+        try:
+            for _ in range(MAX_REQUESTS_PER_STREAM):
+                try:
+                    with trio.fail_after(self.idle_timeout):
+                        body = await read_frame(stream, MAX_REQUEST_SIZE)
+                except StreamEOF:
+                    return
+                except FrameError as exc:
+                    # An oversized length is refused before its body is read. We close rather than
+                    # reset after an ERROR: py-libp2p drops unread data on reset, and the ERROR with it.
+                    code = ErrorCode.TOO_LARGE if "exceeds the limit" in str(exc) else ErrorCode.BAD_REQUEST
+                    await self._error(stream, code, str(exc))
+                    return
+                try:
+                    request = decode_request(body)
+                except ShardDecodeError as exc:
+                    log.info("malformed shard request", extra=kv(peer=str(peer), error=str(exc)))
+                    await self._error(stream, ErrorCode.BAD_REQUEST, str(exc))
+                    return
+                self.requests_served += 1
+                if self._streams[peer] > self.max_streams_per_peer:
+                    await self._error(stream, ErrorCode.BUSY, f"more than {self.max_streams_per_peer} streams")
+                    return
+                if isinstance(request, GetChunks):
+                    await self._serve_chunks(stream, request)
+                else:
+                    await self._send(stream, await self._answer(request))
+        finally:
+            self._streams[peer] -= 1
+            if self._streams[peer] <= 0:
+                del self._streams[peer]
+
+    async def _send(self, stream: INetStream, msg: Message) -> None:
+        if isinstance(msg, Error):
+            self.errors_sent[msg.code.name.lower()] += 1
+        await write_frame(stream, encode_message(msg))
+
+    async def _error(self, stream: INetStream, code: ErrorCode, message: str) -> None:
+        await self._send(stream, Error(code, message.encode("utf-8")[:256].decode("utf-8", "ignore")))
+
+    async def _manifest(self, manifest_id: bytes) -> Manifest | None:
+        try:
+            return await trio.to_thread.run_sync(self.store.get_manifest, manifest_id)
+        except ManifestNotFound:
+            return None
+
+    async def _answer(self, request: GetManifest | Have) -> Message:
+        mid = request.manifest_id
+        try:
+            if isinstance(request, GetManifest):
+                return ManifestReply(await trio.to_thread.run_sync(self.store.get_manifest_bytes, mid))
+            m = await self._manifest(mid)
+            if m is None:
+                return Error(ErrorCode.NOT_FOUND, f"no manifest {mid.hex()}")
+            present = await trio.to_thread.run_sync(self.store.present, m)
+            return HaveReply(len(present), encode_bitmap((i for i, held in enumerate(present) if held), len(present)))
+        except ManifestNotFound:
+            return Error(ErrorCode.NOT_FOUND, f"no manifest {mid.hex()}")
+        except ShardError as exc:
+            log.warning("cannot serve manifest", extra=kv(id=mid.hex()[:16], error=str(exc)))
+            return Error(ErrorCode.INTERNAL, "stored manifest unreadable")
+
+    async def _serve_chunks(self, stream: INetStream, request: GetChunks) -> None:
+        m = await self._manifest(request.manifest_id)
+        if m is None:
+            return await self._error(stream, ErrorCode.NOT_FOUND, f"no manifest {request.manifest_id.hex()}")
+        count = m.chunk_count
+        if request.indices[-1] >= count:
+            return await self._error(stream, ErrorCode.BAD_REQUEST,
+                                     f"chunk index {request.indices[-1]} is beyond the manifest's {count} chunks")
+        if self._serving >= self.max_serving:
+            return await self._error(stream, ErrorCode.BUSY, "serving too many requests; retry later")
+        self._serving += 1
+        try:
+            hashes = m.chunk_hashes()
+            per_group = max(1, WRITE_BYTES // m.chunk_size)
+            indices = list(request.indices)
+            for start in range(0, len(indices), per_group):
+                group = indices[start:start + per_group]
+                frames, sent, sent_bytes, corrupt = await trio.to_thread.run_sync(self._read_frames, hashes, group)
+                self.chunks_served += sent
+                self.bytes_served += sent_bytes
+                if frames:
+                    await stream.write(frames)
+                    TRAFFIC.bytes_out += len(frames)
+                if corrupt is not None:
+                    return await self._error(stream, ErrorCode.INTERNAL, f"chunk {corrupt} was corrupt here")
+            await self._send(stream, End())
+        finally:
+            self._serving -= 1
+
+    def _read_frames(self, hashes: tuple[bytes, ...], group: list[int]) -> tuple[bytes, int, int, int | None]:
+        """CHUNK frames for the held chunks of ``group`` (in a thread): the frames, how many
+        chunks and bytes they carry, and the index of the first chunk found corrupt."""
+        out = bytearray()
+        sent = sent_bytes = 0
+        for i in group:
+            try:
+                data = self.store.get_chunk(hashes[i])
+            except ChunkNotFound:
+                continue
+            except CorruptChunk:
+                log.warning("corrupt chunk deleted", extra=kv(index=i, chunk=hashes[i].hex()[:16]))
+                return bytes(out), sent, sent_bytes, i
+            body = encode_message(Chunk(i, data))
+            out += encode_uvarint(len(body))
+            out += body
+            sent += 1
+            sent_bytes += len(data)
+        return bytes(out), sent, sent_bytes, None
+
+    # ------------------------------------------------------------ publishing
+
+    async def publish(self, path: Path, *, name: str, version: str, description: str = "", license: str = "",
+                      tags: list[str] | None = None, metadata: dict[str, Any] | None = None,
+                      chunk_size: int = DEFAULT_CHUNK_SIZE) -> dict[str, Any]:
+        """Build and sign the manifest, import the files, announce; returns the model's summary."""
+        signing_key = self.key.signing_key
+
+        def build() -> tuple[bytes, Manifest, int]:
+            m = build_manifest(path, key=signing_key, name=name, version=version, description=description,
+                               license=license, tags=tags or [], metadata=metadata, chunk_size=chunk_size)
+            existed = self.store.has_manifest(manifest_id(m))
+            mid = self.store.add_manifest(m)
+            try:
+                written = self.store.import_files(m, source_files(path)[0])
+            except BaseException:
+                if not existed:
+                    self.store.remove(mid)
+                raise
+            return mid, m, written
+
+        mid, m, written = await trio.to_thread.run_sync(build)
+        announced = await self.providers.announce(mid)
+        record = sign_record(signing_key, m.name, m.version, mid)
+        stored = [await self.providers.put_value(k, encode_record(record)) for k in record.keys()]
+        log.info("model published", extra=kv(id=mid.hex()[:16], name=m.name, version=m.version))
+        return {
+            **manifest_json(mid, m),
+            "chunks_written": written,
+            "announced_to": announced,
+            "name_record": all(stored),
+        }
+
+    # ------------------------------------------------------------ fetching
+
+    def start_fetch(self, manifest_id: bytes) -> Fetch:
+        """Start fetching ``manifest_id``, or return the fetch already running for it."""
+        assert self._nursery is not None, "ShardService is not running"
+        running = self.fetches.get(manifest_id)
+        if running is not None and running.running:
+            return running
+        fetch = Fetch(manifest_id, host=self.host, kad=self.kad, store=self.store, providers=self.providers,
+                      models_dir=self.models_dir, params=self.fetch_params)
+        self.fetches[manifest_id] = fetch
+        self._nursery.start_soon(fetch.run)
+        return fetch
+
+    async def fetch(self, manifest_id: bytes) -> Fetch:
+        """Start or attach, and wait until the fetch ends (done, failed or cancelled)."""
+        fetch = self.start_fetch(manifest_id)
+        await fetch.done.wait()
+        return fetch
+
+    # ------------------------------------------------------------ local models
+
+    async def remove(self, manifest_id: bytes) -> int:
+        fetch = self.fetches.get(manifest_id)
+        if fetch is not None and fetch.running:
+            raise FetchBusy(f"model {manifest_id.hex()} is being fetched; cancel the fetch first")
+        self.providers.withdraw(manifest_id)
+        freed = await trio.to_thread.run_sync(self.store.remove, manifest_id)
+        self.fetches.pop(manifest_id, None)
+        folder = self.models_dir / manifest_id.hex()
+        await trio.to_thread.run_sync(lambda: shutil.rmtree(folder, ignore_errors=True))
+        return freed
+
+    def statistics(self) -> dict[str, Any]:
+        st = self.store.statistics()
+        return {
+            "chunks_served": self.chunks_served,
+            "bytes_served": self.bytes_served,
+            "requests_served": self.requests_served,
+            "errors_sent": dict(self.errors_sent),
+            "fetches_running": sum(f.running for f in self.fetches.values()),
+            "store_chunks": st.chunks,
+            "store_manifests": st.manifests,
+            "store_usage": st.usage,
+            "store_quota": st.quota,
+        }
+
+
+def manifest_json(mid: bytes, m: Manifest) -> dict[str, Any]:
+    return {
+        "id": mid.hex(),
+        "name": m.name,
+        "version": m.version,
+        "description": m.description,
+        "license": m.license,
+        "tags": list(m.tags),
+        "publisher": m.publisher.hex(),
+        "created": m.created,
+        "chunk_size": m.chunk_size,
+        "chunks": m.chunk_count,
+        "total_size": m.total_size,
+        "files": [{"path": f.path, "size": f.size, "sha256": f.sha256.hex(), "tensors": len(f.tensors)}
+                  for f in m.files],
+    }
