@@ -128,6 +128,51 @@ class LedgerSection:
 
 
 @dataclass
+class ShardsSection:
+    quota_bytes: int = _doc("Most bytes of model chunks kept under data/ (0: no limit).", default=0)
+    chunk_size: int = _doc(
+        "Chunk size for models this node publishes (a power of two, 1 KiB to 4 MiB).", default=1 << 20
+    )
+    max_streams_per_peer: int = _doc("Concurrent shard streams served to one peer (1 to 4).", default=4)
+    fetch_parallel_peers: int = _doc("Providers one fetch pulls chunks from at once.", default=4)
+    fetch_response_timeout: float = _doc("Seconds to wait for each frame of a provider's answer.", default=30.0)
+    fetch_max_failures: int = _doc("Bad or failed answers before a provider is dropped from a fetch.", default=3)
+
+    def validate(self) -> None:
+        if self.quota_bytes < 0:
+            raise ConfigError(f"[shards].quota_bytes: must not be negative, got {self.quota_bytes}")
+        size = self.chunk_size
+        if size < 1024 or size > 4 << 20 or size & (size - 1):
+            raise ConfigError(f"[shards].chunk_size: must be a power of two from 1024 to 4194304, got {size}")
+        if not 1 <= self.max_streams_per_peer <= 4:
+            raise ConfigError(f"[shards].max_streams_per_peer: must be 1 to 4, got {self.max_streams_per_peer}")
+        for name in ("fetch_parallel_peers", "fetch_response_timeout", "fetch_max_failures"):
+            _positive("shards", name, getattr(self, name))
+
+
+@dataclass
+class AgentsSection:
+    device: str = _doc('Where models run: "auto" (cuda when torch sees a GPU, else cpu) or "cpu".', default="auto")
+    memory_limit_bytes: int = _doc("Most bytes of loaded models (weights + working memory).", default=4 << 30)
+    max_batch_size: int = _doc("Requests for one model run together in one forward pass, at most.", default=16)
+    max_batch_wait_s: float = _doc("Seconds a first request waits for others to batch with.", default=0.005)
+    max_queue: int = _doc("Requests queued per model before new ones are refused as busy.", default=1024)
+    torch_threads: int = _doc("CPU threads torch uses (0: torch's default).", default=0)
+
+    def validate(self) -> None:
+        _one_of("agents", "device", self.device, ("auto", "cpu", "cuda"))
+        if self.memory_limit_bytes < 0:
+            raise ConfigError("[agents].memory_limit_bytes: must not be negative")
+        if not 1 <= self.max_batch_size <= 1024:
+            raise ConfigError(f"[agents].max_batch_size: must be 1 to 1024, got {self.max_batch_size}")
+        if not 0 <= self.max_batch_wait_s <= 10:
+            raise ConfigError(f"[agents].max_batch_wait_s: must be 0 to 10, got {self.max_batch_wait_s}")
+        _positive("agents", "max_queue", self.max_queue)
+        if not 0 <= self.torch_threads <= 256:
+            raise ConfigError(f"[agents].torch_threads: must be 0 to 256, got {self.torch_threads}")
+
+
+@dataclass
 class ControlSection:
     max_request_bytes: int = _doc("Largest control request line accepted, in bytes.", default=65536)
 
@@ -154,6 +199,8 @@ class Config:
     p2p: P2PSection = field(default_factory=P2PSection)
     discovery: DiscoverySection = field(default_factory=DiscoverySection)
     ledger: LedgerSection = field(default_factory=LedgerSection)
+    shards: ShardsSection = field(default_factory=ShardsSection)
+    agents: AgentsSection = field(default_factory=AgentsSection)
     control: ControlSection = field(default_factory=ControlSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
 
@@ -173,6 +220,10 @@ class Config:
         cfg.discovery.bootstrap_backoff_max = 2.0
         cfg.ledger.block_interval = 0.1
         cfg.ledger.rebroadcast_interval = 2.0
+        cfg.shards.fetch_response_timeout = 5.0
+        cfg.agents.device = "cpu"
+        cfg.agents.memory_limit_bytes = 256 << 20
+        cfg.agents.torch_threads = 1
         return cfg
 
 

@@ -7,6 +7,7 @@ Teardown runs in reverse, storage last: each service lives inside the context of
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from .config import Config
 from .control.server import AfterReply, ControlServer, RequestError, param
 from .exceptions import DiscoveryError, ListenError
 from .exchange import ModelMethods, ShardService
+from .exchange.fetch import FetchParams
 from .genesis import Genesis
 from .home import Home
 from .host import build_host, listen_addrs
@@ -132,8 +134,24 @@ class Node:
             await nursery.start(self.chain.run)
             self.chain_net = ChainNet(self.host, self.kad, self.chain)
             await nursery.start(self.chain_net.run)
-            shard_store = await trio.to_thread.run_sync(ShardStore, self.home.data_dir)
-            self.shards = ShardService(self.host, self.kad, shard_store, self.key, self.home.path / "models")
+            scfg = self.cfg.shards
+            shard_store = await trio.to_thread.run_sync(
+                functools.partial(ShardStore, self.home.data_dir, quota=scfg.quota_bytes or None)
+            )
+            self.shards = ShardService(
+                self.host,
+                self.kad,
+                shard_store,
+                self.key,
+                self.home.path / "models",
+                max_streams_per_peer=scfg.max_streams_per_peer,
+                publish_chunk_size=scfg.chunk_size,
+                fetch_params=FetchParams(
+                    parallel_peers=scfg.fetch_parallel_peers,
+                    response_timeout=scfg.fetch_response_timeout,
+                    max_failures=scfg.fetch_max_failures,
+                ),
+            )
             await nursery.start(self.shards.run)
             self._register_methods()
             LedgerMethods(self.chain, self.chain_net).register(self.control)
