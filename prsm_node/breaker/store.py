@@ -15,7 +15,7 @@ its votes came in (hysteresis).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..store import Namespace
@@ -137,6 +137,18 @@ class BreakerStore:
                 batch.put(vote_key(vote.model, vote.voter), encode_vote(vote))
             for model in models:
                 record = tally.record(model)
+                if record == ModelRecord():
+                    batch.delete(record_key(model))
+                else:
+                    batch.put(record_key(model), encode_record(record))
+
+    def save_records(self, records: Mapping[bytes, ModelRecord], votes: Iterable[Vote] = ()) -> None:
+        """Persist ``votes`` and a snapshot of model records (taken on the event loop while
+        this runs in a worker thread), in one synced batch."""
+        with self._ns.write_batch(sync=True) as batch:
+            for vote in votes:
+                batch.put(vote_key(vote.model, vote.voter), encode_vote(vote))
+            for model, record in records.items():
                 if record == ModelRecord():
                     batch.delete(record_key(model))
                 else:

@@ -1,0 +1,146 @@
+"""Gossipsub for topic ``prsm/breaker/1``, set up deliberately (see PITFALLS and breaker.md,
+"Service parameters"), and the client side of the catch-up protocol ``/prsm/breaker/1.0.0``.
+
+py-libp2p 0.8.1 keeps two of the limits breaker.md asks to raise as module constants (the
+outbound queue per peer, 32, and the subscription channel, 32) that its ``Pubsub`` reads when
+a peer or a subscription is added; :func:`raise_pubsub_limits` sets them, once per process.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+
+import trio
+from libp2p.abc import IHost
+from libp2p.custom_types import TProtocol
+from libp2p.network.stream.exceptions import StreamEOF
+from libp2p.peer.id import ID
+from libp2p.pubsub import pubsub as pubsub_module
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.pubsub.rpc_queue import RpcQueue
+
+from ..wire import FrameError, read_frame, write_frame
+from .exceptions import BreakerError, Malformed
+from .messages import MAX_REPLY_SIZE, PROTOCOL_ID, GetVotes, Votes, decode_message, encode_message, next_request
+from .votes import Vote
+
+log = logging.getLogger(__name__)
+
+CATCHUP = TProtocol(PROTOCOL_ID)
+HEARTBEAT_INTERVAL = 1  # seconds; py-libp2p's default (120) delays mesh repair by minutes
+DEGREE, DEGREE_LOW, DEGREE_HIGH = 6, 4, 12
+SPAM_LIMIT_PER_SECOND = 1024  # per topic per forwarding peer (a 1 s window: the burst, too)
+OUTBOUND_QUEUE = 1024
+SUBSCRIPTION_CHANNEL = 1024
+SEEN_TTL = 600  # s: as long as the vote freshness window, so a vote is not taken twice
+MAX_INBOUND_RPC = 1 << 20
+CATCHUP_TIMEOUT = 10.0
+MAX_CATCHUP_PAGES = 4096  # 1 M votes: a bound on what one peer can make us read
+
+
+class BreakerNetError(BreakerError):
+    """Raised when a catch-up exchange with a peer fails (stream, frame or protocol error)."""
+
+    code = "catchup_failed"
+
+
+def raise_pubsub_limits() -> None:
+    """Raise py-libp2p's per-peer outbound queue and subscription channel (default 32 each)."""
+    if getattr(pubsub_module, "_prsm_limits_raised", False):
+        return
+    pubsub_module.SUBSCRIPTION_CHANNEL_SIZE = SUBSCRIPTION_CHANNEL
+    pubsub_module.RpcQueue = functools.partial(RpcQueue, max_size=OUTBOUND_QUEUE)  # type: ignore[attr-defined,assignment]
+    pubsub_module._prsm_limits_raised = True  # type: ignore[attr-defined]
+
+
+def message_id(msg: rpc_pb2.Message) -> bytes:
+    """The gossipsub message id: SHA-256 of the data, which for a canonical vote is its vote_id,
+    so the same vote relayed by several peers (or re-published) is one message."""
+    return hashlib.sha256(msg.data).digest()
+
+
+def build_pubsub(host: IHost, *, single_host: bool) -> tuple[Pubsub, GossipSub]:
+    """A Pubsub with a GossipSub router on ``host``, every limit set on purpose.
+
+    Messages are signed by their origin (strict signing): a forwarder cannot pose as another
+    origin. Votes carry their own signature, checked by the topic validator.
+    """
+    raise_pubsub_limits()
+    router = GossipSub(
+        protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11],
+        degree=DEGREE,
+        degree_low=DEGREE_LOW,
+        degree_high=DEGREE_HIGH,
+        time_to_live=60,
+        gossip_window=3,
+        gossip_history=5,
+        heartbeat_initial_delay=0.1,
+        heartbeat_interval=HEARTBEAT_INTERVAL,
+        do_px=False,
+        prune_back_off=60,
+        unsubscribe_back_off=10,
+        spam_protection_enabled=True,
+        max_messages_per_topic_per_second=SPAM_LIMIT_PER_SECOND,
+        eclipse_protection_enabled=not single_host,
+        min_mesh_diversity_ips=1 if single_host else 3,
+        adaptive_gossip_enabled=False,
+    )
+    pubsub = Pubsub(
+        host,
+        router,
+        cache_size=4096,
+        seen_ttl=SEEN_TTL,
+        sweep_interval=60,
+        strict_signing=True,
+        msg_id_constructor=message_id,
+        max_concurrent_validator_count=64,
+        # The verdict depends on the stake table and tally of the moment (a voter may stake in
+        # the next block): never reuse an old verdict. Duplicates are caught by the seen cache.
+        validation_cache_ttl=0,
+        validation_cache_size=16,
+        max_inbound_rpc_size=MAX_INBOUND_RPC,
+    )
+    return pubsub, router
+
+
+async def fetch_votes(host: IHost, peer: ID, model: bytes = b"") -> list[Vote]:
+    """Every vote ``peer`` serves (for ``model``, or all), page by page on one stream.
+
+    Raises BreakerNetError on any failure and Malformed when the peer sent bytes that do not
+    decode (its fault)."""
+    out: list[Vote] = []
+    with trio.fail_after(CATCHUP_TIMEOUT):
+        try:
+            stream = await host.new_stream(peer, [CATCHUP])
+        except Exception as exc:  # py-libp2p raises many types, some grouped
+            raise BreakerNetError(f"cannot open {PROTOCOL_ID} to {peer}: {exc!r}") from None
+        try:
+            request: GetVotes | None = GetVotes(model=model)
+            pages = 0
+            while request is not None and pages < MAX_CATCHUP_PAGES:
+                await write_frame(stream, encode_message(request))
+                reply = decode_message(await read_frame(stream, MAX_REPLY_SIZE))
+                if not isinstance(reply, Votes):
+                    raise BreakerNetError(f"{peer} answered GET_VOTES with {reply!r}")
+                out.extend(reply.votes)
+                request = next_request(request, reply)
+                pages += 1
+        except Malformed:
+            raise
+        except (StreamEOF, FrameError, OSError) as exc:
+            raise BreakerNetError(f"catch-up from {peer} failed: {exc!r}") from None
+        except Exception as exc:  # stream errors of py-libp2p have no common base we can name
+            if isinstance(exc, BreakerError):
+                raise
+            raise BreakerNetError(f"catch-up from {peer} failed: {exc!r}") from None
+        finally:
+            with trio.move_on_after(1):
+                try:
+                    await stream.close()
+                except Exception:  # the peer may be gone; nothing left to close
+                    pass
+    return out
