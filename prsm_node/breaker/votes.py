@@ -26,6 +26,7 @@ import nacl.exceptions
 import nacl.signing
 from nacl.bindings import crypto_sign_open
 
+from ..strict_msgpack import unpack_strict
 from .exceptions import BadSignature, Malformed, Replayed, Stale, Unstaked, WrongChain
 
 VOTE_DOMAIN = "prsm-breaker-vote-v1"
@@ -150,33 +151,9 @@ def vote_id(vote: Vote) -> bytes:
 # ------------------------------------------------------------ decode
 
 
-def _reject_ext(code: int, data: bytes) -> Any:
-    raise Malformed(f"msgpack ext type {code} is not allowed")
-
-
 def unpack(data: bytes, limit: int, what: str) -> Any:
     """One msgpack value from untrusted bytes of at most ``limit`` bytes (Malformed otherwise)."""
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise Malformed(f"{what}: expected bytes, got {type(data).__name__}")
-    if len(data) > limit:
-        raise Malformed(f"{what} is {len(data)} bytes, over the {limit}-byte limit")
-    try:
-        return msgpack.unpackb(
-            data,
-            raw=False,
-            use_list=True,
-            strict_map_key=True,
-            ext_hook=_reject_ext,
-            max_str_len=limit,
-            max_bin_len=limit,
-            max_array_len=limit,
-            max_map_len=limit,
-            max_ext_len=0,
-        )
-    except Malformed:
-        raise
-    except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as exc:
-        raise Malformed(f"{what} is not valid msgpack: {type(exc).__name__}: {exc}") from None
+    return unpack_strict(data, limit, what, Malformed)
 
 
 def decode_vote(data: bytes) -> Vote:

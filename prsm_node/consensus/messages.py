@@ -26,6 +26,7 @@ import msgpack
 import nacl.exceptions
 import nacl.signing
 
+from ..strict_msgpack import unpack_strict
 from .exceptions import ConsensusDecodeError
 
 PROTOCOL_ID = "/prsm/pbft/1.0.0"
@@ -338,32 +339,8 @@ def message_hash(m: Message) -> bytes:
 # ------------------------------------------------------------ decode
 
 
-def _reject_ext(code: int, data: bytes) -> Any:
-    raise ConsensusDecodeError(f"msgpack ext type {code} is not allowed")
-
-
 def _unpack(data: bytes, limit: int = MAX_MESSAGE_SIZE) -> Any:
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise ConsensusDecodeError(f"expected bytes, got {type(data).__name__}")
-    if len(data) > limit:
-        raise ConsensusDecodeError(f"message is {len(data)} bytes, over the {limit}-byte limit")
-    try:
-        return msgpack.unpackb(
-            data,
-            raw=False,
-            use_list=True,
-            strict_map_key=True,
-            ext_hook=_reject_ext,
-            max_str_len=limit,
-            max_bin_len=limit,
-            max_array_len=limit,
-            max_map_len=limit,
-            max_ext_len=0,
-        )
-    except ConsensusDecodeError:
-        raise
-    except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as exc:
-        raise ConsensusDecodeError(f"not valid msgpack: {type(exc).__name__}: {exc}") from None
+    return unpack_strict(data, limit, "message", ConsensusDecodeError)
 
 
 def _describe(value: Any) -> str:

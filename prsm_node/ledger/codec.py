@@ -21,6 +21,7 @@ from typing import Any
 
 import msgpack
 
+from ..strict_msgpack import unpack_strict
 from .exceptions import AmountOutOfRange, LedgerDecodeError, MalformedTx, TxRejected, UnknownKind
 from .types import (
     ACCOUNT_SIZE,
@@ -251,32 +252,8 @@ def encode_account(a: Account) -> bytes:
 # ------------------------------------------------------------ decode
 
 
-def _reject_ext(code: int, data: bytes) -> Any:
-    raise LedgerDecodeError(f"msgpack ext type {code} is not allowed")
-
-
 def _unpack(data: bytes, limit: int, what: str) -> Any:
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise LedgerDecodeError(f"{what}: expected bytes, got {type(data).__name__}")
-    if len(data) > limit:
-        raise LedgerDecodeError(f"{what} is {len(data)} bytes, over the {limit}-byte limit")
-    try:
-        return msgpack.unpackb(
-            data,
-            raw=False,
-            use_list=True,
-            strict_map_key=True,
-            ext_hook=_reject_ext,
-            max_str_len=limit,
-            max_bin_len=limit,
-            max_array_len=limit,
-            max_map_len=limit,
-            max_ext_len=0,
-        )
-    except LedgerDecodeError:
-        raise
-    except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as exc:
-        raise LedgerDecodeError(f"{what} is not valid msgpack: {type(exc).__name__}: {exc}") from None
+    return unpack_strict(data, limit, what, LedgerDecodeError)
 
 
 def _array(value: Any, size: int, what: str) -> list[Any]:
