@@ -23,6 +23,8 @@ from .exceptions import ConfigError, HomeError, LockedError, PrsmError
 from .home import Home, HomeLock, init_home
 from .logs import kv
 
+TEST_FAULTS = ("equivocate", "bad-signatures", "silent")  # prsm_node.consensus.faults.TEST_FAULTS
+
 if TYPE_CHECKING:  # the real import waits until the node really starts (libp2p is heavy)
     from .node import Node, Ready
 
@@ -38,6 +40,7 @@ class StartOptions:
     bootstrap: list[str] = field(default_factory=list)
     log_format: str | None = None
     log_level: str | None = None
+    test_fault: str | None = None  # equivocate | bad-signatures | silent (tests only)
 
 
 def apply_flags(cfg: Config, opts: StartOptions) -> Config:
@@ -64,6 +67,8 @@ def start(opts: StartOptions) -> int:
             init_home(home)
             print(f"initialised a new node home at {home.path}", file=sys.stderr)
         cfg = apply_flags(home.load_config(), opts)
+        if opts.test_fault is not None and opts.test_fault not in TEST_FAULTS:
+            raise ConfigError(f"--test-fault: one of {', '.join(TEST_FAULTS)}, got {opts.test_fault!r}")
         key = home.load_key()
         genesis = home.load_genesis()
         network = home.network(cfg)
@@ -83,6 +88,7 @@ def start(opts: StartOptions) -> int:
         from .node import Node  # libp2p is heavy: import it only to really start
 
         node = Node(home, cfg, key, genesis, bootstrap)
+        node.test_fault = opts.test_fault
         trio.run(_run, node)
     except Exception as exc:
         # trio hands errors out of nurseries as ExceptionGroups: find our own error inside.

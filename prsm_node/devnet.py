@@ -2,7 +2,9 @@
 
 Layout under ``--dir``: ``network/`` (genesis.json, peers.txt: a network folder like those in
 bootstrap/, so other nodes can join with ``prsm-node init --network DIR/network``) and one home
-per node, ``node0`` … ``nodeN-1``. node0 is the bootstrap peer of the others. Ports are fixed
+per node, ``node0`` … ``nodeN-1``. node0 is the bootstrap peer of the others. The first
+``--validators`` nodes are the genesis validators (one: node0 makes blocks alone; four or
+more: they run PBFT). ``--test-fault node3=silent`` starts one node with a test fault. Ports are fixed
 at creation so a restarted node keeps its address. Re-running on the same dir reuses the homes.
 
 Start-up cost matters with dozens of nodes on two cores: importing libp2p takes ~1.5 s of CPU,
@@ -55,15 +57,34 @@ def _free_ports(count: int) -> list[int]:
             s.close()
 
 
-def create(directory: Path, nodes: int) -> list[DevnetNode]:
-    """Write the network folder and every node's home."""
+def parse_faults(specs: list[str], nodes: int) -> dict[int, str]:
+    """``["node3=silent", ...]`` → ``{3: "silent"}`` (HomeError on a bad spec)."""
+    from .daemon import TEST_FAULTS
+
+    out: dict[int, str] = {}
+    for spec in specs:
+        name, _, fault = spec.partition("=")
+        index = name.removeprefix("node")
+        if not index.isdigit() or int(index) >= nodes or fault not in TEST_FAULTS:
+            raise HomeError(
+                f"--test-fault {spec!r}: expected nodeI=FAULT with I < {nodes} "
+                f"and FAULT one of {', '.join(TEST_FAULTS)}"
+            )
+        out[int(index)] = fault
+    return out
+
+
+def create(directory: Path, nodes: int, validators: int = 1) -> list[DevnetNode]:
+    """Write the network folder and every node's home; nodes 0..validators-1 validate."""
+    if not 1 <= validators <= nodes:
+        raise HomeError(f"--validators must be between 1 and --nodes ({nodes}), got {validators}")
     keys = [NodeKey.generate() for _ in range(nodes)]
     ports = _free_ports(nodes)
     peer_ids = [str(k.peer_id) for k in keys]
     addrs = [f"/ip4/127.0.0.1/tcp/{port}/p2p/{pid}" for port, pid in zip(ports, peer_ids, strict=True)]
     genesis = development_genesis(
         "devnet",
-        [Validator(account=keys[0].account.hex(), peer_id=peer_ids[0])],
+        [Validator(account=keys[i].account.hex(), peer_id=peer_ids[i]) for i in range(validators)],
         [k.account.hex() for k in keys],
     )
     net_dir = directory / NETWORK_DIR
@@ -97,7 +118,7 @@ def load(directory: Path) -> list[DevnetNode]:
     return out
 
 
-def spawn(node: DevnetNode) -> int:
+def spawn(node: DevnetNode, test_fault: str | None = None) -> int:
     """Fork one daemon process for ``node``; its output goes to <home>/node.log."""
     pid = os.fork()
     if pid:
@@ -114,7 +135,7 @@ def spawn(node: DevnetNode) -> int:
         sys.stderr = os.fdopen(2, "w", buffering=1)
         from .daemon import StartOptions, start
 
-        code = start(StartOptions(home=Path(node.home)))
+        code = start(StartOptions(home=Path(node.home), test_fault=test_fault))
     finally:
         os._exit(code)
 
@@ -171,7 +192,16 @@ def stop_all(pids: dict[int, int], timeout: float = 15.0) -> dict[int, int]:
     return codes
 
 
-def run(directory: Path, nodes: int, *, fresh: bool, as_json: bool, ready_timeout: float) -> int:
+def run(
+    directory: Path,
+    nodes: int,
+    *,
+    fresh: bool,
+    as_json: bool,
+    ready_timeout: float,
+    validators: int = 1,
+    faults: dict[int, str] | None = None,
+) -> int:
     directory = directory.resolve()
     existing = load(directory) if directory.exists() and not fresh else []
     if existing and len(existing) != nodes:
@@ -181,7 +211,7 @@ def run(directory: Path, nodes: int, *, fresh: bool, as_json: bool, ready_timeou
         )
     if fresh and directory.exists():
         shutil.rmtree(directory)
-    devnet = existing or create(directory, nodes)
+    devnet = existing or create(directory, nodes, validators)
     for node in devnet:
         if Path(node.control).exists():
             try:
@@ -208,7 +238,7 @@ def run(directory: Path, nodes: int, *, fresh: bool, as_json: bool, ready_timeou
     signal.signal(signal.SIGINT, on_signal)
     try:
         for node in devnet:
-            pids[node.index] = spawn(node)
+            pids[node.index] = spawn(node, (faults or {}).get(node.index))
         wait_ready(devnet, table_size=min(nodes - 1, config_mod.DiscoverySection().bucket_size), timeout=ready_timeout)
         elapsed = time.monotonic() - started
         if as_json:

@@ -188,5 +188,6 @@ def decode_blocks_reply(data: bytes) -> tuple[int, list[tuple[bytes, bytes]]] | 
     for i, item in enumerate(f[2]):
         if type(item) is not list or len(item) != 2:
             raise MessageError(f"blocks reply entry {i} is not [block, certificate]")
-        blocks.append((_bytes(item[0], "block", limit=MAX_BLOCK_SIZE), _bytes(item[1], "certificate")))
+        block = _bytes(item[0], "block", limit=MAX_BLOCK_SIZE)
+        blocks.append((block, _bytes(item[1], "certificate", limit=MAX_BLOCK_SIZE)))
     return _uint(f[1], "tip", 2**63), blocks

@@ -49,6 +49,9 @@ class ChainNet:
         self.txs_received = 0
         self.txs_forwarded = 0
         self.sync_errors = 0
+        self.bad_blocks = 0
+        self._preferred: ID | None = None
+        self._validator_ids = set(chain.validator_peers.values())
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.host.set_stream_handler(TX, guarded_handler(m.TX_PROTOCOL, self._handle_tx))
@@ -65,23 +68,31 @@ class ChainNet:
 
     # ------------------------------------------------------------ submitting
 
-    async def submit(self, tx: Tx | None = None, *, body: Body | None = None, fee: int = 0) -> Pending:
+    async def submit(
+        self, tx: Tx | None = None, *, body: Body | None = None, fee: int = 0, from_validator: bool = False
+    ) -> Pending:
         """Admit a tx (from a peer or a client, or ``body`` signed by this node) and send it
-        on toward the validators."""
+        on toward the validators. A PBFT validator sends it to the other validators too
+        (unless one of them sent it): each must time the request, so that a primary that
+        ignores it is replaced."""
         entry = await self.chain.submit(tx, body=body, fee=fee)
-        if not self.chain.is_validator:
+        if not self.chain.solo and not (self.chain.is_validator and from_validator):
             self._nursery.start_soon(self._forward, entry)
         return entry
 
     async def _forward(self, entry: Pending) -> None:
-        for account, peer in self.chain.validator_peers.items():
-            if account == self.chain.account:
-                continue
-            try:
-                await self._send_submit(ID.from_base58(peer), entry.encoded)
-                self.txs_forwarded += 1
-            except (OSError, FrameError, m.MessageError, DiscoveryError, trio.TooSlowError) as exc:
-                log.info("forward failed", extra=kv(peer=peer, tx=entry.hash.hex()[:16], error=str(exc)))
+        """To every validator at once: one that is down must not delay the others."""
+        async with trio.open_nursery() as nursery:
+            for account, peer in self.chain.validator_peers.items():
+                if account != self.chain.account:
+                    nursery.start_soon(self._forward_to, peer, entry)
+
+    async def _forward_to(self, peer: str, entry: Pending) -> None:
+        try:
+            await self._send_submit(ID.from_base58(peer), entry.encoded)
+            self.txs_forwarded += 1
+        except (OSError, FrameError, m.MessageError, DiscoveryError, trio.TooSlowError) as exc:
+            log.info("forward failed", extra=kv(peer=peer, tx=entry.hash.hex()[:16], error=str(exc)))
 
     async def _send_submit(self, peer: ID, encoded: bytes) -> None:
         reply = m.decode_submit_reply(await self._request(peer, TX, m.encode_submit(encoded), m.MAX_REPLY))
@@ -142,7 +153,7 @@ class ChainNet:
     async def _answer_submit(self, data: bytes, peer: ID) -> bytes:
         self.txs_received += 1
         try:
-            entry = await self.submit(decode_tx(data))
+            entry = await self.submit(decode_tx(data), from_validator=str(peer) in self._validator_ids)
         except (TxRejected, LedgerDecodeError) as exc:
             log.debug("tx refused", extra=kv(peer=str(peer), code=exc.code, error=str(exc)))
             return m.encode_error(exc.code, str(exc))
@@ -193,11 +204,14 @@ class ChainNet:
     # ------------------------------------------------------------ following
 
     def _sync_sources(self) -> list[ID]:
-        """Validators first (they hold every block), then any connected peer."""
+        """The last source that worked, then validators (they hold every block), then any
+        connected peer; a validator that is down only costs a try after a failure."""
         validators = [ID.from_base58(p) for a, p in self.chain.validator_peers.items() if a != self.chain.account]
+        random.shuffle(validators)
         others = [p for p in self.host.get_network().connections if p not in validators]
         random.shuffle(others)
-        return validators + others
+        first = [self._preferred] if self._preferred is not None else []
+        return first + [p for p in validators + others if p != self._preferred]
 
     async def _sync_loop(self) -> None:
         """Long-poll a source for the next blocks; apply each after checking it."""
@@ -209,13 +223,17 @@ class ChainNet:
                     progressed = await self._sync_from(peer)
                 except (OSError, FrameError, m.MessageError, DiscoveryError, trio.TooSlowError) as exc:
                     self.sync_errors += 1
+                    self._preferred = None if self._preferred == peer else self._preferred
                     log.debug("sync failed", extra=kv(peer=str(peer), error=str(exc)))
                     continue
                 except (BlockRejected, LedgerDecodeError) as exc:
                     self.sync_errors += 1
+                    self.bad_blocks += 1
+                    self._preferred = None if self._preferred == peer else self._preferred
                     log.warning("peer sent a bad block", extra=kv(peer=str(peer), error=str(exc)))
                     continue
                 if progressed:
+                    self._preferred = peer
                     break  # else: a source that claims more blocks than it sends; try the next
             if progressed:
                 backoff = 0.5
@@ -241,4 +259,5 @@ class ChainNet:
             "txs_received": self.txs_received,
             "txs_forwarded": self.txs_forwarded,
             "sync_errors": self.sync_errors,
+            "bad_blocks": self.bad_blocks,
         }

@@ -2,8 +2,11 @@
 
 Roles, from genesis:
 - **solo validator** (the one validator of a development genesis): makes blocks from its
-  mempool, signs them, commits them. PBFT (protocols/pbft.md) replaces this producer when a
-  genesis names several validators; the ledger, storage and sync stay as they are.
+  mempool, signs them, commits them.
+- **PBFT validator** (one of several genesis validators): the consensus service
+  (prsm_node/consensus/service.py) orders batches with PBFT; this service builds proposals
+  (``propose_txs``) and turns each committed batch into a block (``commit_batch``), stored with
+  its PBFT commit certificate. It also follows the chain like a follower, to catch up.
 - **follower** (every other node): admits txs to its own mempool, forwards them to the
   validators over ``/prsm/tx/1.0.0``, and keeps its ledger in step by fetching blocks with
   their commit certificates over ``/prsm/sync/1.0.0``, checking the validator signatures and
@@ -19,18 +22,24 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import trio
 
 from .._trio import TaskStatus
 from ..config import LedgerSection
+from ..consensus.blocks import BadBatch, execute_batch, rebuild_batch
+from ..consensus.certs import ValidatorSet
+from ..consensus.exceptions import ConfigurationError, InvalidMessage
+from ..consensus.messages import CommitCertificate, batch_digest
 from ..genesis import Genesis
 from ..keys import NodeKey
 from ..ledger.block import (
     Block,
     BlockRejected,
     Certificate,
+    PbftProof,
     apply_block,
     decode_block,
     decode_certificate,
@@ -80,6 +89,14 @@ class ChainService:
         self.quorum = n - (n - 1) // 3  # 2f+1 for n = 3f+1 (and n - f in general)
         self.is_validator = self.account in self.validators
         self.solo = self.is_validator and n == 1
+        self.validator_order = tuple(bytes.fromhex(v.account) for v in genesis.validators)
+        try:
+            self.validator_set: ValidatorSet | None = ValidatorSet(genesis.chain_id, self.validator_order)
+        except ConfigurationError:
+            self.validator_set = None  # 2 or 3 validators: PBFT needs at least 4
+        self.consensus_running = False
+        # Set by the consensus service: called with every tx this node admits to its mempool.
+        self.on_admitted: Callable[[Pending], None] | None = None
         self._state: LedgerState | None = None
         self._mempool: Mempool | None = None
         self.tip = Tip(0, bytes(32), 0)
@@ -106,7 +123,7 @@ class ChainService:
 
     @property
     def role(self) -> str:
-        if self.solo:
+        if self.solo or self.consensus_running:
             return "validator"
         return "validator (waiting for consensus)" if self.is_validator else "follower"
 
@@ -144,6 +161,8 @@ class ChainService:
                 nonce = self.mempool.next_nonce(self.account)
                 tx = sign_tx(self.key.signing_key, chain_id=self.state.chain_id, nonce=nonce, fee=fee, body=body)
             entry = self.mempool.add(tx, now=time.monotonic(), verified=True)
+        if self.on_admitted is not None:
+            self.on_admitted(entry)
         self._new_tx.set()
         self._new_tx = trio.Event()
         return entry
@@ -223,7 +242,10 @@ class ChainService:
                     cert = decode_certificate(cert_bytes)
                     if block.header.proposer not in self.validators:
                         raise BlockRejected(f"block {block.height} was proposed by a non-validator")
-                    verify_certificate(cert, block, self.validators, self.quorum)
+                    if cert.pbft is None:
+                        verify_certificate(cert, block, self.validators, self.quorum)
+                    else:
+                        self._check_pbft_certificate(block, cert)
                 except (BlockRejected, LedgerDecodeError) as exc:
                     error = exc
                     break
@@ -250,15 +272,114 @@ class ChainService:
         verdict.bad = await self.verifier.first_invalid(txs)
         verdict.done.set()
 
+    def _check_pbft_certificate(self, block: Block, cert: Certificate) -> None:
+        """The PBFT kind: a quorum of the validators' COMMIT signatures over ``(view, seq,
+        digest)``, ``seq`` the block's height and ``digest`` that of the batch rebuilt from
+        the block (``_apply_checked`` then re-executes that batch into this very block)."""
+        p = cert.pbft
+        assert p is not None
+        if self.validator_set is None:
+            raise BlockRejected("a PBFT certificate on a chain with fewer than 4 validators")
+        if p.seq != block.height:
+            raise BlockRejected(f"block {block.height} comes with the certificate of seq {p.seq}")
+        try:
+            batch = rebuild_batch(block, p.meta, p.skipped)
+        except BadBatch as exc:
+            raise BlockRejected(f"block {block.height}: {exc}") from None
+        if batch_digest(self.genesis.chain_id, batch) != p.digest:
+            raise BlockRejected(f"block {block.height} is not the batch its certificate commits")
+        try:
+            self.validator_set.check_commit_cert(CommitCertificate(p.view, p.seq, p.digest, cert.signatures))
+        except InvalidMessage as exc:
+            raise BlockRejected(f"block {block.height}: {exc}") from None
+
     async def _apply_checked(self, block: Block, txs: list[Tx], cert: Certificate) -> None:
         async with self._lock:
-            if block.height != self.tip.height + 1:  # another sync got there first
+            if block.height <= self.tip.height:  # consensus or another sync got there first
+                return
+            if block.height != self.tip.height + 1:
                 raise BlockRejected(f"block {block.height} does not follow height {self.tip.height}")
-            apply_block(self.state, block, txs, prev_hash=self.tip.hash, prev_time_ms=self.tip.time_ms, verify=False)
+            if cert.pbft is None:
+                apply_block(
+                    self.state, block, txs, prev_hash=self.tip.hash, prev_time_ms=self.tip.time_ms, verify=False
+                )
+            else:
+                self._execute_certified(block, cert.pbft)
             await self._commit(block, cert, txs)
             self.mempool.discard(tx_hash(tx) for tx in txs)
             self._after_block(txs, [])
         self.blocks_synced += 1
+
+    def _execute_certified(self, block: Block, p: PbftProof) -> None:
+        """Re-execute a certified batch; it must give exactly ``block`` (else the state is
+        reverted and the block rejected)."""
+        batch = rebuild_batch(block, p.meta, p.skipped)
+        try:
+            done = execute_batch(
+                self.state,
+                batch,
+                prev_hash=self.tip.hash,
+                prev_time_ms=self.tip.time_ms,
+                null_proposer=self.validator_order[0],
+            )
+        except BaseException:
+            self.state.revert_to_checkpoint()
+            raise
+        if done.block != block or done.skipped != p.skipped:
+            self.state.revert_to_checkpoint()
+            raise BlockRejected(f"block {block.height} is not what its certified batch executes to")
+
+    # ------------------------------------------------------------ PBFT hooks
+
+    async def propose_txs(self, max_txs: int, max_bytes: int) -> list[bytes]:
+        """Encoded txs for the primary's next batch: those of a block made from the mempool
+        now (the state is reverted; the block is made for real when the batch commits)."""
+        async with self._lock:
+            state = self.state
+            txs = self.mempool.select(min(max_txs, self.cfg.max_block_txs))
+            try:
+                _, included, _ = make_block(state, txs, proposer=self.account, prev_hash=self.tip.hash, time_ms=0)
+            finally:
+                state.revert_to_checkpoint()
+            out: list[bytes] = []
+            size = 0
+            for tx in included:
+                data = encode_tx(tx)
+                if size + len(data) > max_bytes:
+                    break
+                out.append(data)
+                size += len(data)
+            return out
+
+    async def commit_batch(self, seq: int, batch: Sequence[bytes], cert: CommitCertificate) -> bytes:
+        """Turn the batch PBFT committed at ``seq`` into block ``seq`` and store it with its
+        certificate; returns the block hash (the replica's checkpoint digest). A block that
+        is already here (synced from a peer) is not made again."""
+        async with self._lock:
+            if seq <= self.tip.height:
+                return self.ledger.block(seq).hash()
+            if seq != self.tip.height + 1:
+                raise BlockRejected(f"batch {seq} committed, the ledger is at height {self.tip.height}")
+            started = time.perf_counter()
+            try:
+                done = execute_batch(
+                    self.state,
+                    batch,
+                    prev_hash=self.tip.hash,
+                    prev_time_ms=self.tip.time_ms,
+                    null_proposer=self.validator_order[0],
+                )
+            except BaseException:
+                self.state.revert_to_checkpoint()
+                raise
+            meta = batch[0] if batch else b""
+            proof = PbftProof(cert.view, cert.seq, cert.digest, meta, done.skipped)
+            await self._commit(done.block, Certificate(tuple(cert.commits), proof), done.included)
+            self.mempool.discard([tx_hash(tx) for tx in done.included] + [tx_hash(tx) for tx in done.dropped])
+            self._after_block(done.included, done.dropped)
+            self.block_timings.append((len(done.included), (time.perf_counter() - started) * 1000))
+        self.blocks_made += 1
+        return done.block.hash()
 
     async def _commit(self, block: Block, cert: Certificate, txs: list[Tx]) -> None:
         """Persist the block and the state changes (synced), then make them final in memory.

@@ -209,12 +209,44 @@ COMMIT_DOMAIN = "prsm-commit-v1"
 MAX_CERT_SIGNATURES = 256
 
 
+PBFT_CERT_TAG = "pbft-v1"
+
+
+@dataclass(frozen=True)
+class PbftProof:
+    """What turns a PBFT commit certificate (protocols/pbft.md) into a proof of one block.
+
+    The validators' COMMIT signatures are over ``(view, seq, digest)``, ``digest`` being the
+    PBFT batch digest of ``[meta, *txs]``; ``seq`` is the block height. The block holds the
+    txs that applied; ``skipped`` gives back the others (index among the batch's txs, tx
+    bytes) so anyone can rebuild the batch, check its digest and re-execute it into this
+    very block. ``meta`` is the batch's first request (proposer, time), empty for the null
+    batch of a view change."""
+
+    view: int
+    seq: int
+    digest: bytes
+    meta: bytes
+    skipped: tuple[tuple[int, bytes], ...]
+
+
 @dataclass(frozen=True)
 class Certificate:
-    """Validators' signatures that a block is committed: ``(account, signature)`` pairs over
-    ``commit_payload``, one per validator, in ascending account order."""
+    """Validators' signatures that a block is committed, in ascending account order, of one
+    of two kinds (``kind``):
+
+    - ``"signatures"`` (``pbft`` is None): ``(account, signature)`` over ``commit_payload``,
+      what a solo validator writes; checked with ``verify_certificate``.
+    - ``"pbft"``: a PBFT commit certificate, ``(validator, COMMIT signature)`` over
+      ``(pbft.view, pbft.seq, pbft.digest)``; checked by the chain service against the
+      validator set, then by re-executing the rebuilt batch."""
 
     signatures: tuple[tuple[bytes, bytes], ...]
+    pbft: PbftProof | None = None
+
+    @property
+    def kind(self) -> str:
+        return "signatures" if self.pbft is None else "pbft"
 
 
 def commit_payload(chain_id: str, height: int, block_hash: bytes) -> bytes:
@@ -229,27 +261,69 @@ def sign_commit(key: Any, block: Block) -> tuple[bytes, bytes]:
 
 
 def encode_certificate(cert: Certificate) -> bytes:
-    return _pack([[account, sig] for account, sig in cert.signatures])
+    """Signatures kind: ``[[account, sig], ...]``. PBFT kind: ``["pbft-v1", view, seq,
+    digest, [[validator, sig], ...], meta, [[index, tx], ...]]``."""
+    sigs = [[account, sig] for account, sig in cert.signatures]
+    p = cert.pbft
+    if p is None:
+        return _pack(sigs)
+    return _pack([PBFT_CERT_TAG, p.view, p.seq, p.digest, sigs, p.meta, [[i, tx] for i, tx in p.skipped]])
 
 
-def decode_certificate(data: bytes) -> Certificate:
-    items = _unpack(data, MAX_CERT_SIGNATURES * 128, "certificate")
+def _signature_pairs(items: Any) -> tuple[tuple[bytes, bytes], ...]:
     if type(items) is not list or not 1 <= len(items) <= MAX_CERT_SIGNATURES:
-        raise LedgerDecodeError(f"certificate must be an array of 1..{MAX_CERT_SIGNATURES} signatures")
+        raise LedgerDecodeError(f"certificate must hold 1..{MAX_CERT_SIGNATURES} signatures")
     pairs = []
     for i, item in enumerate(items):
         f = _array(item, 2, f"certificate entry {i}")
         pairs.append((_bin(f[0], ACCOUNT_SIZE, f"certificate entry {i} account"), _bin(f[1], 64, f"entry {i} sig")))
-    cert = Certificate(tuple(pairs))
     if [a for a, _ in pairs] != sorted({a for a, _ in pairs}):
         raise LedgerDecodeError("certificate accounts must be unique and ascending")
+    return tuple(pairs)
+
+
+def _pbft_proof(f: list[Any]) -> PbftProof:
+    meta = f[5]
+    if type(meta) is not bytes or len(meta) > MAX_TX_SIZE:
+        raise LedgerDecodeError(f"certificate meta must be bin of at most {MAX_TX_SIZE} bytes")
+    raw = f[6]
+    if type(raw) is not list or len(raw) > MAX_BLOCK_TXS:
+        raise LedgerDecodeError(f"certificate skipped txs must be an array of at most {MAX_BLOCK_TXS}")
+    skipped = []
+    for i, item in enumerate(raw):
+        e = _array(item, 2, f"certificate skipped entry {i}")
+        tx = e[1]
+        if type(tx) is not bytes or not 1 <= len(tx) <= MAX_TX_SIZE:
+            raise LedgerDecodeError(f"certificate skipped entry {i} must hold a tx of at most {MAX_TX_SIZE} bytes")
+        skipped.append((_uint(e[0], f"certificate skipped entry {i} index"), tx))
+    if [i for i, _ in skipped] != sorted({i for i, _ in skipped}):
+        raise LedgerDecodeError("certificate skipped indexes must be unique and ascending")
+    return PbftProof(
+        _uint(f[1], "certificate view"), _uint(f[2], "certificate seq"), _bin(f[3], HASH_SIZE, "certificate digest"),
+        meta, tuple(skipped),
+    )
+
+
+def decode_certificate(data: bytes) -> Certificate:
+    """Parse either kind of certificate from untrusted bytes (any defect: LedgerDecodeError)."""
+    items = _unpack(data, MAX_BLOCK_SIZE, "certificate")
+    if type(items) is list and items and type(items[0]) is str:
+        if items[0] != PBFT_CERT_TAG:
+            raise LedgerDecodeError(f"unknown certificate kind {items[0][:32]!r}")
+        f = _array(items, 7, "pbft certificate")
+        cert = Certificate(_signature_pairs(f[4]), _pbft_proof(f))
+    else:
+        cert = Certificate(_signature_pairs(items))
     if encode_certificate(cert) != bytes(data):
         raise LedgerDecodeError("certificate is not in canonical form")
     return cert
 
 
 def verify_certificate(cert: Certificate, block: Block, validators: frozenset[bytes], quorum: int) -> None:
-    """Raise BlockRejected unless at least ``quorum`` distinct validators signed this block."""
+    """Raise BlockRejected unless at least ``quorum`` distinct validators signed this block
+    (a certificate of the signatures kind; the PBFT kind is checked by the chain service)."""
+    if cert.pbft is not None:
+        raise BlockRejected(f"block {block.height}: a PBFT certificate needs the validator set to check")
     payload = commit_payload(block.header.chain_id, block.height, block.hash())
     good = {a for a, sig in cert.signatures if a in validators and _verify(a, payload, sig)}
     if len(good) < quorum:
