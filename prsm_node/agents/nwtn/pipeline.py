@@ -1,0 +1,214 @@
+"""The NWTN pipeline: plan, route, check the budget, execute, compile.
+
+**Budget.** Before anything runs, each subtask's worst-case cost is estimated: the largest
+inputs the prompter can produce for it (``prompter.worst_case``) give ``max_units``, times the
+highest price among the providers it may be tried on (at most ``MAX_ATTEMPTS``; local ones cost
+nothing). The sum must be within the budget, else ``OverBudget`` carries the estimate and
+nothing has been run or paid. Each remote run authorises at most ``max_units(real inputs) ×
+that provider's price``, so the total charged never exceeds the estimate.
+
+**Executor.** Waves of independent subtasks run in parallel. A subtask tries its candidates in
+rank order: locally when this node hosts the model, else over ``/prsm/task/1.0.0``; on any
+failure (peer gone mid-task, busy, halted, bad answer) it moves to the next candidate. Every
+attempt is kept in the trace.
+
+**Compiler.** The answer is the nearest passage, the topic, and the continuation, with a trace
+row per subtask: model, peer, milliseconds, compute units and cost.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ...ledger.types import format_amount
+from ...logs import kv
+from ..exceptions import AgentError
+from ..inputs import parse_input
+from ..pricing import max_units, units
+from ..task import TaskFailed, TaskService
+from . import prompter
+from .architect import Subtask, candidate_passages, load_passages, plan, waves
+from .router import Candidate, Router
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3
+
+
+class OverBudget(AgentError):
+    """Raised before anything runs when the estimated maximum cost exceeds the budget."""
+
+    def __init__(self, estimate: int, budget: int) -> None:
+        super().__init__(f"estimated cost up to {format_amount(estimate)} FTNS exceeds the budget "
+                         f"of {format_amount(budget)} FTNS")
+        self.estimate = estimate
+        self.budget = budget
+
+
+@dataclass
+class Step:
+    task: Subtask
+    candidates: list[Candidate]
+    estimate: int = 0
+    output: Any = None
+    result: dict[str, Any] | None = None
+    model: str | None = None
+    model_id: str | None = None
+    peer: str | None = None
+    ms: float = 0.0
+    units: int = 0
+    cost: int = 0
+    receipts: list[dict[str, Any]] = field(default_factory=list)
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+
+    def trace(self) -> dict[str, Any]:
+        return {
+            "subtask": self.task.name, "capability": self.task.capability,
+            "depends_on": list(self.task.depends_on), "model": self.model, "model_id": self.model_id,
+            "peer": self.peer, "ms": round(self.ms, 2), "units": self.units, "cost": str(self.cost),
+            "cost_ftns": format_amount(self.cost), "estimate": str(self.estimate), "attempts": self.attempts,
+            "receipts": self.receipts, "error": self.error,
+        }
+
+
+@dataclass
+class Answer:
+    query: str
+    text: str
+    budget: int
+    estimate: int
+    cost: int
+    ms: float
+    steps: list[Step]
+    registry: list[dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "query": self.query, "answer": self.text, "budget": str(self.budget), "estimate": str(self.estimate),
+            "cost": str(self.cost), "cost_ftns": format_amount(self.cost), "ms": round(self.ms, 2),
+            "trace": [s.trace() for s in self.steps], "registry": self.registry,
+        }
+
+
+def _cosine(a: list[float], b: list[float]) -> float:
+    num = sum(x * y for x, y in zip(a, b, strict=False))
+    den = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
+    return num / den if den else 0.0
+
+
+class Pipeline:
+    def __init__(self, tasks: TaskService, router: Router, corpus: Path | None) -> None:
+        self.tasks = tasks
+        self.router = router
+        self.corpus = corpus
+        self._passages: list[str] | None = None
+        self.asked = 0
+
+    async def passages(self) -> list[str]:
+        if self._passages is None:
+            self._passages = await trio.to_thread.run_sync(load_passages, self.corpus)
+        return self._passages
+
+    async def ask(self, query: str, budget: int) -> Answer:
+        started = trio.current_time()
+        self.asked += 1
+        subtasks = plan(query)
+        passages = candidate_passages(query, await self.passages())
+        await self.router.discover()
+        steps = {t.name: Step(t, self.router.route(t.capability)[:MAX_ATTEMPTS]) for t in subtasks}
+        for step in steps.values():
+            step.estimate = max((self._worst(step, c, query, passages) for c in step.candidates), default=0)
+        estimate = sum(s.estimate for s in steps.values())
+        if estimate > budget:
+            raise OverBudget(estimate, budget)
+        results: dict[str, Any] = {}
+        for wave in waves(subtasks):
+            async with trio.open_nursery() as nursery:
+                for t in wave:
+                    nursery.start_soon(self._execute, steps[t.name], query, passages, results)
+        answer = self._compile(query, steps, passages, results)
+        return Answer(query, answer, budget, estimate, sum(s.cost for s in steps.values()),
+                      (trio.current_time() - started) * 1000, list(steps.values()), self.router.describe())
+
+    def _worst(self, step: Step, c: Candidate, query: str, passages: list[str]) -> int:
+        if c.local:
+            return 0
+        raw = prompter.worst_case(step.task, c.spec, query, passages)
+        return max_units(c.spec, parse_input(c.spec, raw)) * c.price_per_unit
+
+    async def _execute(self, step: Step, query: str, passages: list[str], results: dict[str, Any]) -> None:
+        if not step.candidates:
+            step.error = f"no model with capability {step.task.capability!r} is reachable"
+            return
+        missing = [d for d in step.task.depends_on if d not in results]
+        if missing:
+            log.info("dependency failed; running without it", extra=kv(subtask=step.task.name, missing=missing))
+        for c in step.candidates:
+            if self.router.is_halted(c.model_id):
+                step.attempts.append({"peer": str(c.peer) if c.peer else "local", "error": "halted"})
+                continue
+            inputs = prompter.shape(step.task, c.spec, query, passages, results)
+            peer = str(c.peer) if c.peer else "local"
+            started = trio.current_time()
+            try:
+                if c.peer is None:
+                    assert c.hosted is not None
+                    run = await self.tasks.run_local(c.hosted, inputs)
+                    output, used, cost, receipts = run.output, units(run.usage), 0, []
+                else:
+                    assert c.entry is not None
+                    max_amount = max_units(c.spec, parse_input(c.spec, inputs)) * c.price_per_unit
+                    out = await self.tasks.run_remote(c.peer, c.entry, inputs, max_amount)
+                    output, used, cost = out.output, out.charge.units, out.charge.amount
+                    receipts = [{"receipt_id": r.receipt_id.hex(), "payee": r.payee.hex(), "amount": str(r.amount)}
+                                for r in out.receipts]
+            except (TaskFailed, AgentError) as exc:
+                code = exc.code if isinstance(exc, TaskFailed) else type(exc).__name__
+                step.attempts.append({"peer": peer, "model_id": c.model_id.hex(), "error": code, "message": str(exc)})
+                log.info("subtask attempt failed", extra=kv(subtask=step.task.name, peer=peer, error=str(exc)))
+                continue
+            step.ms = (trio.current_time() - started) * 1000
+            step.attempts.append({"peer": peer, "model_id": c.model_id.hex(), "error": None})
+            step.model, step.model_id, step.peer = c.name, c.model_id.hex(), peer
+            step.output, step.units, step.cost, step.receipts = output, used, cost, receipts
+            results[step.task.name] = self._interpret(step, output, passages)
+            step.result = results[step.task.name]
+            return
+        step.error = f"every provider failed ({len(step.attempts)} attempts)"
+
+    def _interpret(self, step: Step, output: Any, passages: list[str]) -> dict[str, Any]:
+        name = step.task.name
+        if name == "retrieve":
+            vectors = output
+            if not passages or len(vectors) < 2:
+                return {"passage": None, "similarity": None}
+            scores = [_cosine(vectors[0], v) for v in vectors[1:]]
+            best = max(range(len(scores)), key=lambda i: scores[i])
+            return {"passage": passages[best], "similarity": round(scores[best], 4)}
+        if name == "classify":
+            label = max(output, key=lambda k: output[k])
+            return {"label": label, "probability": round(output[label], 4)}
+        return {"text": output}
+
+    def _compile(self, query: str, steps: dict[str, Step], passages: list[str], results: dict[str, Any]) -> str:
+        lines = []
+        r = results.get("retrieve")
+        if r and r.get("passage"):
+            lines.append(f"Nearest passage (cosine {r['similarity']}): {r['passage']}")
+        c = results.get("classify")
+        if c:
+            lines.append(f"Topic: {c['label']} (p={c['probability']})")
+        g = results.get("generate")
+        if g:
+            lines.append(f"Continuation: {g['text']}")
+        for s in steps.values():
+            if s.error:
+                lines.append(f"[{s.task.name} skipped: {s.error}]")
+        return "\n".join(lines) or "no subtask could run"

@@ -1,0 +1,69 @@
+"""Write protocols/task-vectors.json: /prsm/task/1.0.0 messages built from fixed keys, so another
+implementation can check its encoding, its authorisation payload and its receipt derivation.
+
+    python scripts/gen_task_vectors.py [--check]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from prsm_node.agents import task_messages as m  # noqa: E402
+from prsm_node.agents.inputs import Usage  # noqa: E402
+from prsm_node.agents.pricing import charge_for  # noqa: E402
+from prsm_node.agents.task import expected_receipts, sign_auth  # noqa: E402
+from prsm_node.keys import NodeKey  # noqa: E402
+from prsm_node.ledger.signing import sign_receipt  # noqa: E402
+
+OUT = ROOT / "protocols" / "task-vectors.json"
+
+
+def vectors() -> dict[str, object]:
+    payer, executor, publisher = NodeKey(b"\x01" * 32), NodeKey(b"\x02" * 32), NodeKey(b"\x03" * 32)
+    chain, model, task = "prsm-vectors", b"\x0a" * 32, b"\x0b" * 32
+    auth = sign_auth(payer, m.Authorisation(payer.account, executor.account, model, task, chain, 10**15, 1_900_000_000))
+    run = m.Run(model, {"prompt": "The Rays of Light", "max_new_tokens": 8, "temperature": 0.0}, auth)
+    usage = Usage(17, 8, 1.5, 1, "cpu")
+    charge = charge_for(25, 10**12, auth.max_amount, royalty=Fraction(1, 10), payer=payer.account,
+                        executor=executor.account, publisher=publisher.account)
+    result = m.Result(task, " the Light", usage, charge)
+    receipts = tuple(sign_receipt(payer.signing_key, receipt_id=r.receipt_id, payee=r.payee, amount=r.amount,
+                                  chain_id=chain)
+                     for r in expected_receipts(task, payer.account, executor.account, charge, chain))
+    return {
+        "keys": {"payer_seed": "01" * 32, "executor_seed": "02" * 32, "publisher_seed": "03" * 32},
+        "auth_signing_payload": auth.signing_payload().hex(),
+        "receipt_ids": [r.hex() for r in m.receipt_ids(task)],
+        "charge": {"units": charge.units, "price_per_unit": str(charge.price_per_unit), "amount": str(charge.amount),
+                   "executor_amount": str(charge.executor_amount), "publisher_amount": str(charge.publisher_amount)},
+        "messages": {
+            "list": m.encode_request(m.ListModels()).hex(),
+            "run": m.encode_request(run).hex(),
+            "result": m.encode_reply(result).hex(),
+            "pay": m.encode_request(m.Pay(task, receipts)).hex(),
+            "paid": m.encode_reply(m.Paid(task)).hex(),
+            "error": m.encode_error("busy", "4 tasks of this peer are running").hex(),
+        },
+    }
+
+
+def main(argv: list[str]) -> int:
+    text = json.dumps(vectors(), indent=2) + "\n"
+    if "--check" in argv:
+        if OUT.read_text() != text:
+            print(f"{OUT} is out of date; run scripts/gen_task_vectors.py", file=sys.stderr)
+            return 1
+        return 0
+    OUT.write_text(text)
+    print(f"wrote {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
