@@ -15,6 +15,10 @@ from typing import Annotated, Any
 import typer
 
 from . import __version__
+from .agents.cli import agents_app
+from .agents.cli import ask as agents_ask
+from .breaker.cli import breaker_app
+from .consensus.cli import consensus_app
 from .control.client import call
 from .exceptions import ConfigError, ControlError, DaemonNotRunning, HomeError
 from .home import DEV_NETWORK, Home, default_home, init_home
@@ -101,12 +105,16 @@ def start(
     ] = None,
     log_format: Annotated[str | None, typer.Option(help="text or json; overrides [node].log_format.")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
+    test_fault: Annotated[
+        str | None,
+        typer.Option(help="TESTS ONLY: make this validator misbehave: equivocate, bad-signatures or silent."),
+    ] = None,
 ) -> None:
     """Run the daemon in the foreground (creates the default home if there is none)."""
     from .daemon import StartOptions
     from .daemon import start as start_daemon
 
-    code = start_daemon(StartOptions(_home(home), listen or [], bootstrap or [], log_format, log_level))
+    code = start_daemon(StartOptions(_home(home), listen or [], bootstrap or [], log_format, log_level, test_fault))
     raise typer.Exit(code)
 
 
@@ -190,12 +198,25 @@ def devnet(
     fresh: Annotated[bool, typer.Option("--fresh", help="Delete --dir and create a new devnet.")] = False,
     as_json: JsonOpt = False,
     ready_timeout: Annotated[float, typer.Option(help="Seconds to wait until every node is discovered.")] = 120.0,
+    validators: Annotated[int, typer.Option(min=1, help="How many nodes (node0 on) are genesis validators.")] = 1,
+    test_fault: Annotated[
+        list[str] | None, typer.Option(help="TESTS ONLY: nodeI=FAULT (equivocate, bad-signatures, silent).")
+    ] = None,
 ) -> None:
     """Start N real daemons on 127.0.0.1 with a shared genesis; Ctrl-C stops them all."""
     from . import devnet as devnet_mod
 
     try:
-        code = devnet_mod.run(directory, nodes, fresh=fresh, as_json=as_json, ready_timeout=ready_timeout)
+        faults = devnet_mod.parse_faults(test_fault or [], nodes)
+        code = devnet_mod.run(
+            directory,
+            nodes,
+            fresh=fresh,
+            as_json=as_json,
+            ready_timeout=ready_timeout,
+            validators=validators,
+            faults=faults,
+        )
     except (ConfigError, HomeError) as exc:
         _fail(str(exc), 2)
     raise typer.Exit(code)
@@ -205,6 +226,7 @@ def devnet(
 
 ledger_app = typer.Typer(help="The FTNS ledger: balances, transfers, stake, blocks.", no_args_is_help=True)
 app.add_typer(ledger_app, name="ledger")
+app.add_typer(consensus_app, name="consensus")
 
 FeeOpt = Annotated[str, typer.Option(help="Fee in FTNS, paid to the block's proposer.")]
 NoWaitOpt = Annotated[bool, typer.Option("--no-wait", help="Return once the node accepts the tx.")]
@@ -546,6 +568,12 @@ def model_rm(
     if as_json:
         return _print_json(result)
     typer.echo(f"removed {result['id']} ({_bytes(result['freed_bytes'])} freed)")
+
+# ---- breaker --------------------------------------------------------------------------
+
+app.add_typer(breaker_app, name="breaker")
+app.add_typer(agents_app, name="agents")
+app.command("ask")(agents_ask)
 
 
 def main() -> None:

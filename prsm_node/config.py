@@ -128,6 +128,48 @@ class LedgerSection:
 
 
 @dataclass
+class ConsensusSection:
+    checkpoint_interval: int = _doc("PBFT K: blocks between checkpoints (validators only).", default=16)
+    log_window: int = _doc(
+        "PBFT L: blocks in flight past the last stable checkpoint (a multiple of K).", default=32
+    )
+    view_change_timeout: float = _doc("Seconds a request may wait to commit before a view change.", default=2.0)
+    max_view_change_timeout: float = _doc("Longest view-change timeout after repeated failures.", default=60.0)
+    status_interval: float = _doc("Seconds between retransmissions while a replica waits.", default=0.5)
+
+    def validate(self) -> None:
+        from .consensus.exceptions import ConfigurationError
+
+        try:
+            self.params().validate()
+        except ConfigurationError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def params(self) -> Any:
+        """The replica's PbftParams (batch limits stay at the protocol's defaults)."""
+        from .consensus.params import PbftParams
+
+        return PbftParams(
+            checkpoint_interval=self.checkpoint_interval,
+            log_window=self.log_window,
+            view_change_timeout=self.view_change_timeout,
+            max_view_change_timeout=self.max_view_change_timeout,
+            status_interval=self.status_interval,
+        )
+
+
+@dataclass
+class BreakerSection:
+    heartbeat_interval: int = _doc("Whole seconds between gossipsub heartbeats on the breaker topic.", default=1)
+    catchup_interval: float = _doc("Seconds between asking a random peer for the current votes.", default=60.0)
+    max_faults: int = _doc("Invalid votes from one peer before it is disconnected.", default=3)
+
+    def validate(self) -> None:
+        for name in ("heartbeat_interval", "catchup_interval", "max_faults"):
+            _positive("breaker", name, getattr(self, name))
+
+
+@dataclass
 class ShardsSection:
     quota_bytes: int = _doc("Most bytes of model chunks kept under data/ (0: no limit).", default=0)
     chunk_size: int = _doc(
@@ -199,6 +241,8 @@ class Config:
     p2p: P2PSection = field(default_factory=P2PSection)
     discovery: DiscoverySection = field(default_factory=DiscoverySection)
     ledger: LedgerSection = field(default_factory=LedgerSection)
+    consensus: ConsensusSection = field(default_factory=ConsensusSection)
+    breaker: BreakerSection = field(default_factory=BreakerSection)
     shards: ShardsSection = field(default_factory=ShardsSection)
     agents: AgentsSection = field(default_factory=AgentsSection)
     control: ControlSection = field(default_factory=ControlSection)
@@ -220,6 +264,8 @@ class Config:
         cfg.discovery.bootstrap_backoff_max = 2.0
         cfg.ledger.block_interval = 0.1
         cfg.ledger.rebroadcast_interval = 2.0
+        cfg.consensus.view_change_timeout = 1.0
+        cfg.consensus.max_view_change_timeout = 8.0
         cfg.shards.fetch_response_timeout = 5.0
         cfg.agents.device = "cpu"
         cfg.agents.memory_limit_bytes = 256 << 20

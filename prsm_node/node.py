@@ -19,10 +19,14 @@ from libp2p.peer.id import ID
 
 from . import __version__
 from ._trio import TaskStatus
+from .agents.service import AgentService
+from .breaker.control import BreakerMethods
+from .breaker.service import BreakerService
 from .chain.control import LedgerMethods
 from .chain.net import ChainNet
 from .chain.service import ChainService
 from .config import Config
+from .consensus.service import ConsensusService
 from .control.server import AfterReply, ControlServer, RequestError, param
 from .exceptions import DiscoveryError, ListenError
 from .exchange import ModelMethods, ShardService
@@ -83,7 +87,11 @@ class Node:
         self.kad: Kademlia | None = None
         self.chain: ChainService | None = None
         self.chain_net: ChainNet | None = None
+        self.consensus: ConsensusService | None = None
+        self.test_fault: str | None = None  # `start --test-fault`: a validator misbehaving on purpose
         self.shards: ShardService | None = None
+        self.breaker: BreakerService | None = None
+        self.agents: AgentService | None = None
         self.control = ControlServer(home.control_socket, cfg.control.max_request_bytes)
         self.metrics: MetricsServer | None = None
         self._cancel = trio.CancelScope()
@@ -134,6 +142,28 @@ class Node:
             await nursery.start(self.chain.run)
             self.chain_net = ChainNet(self.host, self.kad, self.chain)
             await nursery.start(self.chain_net.run)
+            self.consensus = ConsensusService(
+                self.host,
+                self.kad,
+                self.chain,
+                self.store,
+                self.key,
+                params=self.cfg.consensus.params(),
+                test_fault=self.test_fault,
+            )
+            await nursery.start(self.consensus.run)
+            bcfg = self.cfg.breaker
+            self.breaker = BreakerService(
+                self.host,
+                self.store,
+                self.chain,
+                self.key,
+                self.genesis,
+                heartbeat_interval=bcfg.heartbeat_interval,
+                catchup_interval=bcfg.catchup_interval,
+                max_faults=bcfg.max_faults,
+            )
+            await nursery.start(self.breaker.run)
             scfg = self.cfg.shards
             shard_store = await trio.to_thread.run_sync(
                 functools.partial(ShardStore, self.home.data_dir, quota=scfg.quota_bytes or None)
@@ -152,10 +182,16 @@ class Node:
                     max_failures=scfg.fetch_max_failures,
                 ),
             )
+            self.shards.is_halted = self.breaker.is_halted
             await nursery.start(self.shards.run)
+            self.agents = AgentService(self, is_halted=self._is_halted)
+            await nursery.start(self.agents.run)
             self._register_methods()
             LedgerMethods(self.chain, self.chain_net).register(self.control)
+            self.consensus.register(self.control)
             ModelMethods(self.shards).register(self.control)
+            BreakerMethods(self.breaker).register(self.control)
+            self.agents.register(self.control)
             await nursery.start(self.control.run)
             if self.cfg.metrics.enabled:
                 self.metrics = MetricsServer(self.cfg.metrics.listen, self._gauges())
@@ -186,6 +222,10 @@ class Node:
             busy = time.process_time() - cpu_before
             if late > STALL_WARN_AFTER and busy > 0.8 * (late + STALL_CHECK_INTERVAL):
                 log.warning("event loop blocked", extra=kv(ms=round(late * 1000), cpu_ms=round(busy * 1000)))
+
+    def _is_halted(self, model_id: bytes) -> bool:
+        breaker = getattr(self, "breaker", None)
+        return breaker is not None and bool(breaker.is_halted(model_id))
 
     # ---- control methods ----------------------------------------------------------------
 

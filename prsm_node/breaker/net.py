@@ -63,7 +63,9 @@ def message_id(msg: rpc_pb2.Message) -> bytes:
     return hashlib.sha256(msg.data).digest()
 
 
-def build_pubsub(host: IHost, *, single_host: bool) -> tuple[Pubsub, GossipSub]:
+def build_pubsub(
+    host: IHost, *, single_host: bool, heartbeat_interval: int = HEARTBEAT_INTERVAL
+) -> tuple[Pubsub, GossipSub]:
     """A Pubsub with a GossipSub router on ``host``, every limit set on purpose.
 
     Messages are signed by their origin (strict signing): a forwarder cannot pose as another
@@ -79,7 +81,7 @@ def build_pubsub(host: IHost, *, single_host: bool) -> tuple[Pubsub, GossipSub]:
         gossip_window=3,
         gossip_history=5,
         heartbeat_initial_delay=0.1,
-        heartbeat_interval=HEARTBEAT_INTERVAL,
+        heartbeat_interval=heartbeat_interval,
         do_px=False,
         prune_back_off=60,
         unsubscribe_back_off=10,

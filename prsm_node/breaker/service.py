@@ -99,7 +99,21 @@ class _Notifee(INotifee):
 
 
 class BreakerService:
-    def __init__(self, host: IHost, store: Store, chain: Any, key: NodeKey, genesis: Genesis) -> None:
+    def __init__(
+        self,
+        host: IHost,
+        store: Store,
+        chain: Any,
+        key: NodeKey,
+        genesis: Genesis,
+        *,
+        heartbeat_interval: int = net.HEARTBEAT_INTERVAL,
+        catchup_interval: float = CATCHUP_INTERVAL,
+        max_faults: int = MAX_FAULTS,
+    ) -> None:
+        self.heartbeat_interval = heartbeat_interval
+        self.catchup_interval = catchup_interval
+        self.max_faults = max_faults
         self.host = host
         self.chain = chain
         self.key = key
@@ -150,7 +164,9 @@ class BreakerService:
         single_host = all(
             a.startswith(("/ip4/127.", "/ip6/::1")) for a in (str(x) for x in self.host.get_addrs())
         )
-        pubsub, router = net.build_pubsub(self.host, single_host=single_host)
+        pubsub, router = net.build_pubsub(
+            self.host, single_host=single_host, heartbeat_interval=self.heartbeat_interval
+        )
         self.pubsub = pubsub
         self.host.set_stream_handler(net.CATCHUP, guarded_handler(str(net.CATCHUP), self._serve_catchup))
         self.host.get_network().register_notifee(_Notifee(self._connected_send))
@@ -245,7 +261,7 @@ class BreakerService:
     def _penalise(self, peer: ID, exc: VoteRejected) -> None:
         self._faults[peer] += 1
         log.info("peer forwarded an invalid vote", extra=kv(peer=str(peer), code=exc.code, count=self._faults[peer]))
-        if self._faults[peer] >= MAX_FAULTS and self.pubsub is not None and self._nursery is not None:
+        if self._faults[peer] >= self.max_faults and self.pubsub is not None and self._nursery is not None:
             if not self.pubsub.is_peer_blacklisted(peer):
                 self.stats.blacklisted += 1
                 log.warning("peer blacklisted for invalid votes", extra=kv(peer=str(peer)))
@@ -395,7 +411,7 @@ class BreakerService:
 
     async def _periodic_catchup(self, limiter: trio.CapacityLimiter) -> None:
         while True:
-            await trio.sleep(CATCHUP_INTERVAL * random.uniform(0.75, 1.25))
+            await trio.sleep(self.catchup_interval * random.uniform(0.75, 1.25))
             peers = list(self.host.get_network().connections)
             if peers:
                 await self._catch_up_limited(random.choice(peers), limiter)
