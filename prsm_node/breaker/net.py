@@ -31,6 +31,7 @@ from .votes import Vote
 log = logging.getLogger(__name__)
 
 CATCHUP = TProtocol(PROTOCOL_ID)
+GOSSIP_REPAIR_PER_SECOND = 1024.0
 HEARTBEAT_INTERVAL = 1  # seconds; py-libp2p's default (120) delays mesh repair by minutes
 DEGREE, DEGREE_LOW, DEGREE_HIGH = 6, 4, 12
 SPAM_LIMIT_PER_SECOND = 1024  # per topic per forwarding peer (a 1 s window: the burst, too)
@@ -91,6 +92,11 @@ def build_pubsub(
         min_mesh_diversity_ips=1 if single_host else 3,
         adaptive_gossip_enabled=False,
     )
+    # Gossip repair (IHAVE -> IWANT) is how a vote missed in a burst still arrives; py-libp2p
+    # throttles it to 10 messages a second per peer by default, below a burst's rate. These
+    # are plain attributes, not constructor arguments.
+    router.max_iwant_requests_per_second = GOSSIP_REPAIR_PER_SECOND
+    router.max_ihave_messages_per_second = GOSSIP_REPAIR_PER_SECOND
     pubsub = Pubsub(
         host,
         router,
