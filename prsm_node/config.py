@@ -193,6 +193,22 @@ class ShardsSection:
 
 
 @dataclass
+class IpfsSection:
+    api: str = _doc(
+        "Multiaddr of a local IPFS HTTP API (e.g. /ip4/127.0.0.1/tcp/5001/http): published chunks are "
+        "also put there as raw blocks, and a fetch asks it for chunks no peer provides (every chunk "
+        "still checked against its SHA-256). Empty: IPFS is not used.",
+        default="",
+    )
+    timeout: float = _doc("Seconds to wait for one IPFS API call.", default=30.0)
+
+    def validate(self) -> None:
+        if self.api:
+            parse_multiaddr(self.api, "[ipfs].api", need_peer_id=False)
+        _positive("ipfs", "timeout", self.timeout)
+
+
+@dataclass
 class AgentsSection:
     device: str = _doc('Where models run: "auto" (cuda when torch sees a GPU, else cpu) or "cpu".', default="auto")
     memory_limit_bytes: int = _doc("Most bytes of loaded models (weights + working memory).", default=4 << 30)
@@ -244,6 +260,7 @@ class Config:
     consensus: ConsensusSection = field(default_factory=ConsensusSection)
     breaker: BreakerSection = field(default_factory=BreakerSection)
     shards: ShardsSection = field(default_factory=ShardsSection)
+    ipfs: IpfsSection = field(default_factory=IpfsSection)
     agents: AgentsSection = field(default_factory=AgentsSection)
     control: ControlSection = field(default_factory=ControlSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)

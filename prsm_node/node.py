@@ -31,6 +31,7 @@ from .control.server import AfterReply, ControlServer, RequestError, param
 from .exceptions import DiscoveryError, ListenError
 from .exchange import ModelMethods, ShardService
 from .exchange.fetch import FetchParams
+from .exchange.ipfs import ipfs_from_config
 from .genesis import Genesis
 from .home import Home
 from .host import build_host, listen_addrs
@@ -176,6 +177,7 @@ class Node:
                 self.home.path / "models",
                 max_streams_per_peer=scfg.max_streams_per_peer,
                 publish_chunk_size=scfg.chunk_size,
+                ipfs=ipfs_from_config(self.cfg.ipfs),
                 fetch_params=FetchParams(
                     parallel_peers=scfg.fetch_parallel_peers,
                     response_timeout=scfg.fetch_response_timeout,

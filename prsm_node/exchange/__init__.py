@@ -9,6 +9,7 @@ from .exceptions import (
     ExchangeError,
     FetchBusy,
     FetchFailed,
+    ModelHalted,
     NameNotFound,
     NoProviders,
     ProtocolViolation,
@@ -16,6 +17,7 @@ from .exceptions import (
     Unreachable,
 )
 from .fetch import Fetch, FetchParams
+from .ipfs import IpfsBlocks, ipfs_from_config
 from .service import ShardService
 
 __all__ = [
@@ -24,6 +26,8 @@ __all__ = [
     "FetchBusy",
     "FetchFailed",
     "FetchParams",
+    "IpfsBlocks",
+    "ModelHalted",
     "ModelMethods",
     "NameNotFound",
     "NoProviders",
@@ -31,4 +35,5 @@ __all__ = [
     "RemoteError",
     "ShardService",
     "Unreachable",
+    "ipfs_from_config",
 ]

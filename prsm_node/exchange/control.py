@@ -17,7 +17,7 @@ import trio
 
 from ..control.server import ControlServer, RequestError, param
 from ..shards import Manifest, QuotaExceeded, ShardError, latest_version, parse_ref
-from .exceptions import FetchBusy
+from .exceptions import FetchBusy, ModelHalted
 from .fetch import Fetch
 from .registry import InvalidRecord, decode_record, record_key
 from .service import ShardService, manifest_json
@@ -123,7 +123,10 @@ class ModelMethods:
         timeout = param(params, "timeout", float, MAX_WAIT)
         if not 0 < timeout <= MAX_WAIT:
             raise RequestError("invalid_params", f"timeout must be in (0, {MAX_WAIT}] seconds")
-        fetch = self.service.start_fetch(await self._resolve(ref))
+        try:
+            fetch = self.service.start_fetch(await self._resolve(ref))
+        except ModelHalted as exc:
+            raise RequestError("halted", str(exc)) from None
         if not wait:
             return fetch.progress()
         with trio.move_on_after(timeout):
@@ -158,6 +161,7 @@ class ModelMethods:
             "complete": present == m.chunk_count,
             "path": str(folder) if folder.is_dir() else None,
             "fetching": bool(fetch and fetch.running),
+            "halted": self.service.is_halted(mid),
         }
 
     async def ls(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -197,8 +201,10 @@ class ModelMethods:
 
 def _outcome(fetch: Fetch) -> dict[str, Any]:
     result = fetch.progress()
+    if fetch.state == "halted":
+        raise RequestError("halted", fetch.error or "model halted by the circuit breaker")
     if fetch.state == "failed":
-        raise RequestError("fetch_failed", fetch.error or "fetch failed")
+        raise RequestError(fetch.error_code or "fetch_failed", fetch.error or "fetch failed")
     if fetch.state == "cancelled":
         raise RequestError("cancelled", f"fetch of {result['id']} was cancelled; run it again to resume")
     if fetch.running:

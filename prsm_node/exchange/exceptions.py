@@ -39,6 +39,10 @@ class FetchFailed(ExchangeError):
     reachable provider holds some chunk, the quota is full, or the assembled files are wrong."""
 
 
+class ModelHalted(FetchFailed):
+    """Raised when a fetch is asked for, or runs into, a model the circuit breaker halted."""
+
+
 class NoProviders(FetchFailed):
     """Raised when no peer serves the manifest, or none holds some of its chunks."""
 

@@ -37,13 +37,16 @@ from ..shards import (
     ChunkHashMismatch,
     ErrorCode,
     Manifest,
+    QuotaExceeded,
     ShardError,
     ShardStore,
 )
 from ..shards import Chunk as ChunkMsg
+from ..shards.store import Assembly
 from ..wire import FrameError
 from .client import ShardStream
-from .exceptions import FetchFailed, NoProviders, ProtocolViolation, RemoteError, Unreachable
+from .exceptions import FetchFailed, ModelHalted, NoProviders, ProtocolViolation, RemoteError, Unreachable
+from .ipfs import IpfsBlocks
 from .providers import Providers
 
 log = logging.getLogger(__name__)
@@ -52,12 +55,13 @@ log = logging.getLogger(__name__)
 PEER_ERRORS = (BaseLibp2pError, FrameError, trio.TooSlowError, OSError, trio.BrokenResourceError,
                trio.ClosedResourceError)
 MAX_REDISCOVERIES = 3
+HALT_POLL = 1.0  # seconds between halt checks while a fetch waits
 
 
 @dataclass
 class FetchParams:
     parallel_peers: int = 4  # FETCH_PARALLEL_PEERS
-    streams_per_peer: int = 2  # at most MAX_STREAMS_PER_PEER (4)
+    streams_per_peer: int = 1  # at most MAX_STREAMS_PER_PEER (4)
     max_batch: int = MAX_CHUNKS_PER_REQUEST
     max_request_bytes: int = 16 << 20  # chunks asked in one GET_CHUNKS, in bytes
     open_timeout: float = 10.0
@@ -67,7 +71,8 @@ class FetchParams:
     slow_min_chunks: int = 8  # chunks a provider must have delivered before it is judged
     busy_backoff: float = 1.0
     busy_backoff_max: float = 60.0
-    store_flush_bytes: int = 1 << 20  # received chunks are stored in one thread call per this much
+    pipeline: bool = True  # send the next GET_CHUNKS before reading the current answer
+    store_flush_bytes: int = 2 << 20  # received chunks are stored in one thread call per this much
 
 
 @dataclass
@@ -109,7 +114,8 @@ class FetchResult:
 
 class Fetch:
     def __init__(self, manifest_id: bytes, *, host: IHost, kad: Any, store: ShardStore, providers: Providers,
-                 models_dir: Path, params: FetchParams | None = None) -> None:
+                 models_dir: Path, params: FetchParams | None = None,
+                 is_halted: Callable[[bytes], bool] | None = None, ipfs: IpfsBlocks | None = None) -> None:
         self.manifest_id = manifest_id
         self.host = host
         self.kad = kad
@@ -117,8 +123,13 @@ class Fetch:
         self.providers_source = providers
         self.dest = models_dir / manifest_id.hex()
         self.params = params or FetchParams()
+        self.is_halted = is_halted or (lambda mid: False)
+        self.ipfs = ipfs
+        self.chunks_from_ipfs = 0
+        self._ipfs_tried: set[int] = set()
         self.state = "resolving"
         self.error: str | None = None
+        self.error_code: str | None = None  # halted, quota_exceeded or fetch_failed
         self.done = trio.Event()
         self.manifest: Manifest | None = None
         self.files: list[str] = []
@@ -126,6 +137,7 @@ class Fetch:
         self.bytes_total = self.bytes_present = self.bytes_fetched = 0
         self.started = trio.current_time()
         self.finished: float | None = None
+        self.timings: dict[str, float] = {}  # seconds in each stage: resolve, transfer, assemble
         self.providers: dict[ID, Provider] = {}
         self._cancel = trio.CancelScope()
         self._changed = trio.Event()
@@ -138,6 +150,7 @@ class Fetch:
         self._workers = 0
         self._fatal: BaseException | None = None
         self._nursery: trio.Nursery | None = None
+        self._assembly: Assembly | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -160,22 +173,38 @@ class Fetch:
                 try:
                     await self._run()
                     self.state = "done"
+                except ModelHalted as exc:
+                    self.state, self.error, self.error_code = "halted", str(exc), "halted"
+                    log.warning("fetch stopped: model halted", extra=kv(id=self.manifest_id.hex()[:16]))
                 except (FetchFailed, ShardError) as exc:
                     self.state, self.error = "failed", str(exc)
+                    quota = isinstance(exc, QuotaExceeded) or isinstance(exc.__cause__, QuotaExceeded)
+                    self.error_code = "quota_exceeded" if quota else "fetch_failed"
                     log.warning("fetch failed", extra=kv(id=self.manifest_id.hex()[:16], error=str(exc)))
             if self._cancel.cancelled_caught:
                 self.state, self.error = "cancelled", "cancelled"
         finally:
-            if self.state not in ("done", "failed", "cancelled"):
+            if self.state not in ("done", "failed", "cancelled", "halted"):
                 self.state, self.error = "cancelled", "the node is stopping"
             for ss in self._spares.values():
                 await ss.aclose()
             self.finished = trio.current_time()
             self.done.set()
             self._notify()
+        if self.state in ("done", "failed", "halted"):  # after `done`: the caller has its answer
+            await trio.to_thread.run_sync(self.store.sync_chunks, self._hashes)
+        if self.state == "done":
+            await self.providers_source.announce(self.manifest_id)
+
+    def _check_halt(self) -> None:
+        if self.is_halted(self.manifest_id):
+            raise ModelHalted(f"model {self.manifest_id.hex()} was halted by the circuit breaker; fetch stopped")
 
     async def _run(self) -> None:
+        self._check_halt()
         m = self.manifest = await self._resolve_manifest()
+        self._check_halt()
+        self.timings["resolve"] = trio.current_time() - self.started
         self._hashes = m.chunk_hashes()
         self.chunks_total, self.bytes_total = m.chunk_count, m.total_size
         present = await trio.to_thread.run_sync(self.store.present, m)
@@ -185,16 +214,23 @@ class Fetch:
         self.bytes_present = self.bytes_total - sum(sizes[i] for i in missing)
         log.info("fetch started", extra=kv(id=self.manifest_id.hex()[:16], name=m.name, version=m.version,
                                            chunks=self.chunks_total, missing=len(missing)))
-        if missing:
-            self.state = "fetching"
-            await self._transfer(missing)
-        self.state = "assembling"
+        self._assembly = await trio.to_thread.run_sync(self.store.open_assembly, m, self.dest)
         try:
-            paths = await trio.to_thread.run_sync(self.store.assemble, m, self.dest)
-        except ShardError as exc:
-            raise FetchFailed(f"assembling {m.name}:{m.version} failed: {exc}") from None
+            if missing:
+                self.state = "fetching"
+                await self._transfer(missing)
+            self.timings["transfer"] = trio.current_time() - self.started - self.timings["resolve"]
+            self._check_halt()
+            self.state = "assembling"
+            try:
+                paths = await trio.to_thread.run_sync(self._assembly.finish)
+            except ShardError as exc:
+                raise FetchFailed(f"assembling {m.name}:{m.version} failed: {exc}") from None
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._assembly.abort)
         self.files = [str(p) for p in paths]
-        await self.providers_source.announce(self.manifest_id)
+        self.timings["assemble"] = trio.current_time() - self.started - sum(self.timings.values())
         log.info("fetch done", extra=kv(id=self.manifest_id.hex()[:16], fetched=self.chunks_fetched,
                                         present=self.chunks_present))
 
@@ -216,6 +252,9 @@ class Fetch:
             try:
                 data = await ss.get_manifest(mid)
                 _, m = await trio.to_thread.run_sync(self.store.put_manifest, data)
+            except QuotaExceeded:
+                await ss.aclose()
+                raise
             except RemoteError as exc:
                 await ss.aclose()
                 if exc.code is not ErrorCode.NOT_FOUND:
@@ -388,19 +427,34 @@ class Fetch:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             while not self._finished() and self._fatal is None:
+                if self.is_halted(self.manifest_id):
+                    self._fatal = ModelHalted(f"model {self.manifest_id.hex()} was halted by the circuit "
+                                              "breaker; fetch stopped")
+                    break
                 self._activate()
                 stuck = self._stuck()
+                untried = [i for i in stuck if i not in self._ipfs_tried] if self.ipfs is not None else []
+                if untried:
+                    try:
+                        await self._from_ipfs(untried)
+                    except Exception as exc:  # the quota, or a bug: fatal, like a worker's
+                        self._fatal = exc
+                        break
+                    continue
                 if stuck:
                     if rediscoveries >= MAX_REDISCOVERIES:
                         break
                     rediscoveries += 1
                     await self._ask_have(await self.providers_source.find(self.manifest_id))
                     continue
-                await self._changed.wait()
+                with trio.move_on_after(HALT_POLL):  # a halt comes with no event of ours
+                    await self._changed.wait()
             nursery.cancel_scope.cancel()
         if self._fatal is not None:
-            if isinstance(self._fatal, FetchFailed | ShardError):
-                raise FetchFailed(str(self._fatal))
+            if isinstance(self._fatal, FetchFailed):
+                raise self._fatal
+            if isinstance(self._fatal, ShardError):
+                raise FetchFailed(str(self._fatal)) from self._fatal
             raise FetchFailed(f"fetch failed: {self._fatal!r}") from self._fatal
         stuck = self._stuck()
         if stuck:
@@ -408,30 +462,73 @@ class Fetch:
             raise NoProviders(f"no reachable provider holds {len(stuck)} chunks (first: {stuck[:8]}); "
                               f"{asked} providers tried, {self.chunks_fetched} chunks fetched, run again to resume")
 
+    async def _from_ipfs(self, indices: list[int]) -> None:
+        """Ask IPFS for chunks no live provider holds; each is verified before it is stored."""
+        assert self.ipfs is not None and self._assembly is not None
+        self._ipfs_tried.update(indices)
+        ipfs, hashes, assembly = self.ipfs, self._hashes, self._assembly
+
+        def pull() -> list[tuple[int, int]]:
+            got = []
+            for i in indices:
+                data = ipfs.get(hashes[i])
+                if data is None:
+                    continue
+                try:
+                    self.store.put_chunk(hashes[i], data, sync=False)
+                except ChunkHashMismatch:  # IpfsBlocks checked it already; never trust twice-removed
+                    continue
+                assembly.write(i, data)
+                got.append((i, len(data)))
+            return got
+
+        for i, size in await trio.to_thread.run_sync(pull):
+            if i in self._pending:
+                self._pending.discard(i)
+                self.chunks_fetched += 1
+                self.bytes_fetched += size
+                self.chunks_from_ipfs += 1
+        log.info("chunks from ipfs", extra=kv(id=self.manifest_id.hex()[:16], asked=len(indices),
+                                             got=self.chunks_from_ipfs))
+        self._notify()
+
     # ------------------------------------------------------------ workers
 
     async def _worker(self, p: Provider) -> None:
+        """Batches from ``p`` over one reused stream, pipelined: the next GET_CHUNKS is sent
+        before the current answer is read, so the provider never waits for a round trip."""
         ss, p.spare = p.spare, None
+        ahead: list[int] = []  # requested on ``ss``, answer not read yet
         try:
             while not p.dropped and not self._finished():
                 wait = p.resume_at - trio.current_time()
                 if wait > 0:
                     await trio.sleep(wait)
                     continue
-                batch = self._take(p)
+                self._check_halt()  # between batches: a halted model gets no further request
+                batch, requested, ahead = (ahead, True, []) if ahead else (self._take(p), False, [])
                 if not batch:
                     await self._changed.wait()
                     continue
+                ok = False
                 try:
-                    if ss is None or ss.worn_out:
-                        if ss is not None:
-                            await ss.aclose()
-                        ss = None
-                        ss = await ShardStream.open(self.host, self.kad, p.peer,
-                                                    open_timeout=self.params.open_timeout,
-                                                    response_timeout=self.params.response_timeout)
+                    if not requested:
+                        if ss is None or ss.worn_out:
+                            if ss is not None:
+                                await ss.aclose()
+                            ss = None
+                            ss = await ShardStream.open(self.host, self.kad, p.peer,
+                                                        open_timeout=self.params.open_timeout,
+                                                        response_timeout=self.params.response_timeout)
+                        await ss.request_chunks(self.manifest_id, batch)
+                    assert ss is not None
+                    if self.params.pipeline and not ss.worn_out and not self.is_halted(self.manifest_id):
+                        ahead = self._take(p)
+                        if ahead:
+                            await ss.request_chunks(self.manifest_id, ahead)
                     await self._fetch_batch(p, ss, batch)
                     p.backoff = 0.0
+                    ok = True
                 except RemoteError as exc:
                     if exc.code is ErrorCode.BUSY:
                         p.backoff = min(max(2 * p.backoff, self.params.busy_backoff), self.params.busy_backoff_max)
@@ -443,43 +540,63 @@ class Fetch:
                 except (ProtocolViolation, Unreachable) as exc:
                     self._drop(p, str(exc))
                 except PEER_ERRORS as exc:
-                    if ss is not None:
-                        await ss.aclose()
-                        ss = None
                     self._penalise(p, f"transfer broke: {exc!r}")
                 finally:
                     self._requeue(batch, p)
+                    if not ok:  # the stream's position is unknown: start afresh
+                        self._requeue(ahead, p)
+                        ahead = []
+                        if ss is not None:
+                            await ss.aclose()
+                            ss = None
         except Exception as exc:  # a quota error or a bug: the whole fetch fails with it
             if self._fatal is None:
                 self._fatal = exc
         finally:
+            self._requeue(ahead, p)
             self._workers -= 1
             if ss is not None:
                 await ss.aclose()
             self._notify()
 
     async def _fetch_batch(self, p: Provider, ss: ShardStream, batch: list[int]) -> None:
+        """The answer to one GET_CHUNKS (already sent). Received chunks are verified and stored in worker threads
+        while the stream goes on delivering the next ones (a store call never stalls the stream)."""
         assert self.manifest is not None
         chunk_size = self.manifest.chunk_size
         started = trio.current_time()
-        await ss.request_chunks(self.manifest_id, batch)
-        expected = 0
-        buffer: list[ChunkMsg] = []
-        buffered = 0
-        while (chunk := await ss.next_chunk(chunk_size)) is not None:
+        failures: list[Exception] = []
+
+        async def store(chunks: list[ChunkMsg]) -> None:
             try:
-                at = batch.index(chunk.index, expected)
-            except ValueError:
-                raise ProtocolViolation(f"{p.peer} sent chunk {chunk.index}, not requested or out of order") from None
-            p.have.difference_update(batch[expected:at])  # skipped: it does not hold them after all
-            expected = at + 1
-            buffer.append(chunk)
-            buffered += len(chunk.data)
-            if buffered >= self.params.store_flush_bytes:
-                await self._store(p, buffer)
-                buffer, buffered = [], 0
-        await self._store(p, buffer)
-        p.have.difference_update(batch[expected:])
+                await self._store(p, chunks)
+            except Exception as exc:  # re-raised below, outside the nursery (no exception group)
+                failures.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            try:
+                expected = 0
+                buffer: list[ChunkMsg] = []
+                buffered = 0
+                while (chunk := await ss.next_chunk(chunk_size)) is not None:
+                    try:
+                        at = batch.index(chunk.index, expected)
+                    except ValueError:
+                        raise ProtocolViolation(
+                            f"{p.peer} sent chunk {chunk.index}, not requested or out of order") from None
+                    p.have.difference_update(batch[expected:at])  # skipped: it does not hold them after all
+                    expected = at + 1
+                    buffer.append(chunk)
+                    buffered += len(chunk.data)
+                    if buffered >= self.params.store_flush_bytes:
+                        nursery.start_soon(store, buffer)
+                        buffer, buffered = [], 0
+                nursery.start_soon(store, buffer)
+                p.have.difference_update(batch[expected:])
+            except Exception as exc:
+                failures.insert(0, exc)
+        if failures:
+            raise failures[0]
         p.busy += trio.current_time() - started
         self._check_slow()
 
@@ -489,15 +606,19 @@ class Fetch:
         if not chunks:
             return
         hashes = self._hashes
+        assembly = self._assembly
 
         def write() -> list[bool]:
             ok = []
             for c in chunks:
                 try:
-                    self.store.put_chunk(hashes[c.index], c.data)
-                    ok.append(True)
+                    self.store.put_chunk(hashes[c.index], c.data, sync=False)
                 except ChunkHashMismatch:
                     ok.append(False)
+                    continue
+                if assembly is not None:
+                    assembly.write(c.index, c.data)
+                ok.append(True)
             return ok
 
         results = await trio.to_thread.run_sync(write)
@@ -532,9 +653,11 @@ class Fetch:
             "version": m.version if m else None,
             "state": self.state,
             "error": self.error,
+            "error_code": self.error_code,
             "chunks_total": self.chunks_total,
             "chunks_present": self.chunks_present,
             "chunks_fetched": self.chunks_fetched,
+            "chunks_from_ipfs": self.chunks_from_ipfs,
             "bad_chunks": self.bad_chunks,
             "bytes_total": self.bytes_total,
             "bytes_done": done,
@@ -544,5 +667,6 @@ class Fetch:
             "eta_s": round(remaining / rate, 1) if rate > 0 and self.state == "fetching" else None,
             "path": str(self.dest) if self.state == "done" else None,
             "files": self.files,
+            "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
             "providers": [p.json() for p in self.providers.values()],
         }

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,6 @@ from ..shards import (
     DEFAULT_CHUNK_SIZE,
     MAX_REQUEST_SIZE,
     PROTOCOL_ID,
-    Chunk,
     ChunkNotFound,
     CorruptChunk,
     End,
@@ -49,6 +49,7 @@ from ..shards import (
     ShardError,
     ShardStore,
     build_manifest,
+    chunk_header,
     decode_request,
     encode_bitmap,
     encode_message,
@@ -57,8 +58,9 @@ from ..shards import (
 )
 from ..wire import TRAFFIC, FrameError, encode_uvarint, guarded_handler, read_frame, write_frame
 from .client import MAX_REQUESTS_PER_STREAM, SHARD
-from .exceptions import FetchBusy
+from .exceptions import FetchBusy, ModelHalted
 from .fetch import Fetch, FetchParams
+from .ipfs import IpfsBlocks
 from .providers import Providers
 from .registry import encode_record, sign_record
 
@@ -67,11 +69,19 @@ log = logging.getLogger(__name__)
 MAX_STREAMS_PER_PEER = 4
 MAX_SERVING = 64
 INBOUND_IDLE_TIMEOUT = 30.0
-WRITE_BYTES = 1 << 20  # chunk bytes read per thread call and sent per write
+WRITE_BYTES = 4 << 20  # chunk bytes read per thread call and sent per write
 REANNOUNCE_INTERVAL = 12 * 3600.0
 
 
+def never_halted(manifest_id: bytes) -> bool:
+    return False
+
+
 class ShardService:
+    """``is_halted(manifest_id)`` is the circuit breaker's decision (default: nothing is halted).
+    A halted model is not served (``ERROR halted``), not fetched (``ModelHalted``), and a fetch
+    running when its model becomes halted stops before its next batch."""
+
     def __init__(
         self,
         host: IHost,
@@ -86,6 +96,7 @@ class ShardService:
         fetch_params: FetchParams | None = None,
         reannounce_interval: float = REANNOUNCE_INTERVAL,
         publish_chunk_size: int = DEFAULT_CHUNK_SIZE,
+        ipfs: IpfsBlocks | None = None,
     ) -> None:
         self.host = host
         self.kad = kad
@@ -98,6 +109,8 @@ class ShardService:
         self.fetch_params = fetch_params or FetchParams()
         self.reannounce_interval = reannounce_interval
         self.publish_chunk_size = publish_chunk_size
+        self.is_halted: Callable[[bytes], bool] = never_halted
+        self.ipfs = ipfs  # [ipfs] api: chunks also put there, and asked there when no peer has them
         self.providers = Providers(host, kad)
         self.fetches: dict[bytes, Fetch] = {}
         self._streams: Counter[ID] = Counter()
@@ -153,6 +166,10 @@ class ShardService:
                 if self._streams[peer] > self.max_streams_per_peer:
                     await self._error(stream, ErrorCode.BUSY, f"more than {self.max_streams_per_peer} streams")
                     return
+                if self.is_halted(request.manifest_id):
+                    await self._error(stream, ErrorCode.HALTED,
+                                      f"model {request.manifest_id.hex()} is halted by the circuit breaker")
+                    continue
                 if isinstance(request, GetChunks):
                     await self._serve_chunks(stream, request)
                 else:
@@ -204,28 +221,57 @@ class ShardService:
             return await self._error(stream, ErrorCode.BUSY, "serving too many requests; retry later")
         self._serving += 1
         try:
-            hashes = m.chunk_hashes()
-            per_group = max(1, WRITE_BYTES // m.chunk_size)
-            indices = list(request.indices)
-            for start in range(0, len(indices), per_group):
-                group = indices[start:start + per_group]
-                frames, sent, sent_bytes, corrupt = await trio.to_thread.run_sync(self._read_frames, hashes, group)
-                self.chunks_served += sent
-                self.bytes_served += sent_bytes
-                if frames:
-                    await stream.write(frames)
-                    TRAFFIC.bytes_out += len(frames)
-                if corrupt is not None:
-                    return await self._error(stream, ErrorCode.INTERNAL, f"chunk {corrupt} was corrupt here")
-            await self._send(stream, End())
+            await self._send_chunks(stream, m.chunk_hashes(), list(request.indices), m.chunk_size)
         finally:
             self._serving -= 1
+
+    async def _send_chunks(self, stream: INetStream, hashes: tuple[bytes, ...], indices: list[int],
+                           chunk_size: int) -> None:
+        """CHUNK frames for ``indices`` then END (or ERROR internal at a corrupt chunk). The next
+        group is read (and re-hashed) in a thread while the current one is written."""
+        per_group = max(1, WRITE_BYTES // chunk_size)
+        groups = [indices[i:i + per_group] for i in range(0, len(indices), per_group)]
+        send, receive = trio.open_memory_channel[tuple[bytes, int, int, int | None]](1)
+        failures: list[Exception] = []
+
+        async def read_ahead() -> None:
+            async with send:
+                try:
+                    for group in groups:
+                        result = await trio.to_thread.run_sync(self._read_frames, hashes, group)
+                        await send.send(result)
+                        if result[3] is not None:
+                            return
+                except Exception as exc:  # re-raised below, outside the nursery
+                    failures.append(exc)
+
+        corrupt: int | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_ahead)
+            try:
+                async with receive:
+                    async for frames, sent, sent_bytes, bad in receive:
+                        corrupt = bad
+                        self.chunks_served += sent
+                        self.bytes_served += sent_bytes
+                        if frames:
+                            await stream.write(frames)
+                            TRAFFIC.bytes_out += len(frames)
+            except Exception as exc:
+                failures.insert(0, exc)
+                nursery.cancel_scope.cancel()
+        if failures:
+            raise failures[0]
+        if corrupt is not None:
+            return await self._error(stream, ErrorCode.INTERNAL, f"chunk {corrupt} was corrupt here")
+        await self._send(stream, End())
 
     def _read_frames(self, hashes: tuple[bytes, ...], group: list[int]) -> tuple[bytes, int, int, int | None]:
         """CHUNK frames for the held chunks of ``group`` (in a thread): the frames, how many
         chunks and bytes they carry, and the index of the first chunk found corrupt."""
-        out = bytearray()
+        parts: list[bytes] = []
         sent = sent_bytes = 0
+        corrupt: int | None = None
         for i in group:
             try:
                 data = self.store.get_chunk(hashes[i])
@@ -233,13 +279,13 @@ class ShardService:
                 continue
             except CorruptChunk:
                 log.warning("corrupt chunk deleted", extra=kv(index=i, chunk=hashes[i].hex()[:16]))
-                return bytes(out), sent, sent_bytes, i
-            body = encode_message(Chunk(i, data))
-            out += encode_uvarint(len(body))
-            out += body
+                corrupt = i
+                break
+            head = chunk_header(i, len(data))
+            parts += (encode_uvarint(len(head) + len(data)), head, data)
             sent += 1
             sent_bytes += len(data)
-        return bytes(out), sent, sent_bytes, None
+        return b"".join(parts), sent, sent_bytes, corrupt
 
     # ------------------------------------------------------------ publishing
 
@@ -263,6 +309,7 @@ class ShardService:
             return mid, m, written
 
         mid, m, written = await trio.to_thread.run_sync(build)
+        ipfs_blocks = await trio.to_thread.run_sync(self._put_to_ipfs, m) if self.ipfs is not None else None
         announced = await self.providers.announce(mid)
         record = sign_record(signing_key, m.name, m.version, mid)
         stored = [await self.providers.put_value(k, encode_record(record)) for k in record.keys()]
@@ -272,18 +319,32 @@ class ShardService:
             "chunks_written": written,
             "announced_to": announced,
             "name_record": all(stored),
+            "ipfs_blocks": ipfs_blocks,
         }
+
+    def _put_to_ipfs(self, m: Manifest) -> int:
+        """Put every chunk of ``m`` to IPFS (in a thread); returns how many IPFS accepted."""
+        assert self.ipfs is not None
+        put = 0
+        for chunk in dict.fromkeys(m.chunk_hashes()):
+            put += self.ipfs.put(self.store.get_chunk(chunk))
+        return put
 
     # ------------------------------------------------------------ fetching
 
     def start_fetch(self, manifest_id: bytes) -> Fetch:
-        """Start fetching ``manifest_id``, or return the fetch already running for it."""
+        """Start fetching ``manifest_id``, or return the fetch already running for it.
+
+        Raises ModelHalted when the circuit breaker halted that model."""
         assert self._nursery is not None, "ShardService is not running"
+        if self.is_halted(manifest_id):
+            raise ModelHalted(f"model {manifest_id.hex()} is halted by the circuit breaker; it cannot be fetched")
         running = self.fetches.get(manifest_id)
         if running is not None and running.running:
             return running
         fetch = Fetch(manifest_id, host=self.host, kad=self.kad, store=self.store, providers=self.providers,
-                      models_dir=self.models_dir, params=self.fetch_params)
+                      models_dir=self.models_dir, params=self.fetch_params,
+                      is_halted=lambda mid: self.is_halted(mid), ipfs=self.ipfs)
         self.fetches[manifest_id] = fetch
         self._nursery.start_soon(fetch.run)
         return fetch

@@ -67,6 +67,7 @@ from .messages import (
     Request,
     bitmap_has,
     bitmap_indices,
+    chunk_header,
     decode_message,
     decode_request,
     encode_bitmap,
@@ -77,6 +78,7 @@ from .registry import latest_version, name_key, parse_ref, version_key, version_
 from .store import ShardStore, StoreStatistics
 
 __all__ = [
+    "chunk_header",
     "DEFAULT_CHUNK_SIZE",
     "DTYPE_SIZES",
     "FORMAT_VERSION",

@@ -29,6 +29,7 @@ import msgpack
 import nacl.exceptions
 import nacl.signing
 
+from ..strict_msgpack import unpack_strict
 from .exceptions import BadManifestSignature, InvalidManifest, ShardDecodeError
 from .header import DTYPE_SIZES, MAX_RANK, MAX_TENSOR_NAME, TensorInfo, tensor_order, tiling_problem
 
@@ -397,33 +398,9 @@ def manifest_id(m: Manifest) -> bytes:
 # ------------------------------------------------------------ decode
 
 
-def _reject_ext(code: int, data: bytes) -> Any:
-    raise ShardDecodeError(f"msgpack ext type {code} is not allowed")
-
-
 def unpack(data: bytes, limit: int, what: str) -> Any:
     """One msgpack value from untrusted ``data`` of at most ``limit`` bytes (no ext types)."""
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise ShardDecodeError(f"{what}: expected bytes, got {type(data).__name__}")
-    if len(data) > limit:
-        raise ShardDecodeError(f"{what} is {len(data)} bytes, over the {limit}-byte limit")
-    try:
-        return msgpack.unpackb(
-            data,
-            raw=False,
-            use_list=True,
-            strict_map_key=True,
-            ext_hook=_reject_ext,
-            max_str_len=limit,
-            max_bin_len=limit,
-            max_array_len=limit,
-            max_map_len=limit,
-            max_ext_len=0,
-        )
-    except ShardDecodeError:
-        raise
-    except (ValueError, TypeError, OverflowError, RecursionError, msgpack.UnpackException) as exc:
-        raise ShardDecodeError(f"{what} is not valid msgpack: {type(exc).__name__}: {exc}") from None
+    return unpack_strict(data, limit, what, ShardDecodeError)
 
 
 def _array(value: Any, size: int, what: str) -> list[Any]:

@@ -25,7 +25,7 @@ import hashlib
 import os
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,9 +44,18 @@ from .exceptions import (
     UnsafePath,
 )
 from .header import read_header
-from .manifest import HASH_SIZE, MAX_CHUNK_SIZE, Manifest, decode_manifest, encode_manifest, verify_manifest
+from .manifest import (
+    HASH_SIZE,
+    MAX_CHUNK_SIZE,
+    ChunkSpan,
+    Manifest,
+    decode_manifest,
+    encode_manifest,
+    verify_manifest,
+)
 
 READ_BLOCK = 1 << 20
+SYNC_EVERY = 32 << 20  # an Assembly writes back its files every this many bytes
 
 
 @dataclass(frozen=True)
@@ -87,16 +96,19 @@ class ShardStore:
     def has(self, chunk: bytes) -> bool:
         return self.chunk_path(chunk).is_file()
 
-    def put_chunk(self, chunk: bytes, data: bytes) -> bool:
+    def put_chunk(self, chunk: bytes, data: bytes, *, sync: bool = True) -> bool:
         """Store ``data`` as chunk ``chunk`` after checking its hash; False if already held.
 
-        Raises ChunkHashMismatch (nothing stored) or QuotaExceeded."""
+        ``sync=False`` skips the fsync (a fetch syncs its chunks once at the end, see
+        ``sync_chunks``; a chunk torn by a crash before that fails verification when read and
+        is deleted, so it counts as missing again). Raises ChunkHashMismatch (nothing stored)
+        or QuotaExceeded."""
         path = self.chunk_path(chunk)
         if len(data) > MAX_CHUNK_SIZE:
             raise ChunkHashMismatch(f"chunk {chunk.hex()}: {len(data)} bytes is over the {MAX_CHUNK_SIZE}-byte limit")
         if hashlib.sha256(data).digest() != chunk:
             raise ChunkHashMismatch(f"data does not hash to chunk {chunk.hex()}")
-        return not path.is_file() and self._write(path, data)
+        return not path.is_file() and self._write(path, data, sync=sync)
 
     def get_chunk(self, chunk: bytes, *, verify: bool = True) -> bytes:
         """The bytes of a stored chunk; with ``verify`` a chunk corrupted on disk raises
@@ -248,6 +260,11 @@ class ShardStore:
             out.append(target)
         return out
 
+    def open_assembly(self, m: Manifest, dest: Path) -> Assembly:
+        """An :class:`Assembly` of ``m`` under ``dest``: a fetch writes each verified chunk into
+        it as it arrives, so the files are ready (and hashed) when the last chunk is stored."""
+        return Assembly(self, m, Path(dest))
+
     def remove(self, manifest_id: bytes) -> int:
         """Delete a manifest and every chunk of it that no other stored manifest references;
         returns the bytes freed."""
@@ -304,7 +321,28 @@ class ShardStore:
                     if b.is_dir():
                         yield from (p for p in b.iterdir() if _is_hex_name(p.name))
 
-    def _write(self, path: Path, data: bytes) -> bool:
+    def sync_chunks(self, chunks: Iterable[bytes]) -> None:
+        """fsync the files of these chunks (written with ``sync=False``) and their folders."""
+        folders = set()
+        for chunk in chunks:
+            path = self.chunk_path(chunk)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            folders.add(path.parent)
+        for folder in folders:
+            fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def _write(self, path: Path, data: bytes, *, sync: bool = True) -> bool:
         """Write ``data`` to ``path`` atomically, charging the quota; False if another thread
         stored the same file first."""
         with self._lock:
@@ -317,8 +355,9 @@ class ShardStore:
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
+                    if sync:
+                        f.flush()
+                        os.fsync(f.fileno())
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with self._lock:
                     if not path.exists():
@@ -355,3 +394,115 @@ def _check_hash(value: bytes, what: str) -> bytes:
 
 def _is_hex_name(name: str) -> bool:
     return len(name) == 2 * HASH_SIZE and all(c in "0123456789abcdef" for c in name)
+
+
+class Assembly:
+    """A model's files written in place while its chunks arrive.
+
+    Each file is a ``.partial`` file of its final size under ``dest``; ``write(index, data)``
+    (data already verified against the chunk hash) writes a chunk at its offset and feeds the
+    file's SHA-256 as far as the chunks are contiguous (a chunk that arrived early is read back
+    from the partial file, from the page cache, when its turn comes). ``finish()`` copies in the
+    chunks that were already stored before (a resumed fetch), checks every file's SHA-256 and
+    tensor table, fsyncs and renames into place. ``abort()`` deletes the partial files.
+    Thread-safe: fetch workers write from several threads at once.
+    """
+
+    def __init__(self, store: ShardStore, m: Manifest, dest: Path) -> None:
+        self.store = store
+        self.m = m
+        self.dest = dest
+        self._lock = threading.Lock()
+        self._spans: list[ChunkSpan] = list(m.chunk_spans())
+        self._written = bytearray(m.chunk_count)
+        self._first = [m.first_chunk(i) for i in range(len(m.files))]
+        self._next = list(self._first)  # per file: the first chunk index not hashed yet
+        self._hashes = [hashlib.sha256() for _ in m.files]
+        self._fds: list[int] = []
+        self._tmps: list[Path] = []
+        self._unsynced = 0
+        dest.mkdir(parents=True, exist_ok=True)
+        base = dest.resolve()
+        try:
+            for f in m.files:
+                target = dest / f.path
+                if not target.parent.resolve().is_relative_to(base):
+                    raise UnsafePath(f"{target} is outside {dest} (a symlink on the way)")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+                self._fds.append(fd)
+                self._tmps.append(Path(tmp))
+                os.ftruncate(fd, f.size)
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, index: int, data: bytes) -> None:
+        """Write verified chunk ``index`` (the caller checked its hash) at its place."""
+        span = self._spans[index]
+        if len(data) != span.length:
+            raise ChunkHashMismatch(f"chunk {index} is {len(data)} bytes, the manifest says {span.length}")
+        fd = self._fds[span.file_index]
+        os.pwrite(fd, data, span.offset)
+        with self._lock:
+            self._written[index] = 1
+            self._advance(span.file_index, index, data)
+            self._unsynced += len(data)
+            flush = self._unsynced >= SYNC_EVERY
+            if flush:
+                self._unsynced = 0
+        if flush:  # write back as we go, so finish() does not wait for the whole model to reach the disk
+            for f in list(self._fds):
+                os.fdatasync(f)
+
+    def _advance(self, file_index: int, index: int, data: bytes) -> None:
+        """Feed the file hash through every contiguous written chunk (under the lock)."""
+        end = self._first[file_index] + len(self.m.files[file_index].chunks)
+        while self._next[file_index] < end and self._written[self._next[file_index]]:
+            i = self._next[file_index]
+            span = self._spans[i]
+            piece = data if i == index else os.pread(self._fds[file_index], span.length, span.offset)
+            self._hashes[file_index].update(piece)
+            self._next[file_index] += 1
+
+    def finish(self) -> list[Path]:
+        """Fill in the chunks stored earlier, check every file, fsync and rename into place."""
+        for span in self._spans:
+            if not self._written[span.index]:
+                try:  # stored by an earlier run, maybe unsynced before a crash: verified again
+                    data = self.store.get_chunk(span.hash)
+                except (ChunkNotFound, CorruptChunk):
+                    mid = hashlib.sha256(encode_manifest(self.m)).digest()
+                    raise MissingChunks(mid, [s.index for s in self._spans if not self._written[s.index]]) from None
+                self.write(span.index, data)
+        out = []
+        for i, f in enumerate(self.m.files):
+            if self._hashes[i].digest() != f.sha256:
+                raise FileHashMismatch(f"{f.path}: assembled bytes do not match the manifest's file hash")
+            try:
+                header = read_header(str(self._tmps[i]), f.size)
+            except InvalidSafetensors as exc:
+                raise TensorTableMismatch(f"{f.path}: {exc}") from None
+            if (header.data_offset, header.tensors) != (f.data_offset, f.tensors):
+                raise TensorTableMismatch(f"{f.path}: the file's header differs from the manifest's tensor table")
+            os.fsync(self._fds[i])
+        for i, f in enumerate(self.m.files):
+            os.close(self._fds[i])
+            target = self.dest / f.path
+            os.replace(self._tmps[i], target)
+            out.append(target)
+        self._fds, self._tmps = [], []
+        return out
+
+    def abort(self) -> None:
+        """Delete the partial files, and the folders under ``dest`` (``dest`` too) left empty."""
+        for fd in self._fds:
+            os.close(fd)
+        for tmp in self._tmps:
+            tmp.unlink(missing_ok=True)
+        if self._tmps:
+            for folder in sorted({t.parent for t in self._tmps} | {self.dest}, key=lambda p: -len(p.parts)):
+                while folder != self.dest.parent and folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
+                    folder = folder.parent
+        self._fds, self._tmps = [], []

@@ -1,0 +1,324 @@
+"""Model exchange benchmark: a random safetensors model fetched between real daemons, against
+two baselines measured in the same run with the same bytes.
+
+  * ``prsm 1 provider``: a devnet of real ``prsm-node`` daemons on 127.0.0.1 (``prsm-node
+    devnet``: shared genesis, temp homes); node0 publishes, node4 runs ``model.fetch`` (wall time
+    of the control call: manifest, HAVE, every chunk verified and stored, files assembled and
+    checked). The model is then removed from node4 and fetched again, ``--runs`` times.
+  * ``prsm 4 providers``: node1..node3 fetch the model too (not timed), then node5 fetches it
+    from node0..node3 at once, ``--runs`` times.
+  * ``bare stream``: the model file's bytes over one py-libp2p stream between two processes
+    (Noise + yamux, ``max_connections_per_peer=1``, 1 MiB writes): py-libp2p's ceiling.
+  * ``bitswap``: py-libp2p's own Bitswap (``libp2p.bitswap``, MerkleDag ``add_bytes`` on one
+    process, ``fetch_file`` on the other, blocks in memory: no disk at all).
+
+MB/s is 10^6 bytes of model per second. Targets (issue 5): 1 provider >= 80 % of the bare
+stream, >= 3x Bitswap, 4 providers no slower than 1.
+
+    python scripts/bench/shards.py [--size-mib 256] [--runs 3] [--skip-bitswap]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+MIB = 1 << 20
+ROLE_TIMEOUT = 900.0
+
+
+# ------------------------------------------------------------ the model
+
+
+def make_model(folder: Path, size_mib: int) -> Path:
+    """One safetensors file of random F32 tensors, 16 MiB each (the last one smaller)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(5)
+    tensors = {}
+    left = size_mib * MIB
+    i = 0
+    while left > 0:
+        n = min(16 * MIB, left)
+        tensors[f"layers.{i}.weight"] = np.frombuffer(rng.bytes(n), dtype=np.float32).reshape(-1, 1024)
+        left -= n
+        i += 1
+    path = folder / "model.safetensors"
+    save_file(tensors, str(path))
+    return path
+
+
+# ------------------------------------------------------------ baseline processes
+
+
+def _bare_host(seed: int) -> Any:
+    from libp2p import new_host
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
+    from libp2p.custom_types import TProtocol
+    from libp2p.network.config import ConnectionConfig
+    from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+    from libp2p.security.noise.transport import Transport as NoiseTransport
+    from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+    from libp2p.stream_muxer.yamux.yamux import Yamux
+
+    key_pair = create_new_key_pair(bytes([seed]) * 32)
+    noise = NoiseTransport(key_pair, noise_privkey=new_x25519_key_pair().private_key)
+    return new_host(key_pair=key_pair, sec_opt={NOISE_PROTOCOL_ID: noise},
+                    muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+                    connection_config=ConnectionConfig(max_connections_per_peer=1))
+
+
+def role_serve(kind: str, file: Path) -> None:
+    """Serve ``file`` (bare stream or Bitswap); print our address, then run until killed."""
+    import multiaddr
+    import trio
+    from libp2p.custom_types import TProtocol
+
+    data = file.read_bytes()
+
+    async def main() -> None:
+        host = _bare_host(1)
+        async with host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]), trio.open_nursery() as nursery:
+            extra: dict[str, str] = {}
+            if kind == "bare":
+                async def handler(stream: Any) -> None:
+                    view = memoryview(data)
+                    for start in range(0, len(data), MIB):
+                        await stream.write(bytes(view[start:start + MIB]))
+                    await stream.close()
+
+                host.set_stream_handler(TProtocol("/bench/bulk/1.0.0"), handler)
+            else:
+                from libp2p.bitswap import BitswapClient, cid_to_text
+                from libp2p.bitswap.dag import MerkleDag
+
+                bitswap = BitswapClient(host)
+                await bitswap.start()
+                bitswap.set_nursery(nursery)
+                root = await MerkleDag(bitswap).add_bytes(data, chunk_size=256 * 1024)
+                extra["root"] = cid_to_text(root)
+            print(json.dumps({"addr": f"{host.get_addrs()[0]}", **extra}), flush=True)
+            await trio.sleep_forever()
+
+    trio.run(main)
+
+
+def role_fetch(kind: str, addr: str, root: str, size: int) -> None:
+    """Fetch from a ``role_serve`` process; print the bytes and seconds."""
+    import multiaddr
+    import trio
+    from libp2p.custom_types import TProtocol
+    from libp2p.network.stream.exceptions import StreamEOF
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+
+    async def main() -> None:
+        host = _bare_host(2)
+        async with host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]), trio.open_nursery() as nursery:
+            info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+            await host.connect(info)
+            got = 0
+            if kind == "bare":
+                started = time.perf_counter()
+                stream = await host.new_stream(info.peer_id, [TProtocol("/bench/bulk/1.0.0")])
+                while True:
+                    try:
+                        piece = await stream.read(MIB)
+                    except StreamEOF:
+                        break
+                    if not piece:
+                        break
+                    got += len(piece)
+            else:
+                from libp2p.bitswap import BitswapClient
+                from libp2p.bitswap.dag import MerkleDag
+
+                bitswap = BitswapClient(host)
+                await bitswap.start()
+                bitswap.set_nursery(nursery)
+                started = time.perf_counter()
+                data, _ = await MerkleDag(bitswap).fetch_file(root, peer_id=info.peer_id, timeout=120.0)
+                got = len(data)
+            seconds = time.perf_counter() - started
+            print(json.dumps({"bytes": got, "seconds": seconds}), flush=True)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def baseline(kind: str, file: Path) -> float:
+    """One baseline transfer; returns MB/s."""
+    me = [sys.executable, __file__]
+    server = subprocess.Popen([*me, "--role", f"{kind}-serve", "--file", str(file)], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert server.stdout is not None
+        info = json.loads(server.stdout.readline())
+        out = subprocess.run([*me, "--role", f"{kind}-fetch", "--addr", info["addr"], "--root", info.get("root", ""),
+                              "--expect", str(file.stat().st_size)], capture_output=True, text=True,
+                             timeout=ROLE_TIMEOUT)
+        if out.returncode != 0:
+            raise RuntimeError(f"{kind} fetch failed: {out.stderr[-2000:]}")
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        if result["bytes"] != file.stat().st_size:
+            raise RuntimeError(f"{kind}: got {result['bytes']} of {file.stat().st_size} bytes")
+        return float(result["bytes"] / result["seconds"] / 1e6)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+# ------------------------------------------------------------ the devnet
+
+
+def call(home: str, method: str, params: dict[str, Any], timeout: float = ROLE_TIMEOUT) -> Any:
+    from prsm_node.control.client import ControlClient
+
+    with ControlClient(Path(home) / "control.sock", timeout=timeout) as client:
+        return client.call(method, params, timeout=timeout)
+
+
+def timed_fetch(home: str, mid: str) -> tuple[float, dict[str, Any]]:
+    started = time.perf_counter()
+    result = call(home, "model.fetch", {"ref": mid})
+    seconds = time.perf_counter() - started
+    if result["state"] != "done":
+        raise RuntimeError(f"fetch ended {result['state']}: {result['error']}")
+    return seconds, result
+
+
+def profiled(pids: dict[str, int], folder: Path) -> list[subprocess.Popen[bytes]]:
+    """py-spy (``pip install py-spy``) sampling each daemon, collapsed stacks into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return [subprocess.Popen(["py-spy", "record", "--nonblocking", "--threads", "--format", "raw", "-r", "100",
+                              "-p", str(pid), "-o", str(folder / f"{name}.txt")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name, pid in pids.items()]
+
+
+def prsm_runs(workdir: Path, model_dir: Path, size: int, runs: int,
+              profile: Path | None = None) -> dict[str, list[float]]:
+    proc = subprocess.Popen([sys.executable, "-m", "prsm_node", "devnet", "--nodes", "6", "--dir",
+                             str(workdir / "devnet"), "--json", "--ready-timeout", "120"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    out: dict[str, list[float]] = {"prsm 1 provider": [], "prsm 4 providers": [],
+                                   "prsm 1 provider (transfer)": [], "prsm 4 providers (transfer)": []}
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"devnet did not start; see the node.log files under {workdir / 'devnet'}")
+        nodes = json.loads(line)["nodes"]
+        homes = [n["home"] for n in nodes]
+        started = time.perf_counter()
+        pub = call(homes[0], "model.publish", {"path": str(model_dir), "name": "bench/random", "version": "1"})
+        print(f"  published {pub['chunks']} chunks in {time.perf_counter() - started:.1f} s", flush=True)
+        mid = pub["id"]
+        for label, fetcher in (("prsm 1 provider", homes[4]), ("prsm 4 providers", homes[5])):
+            if label == "prsm 4 providers":
+                for h in homes[1:4]:
+                    timed_fetch(h, mid)
+            for run in range(runs):
+                spies = []
+                if profile is not None and run == 0:
+                    provider_pids = {f"provider{i}": nodes[i]["pid"] for i in range(1 if "1" in label else 4)}
+                    spies = profiled({"fetcher": nodes[homes.index(fetcher)]["pid"], **provider_pids},
+                                     profile / label.replace(" ", "-"))
+                seconds, result = timed_fetch(fetcher, mid)
+                for spy in spies:
+                    spy.send_signal(signal.SIGINT)
+                    spy.wait(timeout=60)
+                used = [p for p in result["providers"] if p["chunks"]]
+                stages = result.get("timings_s") or {}
+                transfer = result["bytes_fetched"] / max(stages.get("transfer", result["elapsed_s"]), 1e-9) / 1e6
+                print(f"  {label} run {run + 1}: {size / seconds / 1e6:.1f} MB/s end to end "
+                      f"({seconds:.2f} s), transfer stage {transfer:.1f} MB/s, from {len(used)} providers "
+                      f"{[p['chunks'] for p in used]}, stages {stages}", flush=True)
+                out[label].append(size / seconds / 1e6)
+                out[f"{label} (transfer)"].append(transfer)
+                call(fetcher, "model.rm", {"id": mid})
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-mib", type=int, default=256)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--skip-bitswap", action="store_true")
+    ap.add_argument("--skip-baselines", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the temp folder (model, devnet homes, logs)")
+    ap.add_argument("--profile", type=Path, help="py-spy the daemons during the first fetch of each kind, into DIR")
+    ap.add_argument("--role", help=argparse.SUPPRESS)
+    ap.add_argument("--file", help=argparse.SUPPRESS)
+    ap.add_argument("--addr", help=argparse.SUPPRESS)
+    ap.add_argument("--root", help=argparse.SUPPRESS)
+    ap.add_argument("--expect", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.role:
+        kind, what = args.role.split("-")
+        if what == "serve":
+            role_serve(kind, Path(args.file))
+        else:
+            role_fetch(kind, args.addr, args.root, args.expect)
+        return 0
+
+    workdir = Path(tempfile.mkdtemp(prefix="prsm-bench-shards-"))
+    try:
+        return run_all(args, workdir)
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_all(args: argparse.Namespace, workdir: Path) -> int:
+    print(f"load before: {os.getloadavg()}", flush=True)
+    model = make_model(workdir / "model", args.size_mib)
+    size = model.stat().st_size
+    print(f"model: {size / MIB:.1f} MiB in {workdir}", flush=True)
+    results: dict[str, list[float]] = {}
+    if not args.skip_baselines:
+        kinds = ["bare"] + ([] if args.skip_bitswap else ["bitswap"])
+        for kind in kinds:
+            label = {"bare": "bare stream", "bitswap": "bitswap"}[kind]
+            results[label] = []
+            for run in range(args.runs):
+                mbps = baseline(kind, model)
+                print(f"  {label} run {run + 1}: {mbps:.1f} MB/s", flush=True)
+                results[label].append(mbps)
+    results.update(prsm_runs(workdir, model.parent, size, args.runs, args.profile))
+    print(f"load after: {os.getloadavg()}")
+    med = {k: statistics.median(v) for k, v in results.items() if v}
+    print(f"\n{'configuration':<30} {'median MB/s':>12}  runs")
+    for k, v in results.items():
+        if v:
+            print(f"{k:<30} {med[k]:>12.1f}  {', '.join(f'{x:.1f}' for x in v)}")
+    one, four = med.get("prsm 1 provider"), med.get("prsm 4 providers")
+    if one and "bare stream" in med:
+        print(f"\n1 provider / bare stream   = {one / med['bare stream']:.2f}  (target >= 0.80)")
+    if one and "bitswap" in med:
+        print(f"1 provider / bitswap       = {one / med['bitswap']:.2f}  (target >= 3)")
+    if one and four:
+        print(f"4 providers / 1 provider   = {four / one:.2f}  (target >= 1)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
