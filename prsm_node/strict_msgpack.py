@@ -38,7 +38,7 @@ def unpack_strict(data: object, limit: int, what: str, error: type[Exception]) -
         )
     except error:
         raise
-    except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as exc:
+    except (ValueError, TypeError, OverflowError, RecursionError, msgpack.UnpackException) as exc:
         raise error(f"{what} is not valid msgpack: {type(exc).__name__}: {exc}") from None
 
 

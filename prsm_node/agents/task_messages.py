@@ -21,6 +21,7 @@ import msgpack
 from ..ledger.codec import decode_receipt, encode_receipt
 from ..ledger.exceptions import LedgerDecodeError
 from ..ledger.types import MAX_AMOUNT, Receipt
+from ..strict_msgpack import unpack_strict
 from .inputs import Usage
 from .pricing import Charge
 
@@ -229,12 +230,7 @@ def encode_error(code: str, message: str) -> bytes:
 
 
 def _unpack(data: bytes, limit: int) -> list[Any]:
-    if len(data) > limit:
-        raise TaskMessageError(f"message of {len(data)} bytes over the {limit}-byte limit")
-    try:
-        value = msgpack.unpackb(data, raw=False, strict_map_key=True, max_ext_len=0)
-    except Exception as exc:  # msgpack raises several unrelated types on junk
-        raise TaskMessageError(f"not msgpack: {type(exc).__name__}") from None
+    value = unpack_strict(data, limit, "message", TaskMessageError)
     if type(value) is not list or not value or type(value[0]) is not int:
         raise TaskMessageError("a message is an array that starts with its type")
     return value

@@ -15,6 +15,7 @@ import msgpack
 
 from ..ledger.block import MAX_BLOCK_SIZE
 from ..ledger.codec import MAX_TX_SIZE
+from ..strict_msgpack import unpack_strict
 
 TX_PROTOCOL = "/prsm/tx/1.0.0"
 SYNC_PROTOCOL = "/prsm/sync/1.0.0"
@@ -67,12 +68,7 @@ def _pack(obj: Any) -> bytes:
 
 
 def _unpack(data: bytes, limit: int) -> list[Any]:
-    if len(data) > limit:
-        raise MessageError(f"message of {len(data)} bytes over the {limit}-byte limit")
-    try:
-        value = msgpack.unpackb(data, raw=False, strict_map_key=True, max_ext_len=0)
-    except Exception as exc:  # msgpack raises several unrelated types on junk
-        raise MessageError(f"not msgpack: {type(exc).__name__}") from None
+    value = unpack_strict(data, limit, "message", MessageError)
     if type(value) is not list or not value or type(value[0]) is not int:
         raise MessageError("a message is an array that starts with its type")
     return value

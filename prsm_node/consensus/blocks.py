@@ -22,6 +22,7 @@ from ..ledger.codec import decode_tx, tx_hash
 from ..ledger.exceptions import LedgerDecodeError
 from ..ledger.state import LedgerState
 from ..ledger.types import Tx
+from ..strict_msgpack import unpack_strict
 
 META_DOMAIN = "prsm-batch-meta-v1"
 MAX_META_SIZE = 128
@@ -37,12 +38,7 @@ def encode_meta(proposer: bytes, time_ms: int) -> bytes:
 
 def decode_meta(data: bytes) -> tuple[bytes, int]:
     """``(proposer, time_ms)`` of a canonical meta request (else BadBatch)."""
-    if len(data) > MAX_META_SIZE:
-        raise BadBatch("batch meta too long")
-    try:
-        value = msgpack.unpackb(data, raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several types for garbage
-        raise BadBatch(f"batch meta is not msgpack: {exc}") from None
+    value = unpack_strict(data, MAX_META_SIZE, "batch meta", BadBatch)
     if (
         type(value) is not list
         or len(value) != 3
