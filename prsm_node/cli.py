@@ -18,10 +18,11 @@ from . import __version__
 from .agents.cli import agents_app
 from .agents.cli import ask as agents_ask
 from .breaker.cli import breaker_app
+from .cli_common import HomeOpt, JsonOpt, call_daemon, fail, home_path, print_json, table
 from .consensus.cli import consensus_app
 from .control.client import call
-from .exceptions import ConfigError, ControlError, DaemonNotRunning, HomeError
-from .home import DEV_NETWORK, Home, default_home, init_home
+from .exceptions import ConfigError, HomeError
+from .home import DEV_NETWORK, Home, init_home
 
 app = typer.Typer(
     name="prsm-node",
@@ -31,41 +32,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-HomeOpt = Annotated[
-    Path | None,
-    typer.Option("--home", help="Node home directory [default: $PRSM_HOME or ~/.prsm]", show_default=False),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
-
-
-def _home(home: Path | None) -> Path:
-    return (home or default_home()).expanduser()
-
-
-def _fail(message: str, code: int = 1) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def _call(home: Path | None, method: str, params: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
-    try:
-        return call(_home(home), method, params, timeout=timeout)
-    except DaemonNotRunning as exc:
-        _fail(str(exc))
-    except ControlError as exc:
-        _fail(exc.message)
-    except TimeoutError:
-        _fail(f"the daemon did not answer {method!r} within {timeout} s")
-
-
-def _print_json(obj: Any) -> None:
-    typer.echo(json.dumps(obj, indent=2))
-
-
-def _table(rows: list[list[str]], header: list[str]) -> None:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        typer.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+_home = home_path
+_fail = fail
+_call = call_daemon
+_print_json = print_json
+_table = table
 
 
 @app.command()

@@ -35,4 +35,4 @@ def test_ask_and_agents_status_through_the_cli(short_tmp: Path, trained: Path) -
         assert human.returncode == 0 and "tasks served 0" in human.stdout
 
         over = cli("ask", "Of Light", "--budget", "0.000000000000000001", "--home", n0["home"])
-        assert over.returncode == 1 and "over_budget" in over.stderr
+        assert over.returncode == 1 and "exceeds the budget" in over.stderr

@@ -8,34 +8,15 @@ from __future__ import annotations
 
 import datetime
 import json
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from ..control.client import call
-from ..exceptions import ControlError, DaemonNotRunning
-from ..home import default_home
+from ..cli_common import HomeOpt, JsonOpt, call_daemon
 
 breaker_app = typer.Typer(help="The circuit breaker: vote to halt or resume a model; show halts.", no_args_is_help=True)
 
-HomeOpt = Annotated[
-    Path | None,
-    typer.Option("--home", help="Node home directory [default: $PRSM_HOME or ~/.prsm]", show_default=False),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
-
-
-def _call(home: Path | None, method: str, params: dict[str, Any], timeout: float = 30.0) -> Any:
-    try:
-        return call((home or default_home()).expanduser(), method, params, timeout=timeout)
-    except DaemonNotRunning as exc:
-        typer.echo(f"error: {exc}", err=True)
-    except ControlError as exc:
-        typer.echo(f"error: {exc.message}", err=True)
-    except TimeoutError:
-        typer.echo(f"error: the daemon did not answer {method!r} within {timeout} s", err=True)
-    raise typer.Exit(1)
+_call = call_daemon
 
 
 def _when(ms: int | None) -> str:

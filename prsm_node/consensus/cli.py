@@ -19,7 +19,9 @@ def consensus_status(
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
 ) -> None:
     """Show the view, the primary, the height, the last stable checkpoint and each validator."""
-    from ..cli import _call, _print_json, _table  # the CLI module imports this one
+    from ..cli_common import call_daemon as _call
+    from ..cli_common import print_json as _print_json
+    from ..cli_common import table as _table
 
     st = _call(home, "consensus.status")
     if as_json:
