@@ -1,0 +1,377 @@
+"""PBFT consensus on a local devnet: committed transfers per second at saturation beside the
+Ed25519 verification ceiling, commit latency below saturation, and recovery after the primary
+is killed.
+
+A real devnet (``prsm-node devnet --validators V --nodes N --json``) runs on this machine; the
+load is signed here and submitted as raw txs (``ledger.submit``) over the control sockets.
+
+1. **ceiling** = cores / (V x one Ed25519 verification): every validator checks every tx
+   signature once, so the machine's cores shared by V validators bound the commit rate. One
+   verification is timed with ``verify_tx_signature`` over ``--verify`` signed transfers.
+2. **saturation**: pre-signed transfers from ``--accounts`` funded accounts are offered open
+   loop at fixed rates (``wait: false``) from ``--threads`` threads; the commit rate is read
+   from block heights and tx counts over the steady middle of each run. Target >= 60% of the
+   ceiling.
+3. **latency**: ``wait: true`` submissions at a low rate; latency = reply time (p50/p99).
+4. **view change**: SIGKILL the primary named by ``consensus.status`` while a light load
+   runs; time to the first commit in the new view, beside ``[consensus].view_change_timeout``
+   (target: within 2x).
+
+    python scripts/bench/consensus.py [--rates 60,120,240] [--seconds 8] [--accounts 40]
+    # full size: --rates 100,200,400,800 --seconds 20 --accounts 200 --verify 5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import nacl.signing
+
+from prsm_node.config import ConsensusSection
+from prsm_node.control.client import ControlClient
+from prsm_node.exceptions import ControlError
+from prsm_node.keys import NodeKey
+from prsm_node.ledger import Transfer, decode_tx, encode_tx, sign_tx
+from prsm_node.ledger.signing import verify_tx_signature
+
+CLI = [sys.executable, "-m", "prsm_node"]
+
+
+def call(sock: str, method: str, timeout: float = 30, **params: Any) -> Any:
+    with ControlClient(Path(sock), timeout=timeout) as client:
+        return client.call(method, params)
+
+
+def verify_ceiling(count: int) -> tuple[float, float]:
+    """(seconds per verification, txs/s of one core)."""
+    keys = [nacl.signing.SigningKey(i.to_bytes(4, "big") * 8) for i in range(64)]
+    txs = [
+        decode_tx(encode_tx(sign_tx(keys[n % 64], chain_id="bench", nonce=n, fee=1, body=Transfer(b"\x01" * 32, 5))))
+        for n in range(count)
+    ]
+    start = time.perf_counter()
+    for tx in txs:
+        if not verify_tx_signature(tx):
+            raise SystemExit("a signature failed")
+    per = (time.perf_counter() - start) / count
+    return per, 1 / per
+
+
+class Devnet:
+    def __init__(self, directory: Path, validators: int, nodes: int, ready_timeout: float) -> None:
+        self.log = open(directory / "launcher.log", "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [*CLI, "devnet", "--validators", str(validators), "--nodes", str(nodes), "--dir", str(directory / "net"),
+             "--json", "--ready-timeout", str(ready_timeout)],
+            stdout=subprocess.PIPE, stderr=self.log, text=True,
+        )  # fmt: skip
+        out: list[str] = []
+        reader = threading.Thread(target=lambda: out.append(self.proc.stdout.readline()), daemon=True)  # type: ignore[union-attr]
+        reader.start()
+        reader.join(ready_timeout + 30)
+        if not out or not out[0]:
+            self.stop()
+            raise SystemExit(f"devnet did not start; see {directory / 'launcher.log'}")
+        self.nodes: list[dict[str, Any]] = json.loads(out[0])["nodes"]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # the launcher stops every node, then exits
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.log.close()
+
+
+class Accounts:
+    """Signing keys with their next nonce."""
+
+    def __init__(self, chain_id: str) -> None:
+        self.chain_id = chain_id
+        self.keys: list[nacl.signing.SigningKey] = []
+        self.nonce: list[int] = []
+
+    def add(self, key: nacl.signing.SigningKey, nonce: int) -> int:
+        self.keys.append(key)
+        self.nonce.append(nonce)
+        return len(self.keys) - 1
+
+    def sign(self, i: int, to: bytes, amount: int) -> str:
+        tx = sign_tx(self.keys[i], chain_id=self.chain_id, nonce=self.nonce[i], fee=0, body=Transfer(to, amount))
+        self.nonce[i] += 1
+        return encode_tx(tx).hex()
+
+
+def wait_committed(sock: str, hashes: list[str], timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    left = list(hashes)
+    with ControlClient(Path(sock), timeout=30) as c:
+        while left and time.monotonic() < deadline:
+            left = [h for h in left if _status(c, h) != "committed"]
+            if left:
+                time.sleep(0.2)
+    return len(hashes) - len(left)
+
+
+def _status(c: ControlClient, h: str) -> str:
+    try:
+        return c.call("ledger.tx", {"hash": h})["status"]
+    except ControlError:
+        return "unknown"
+
+
+def open_loop(
+    targets: list[str],
+    txs: list[tuple[int, str]],
+    rate: float,
+    threads: int,
+    *,
+    wait: bool = False,
+    reply_timeout: float = 30.0,
+) -> tuple[float, float, list[float], int]:
+    """Offer ``txs`` (account index, hex) at ``rate``/s; tx i is due at start + i/rate and goes
+    from the thread owning its account (so one account's nonces stay in order) to that thread's
+    node. Returns (start, end of submission, reply latencies, errors)."""
+    start = time.monotonic() + 0.2
+    lat: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+
+    def worker(t: int) -> None:
+        mine = [(i, h) for i, (acct, h) in enumerate(txs) if acct % threads == t]
+        with ControlClient(Path(targets[t % len(targets)]), timeout=reply_timeout + 5) as c:
+            for i, h in mine:
+                due = start + i / rate
+                now = time.monotonic()
+                if due > now:
+                    time.sleep(due - now)
+                t0 = time.monotonic()
+                try:
+                    c.call("ledger.submit", {"tx": h, "wait": wait, "timeout": reply_timeout})
+                    with lock:
+                        lat.append(time.monotonic() - t0)
+                except ControlError as exc:
+                    with lock:
+                        errors[0] += 1
+                        if errors[0] == 1:
+                            print(f"  first error: {exc}", flush=True)
+                except OSError:  # the node went away (view-change run): stop this thread
+                    with lock:
+                        errors[0] += 1
+                    return
+
+    ws = [threading.Thread(target=worker, args=(t,), daemon=True) for t in range(threads)]
+    for w in ws:
+        w.start()
+    limit = start + len(txs) / rate + reply_timeout + 30
+    for w in ws:
+        w.join(max(0.0, limit - time.monotonic()))
+    return start, time.monotonic(), lat, errors[0]
+
+
+class HeightSampler(threading.Thread):
+    """(time, height) of one node every ``period`` s until stopped (bounded by ``max_s``)."""
+
+    def __init__(self, sock: str, period: float = 0.25, max_s: float = 600) -> None:
+        super().__init__(daemon=True)
+        self.sock, self.period, self.max_s = sock, period, max_s
+        self.samples: list[tuple[float, int]] = []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        end = time.monotonic() + self.max_s
+        with ControlClient(Path(self.sock), timeout=30) as c:
+            while not self.halt.is_set() and time.monotonic() < end:
+                self.samples.append((time.monotonic(), c.call("ledger.status")["height"]))
+                self.halt.wait(self.period)
+
+
+def tx_counts(sock: str, lo: int, hi: int) -> dict[int, int]:
+    with ControlClient(Path(sock), timeout=60) as c:
+        return {h: c.call("ledger.block", {"height": h})["tx_count"] for h in range(lo, hi + 1)}
+
+
+def pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--validators", type=int, default=4)
+    ap.add_argument("--nodes", type=int, default=5, help="validators + followers")
+    ap.add_argument("--verify", type=int, default=3000, help="signed transfers timed for one verification")
+    ap.add_argument("--accounts", type=int, default=40, help="extra funded accounts that send the load")
+    ap.add_argument("--threads", type=int, default=4, help="submitting threads (one node each)")
+    ap.add_argument("--rates", default="60,120,240", help="offered txs/s, comma separated")
+    ap.add_argument("--seconds", type=float, default=8.0, help="seconds of load per offered rate")
+    ap.add_argument("--drain", type=float, default=15.0, help="most seconds to wait for the backlog to commit")
+    ap.add_argument("--latency-txs", type=int, default=40)
+    ap.add_argument("--latency-rate", type=float, default=4.0)
+    ap.add_argument("--via", choices=["validators", "follower"], default="validators")
+    ap.add_argument("--ready-timeout", type=float, default=120.0)
+    ap.add_argument("--skip-view-change", action="store_true")
+    args = ap.parse_args()
+    cores = os.cpu_count() or 1
+
+    per, one_core = verify_ceiling(args.verify)
+    ceiling = cores / (args.validators * per)
+    print(f"verification: {per * 1e6:.1f} us/sig ({one_core:,.0f}/s on one core, {args.verify} sigs)")
+    print(f"ceiling: {cores} cores / ({args.validators} x one verification) = {ceiling:,.0f} tx/s")
+
+    with tempfile.TemporaryDirectory(prefix="prsm-bench-consensus-") as tmp:
+        t0 = time.monotonic()
+        net = Devnet(Path(tmp), args.validators, args.nodes, args.ready_timeout)
+        try:
+            print(f"devnet: {args.validators} validators + {args.nodes - args.validators} followers "
+                  f"ready in {time.monotonic() - t0:.1f} s")  # fmt: skip
+            socks = [n["control"] for n in net.nodes]
+            vsocks = socks[: args.validators]
+            targets = vsocks if args.via == "validators" or args.nodes == args.validators else socks[args.validators :]
+            chain_id = call(socks[0], "ledger.status")["chain_id"]
+            acc = Accounts(chain_id)
+            node_keys = [NodeKey.load(Path(n["home"]) / "keys" / "node_key") for n in net.nodes]
+            node_idx = []
+            for n, k in zip(net.nodes, node_keys, strict=True):
+                nonce = call(n["control"], "ledger.balance", account=k.account.hex())["next_nonce"]
+                node_idx.append(acc.add(k.signing_key, nonce))
+
+            # fund the load accounts from the node accounts
+            k_acc = max(args.threads, args.accounts - args.accounts % args.threads)
+            load_keys = [nacl.signing.SigningKey(os.urandom(32)) for _ in range(k_acc)]
+            funding = [
+                (node_idx[j % len(node_idx)], acc.sign(node_idx[j % len(node_idx)], bytes(k.verify_key), 10**21))
+                for j, k in enumerate(load_keys)
+            ]
+            hashes = []
+            with ControlClient(Path(targets[0]), timeout=30) as c:
+                for _, h in funding:
+                    hashes.append(c.call("ledger.submit", {"tx": h, "wait": False})["hash"])
+            ok = wait_committed(socks[0], hashes, 60)
+            if ok != len(hashes):
+                raise SystemExit(f"only {ok}/{len(hashes)} funding transfers committed")
+            load_idx = [acc.add(k, 0) for k in load_keys]
+            print(f"funded {k_acc} load accounts")
+            sinks = [bytes(k.verify_key) for k in load_keys]
+
+            # saturation
+            print(f"\nopen loop, {args.seconds:g} s per rate, {args.threads} threads via {args.via}:")
+            print(f"{'offered/s':>10} {'submitted':>10} {'errors':>7} {'committed':>10} {'steady tx/s':>12} "
+                  f"{'% ceiling':>10} {'blocks':>7} {'tx/block':>9}")  # fmt: skip
+            best = 0.0
+            for rate in [float(r) for r in args.rates.split(",")]:
+                m = int(rate * args.seconds)
+                txs = []
+                for i in range(m):
+                    a = i % k_acc
+                    txs.append((a, acc.sign(load_idx[a], sinks[(a + 1) % k_acc], 1)))
+                h0 = call(vsocks[0], "ledger.status")["height"]
+                sampler = HeightSampler(vsocks[0])
+                sampler.start()
+                start, end, lat, errors = open_loop(targets, txs, rate, args.threads, reply_timeout=10)
+                # drain: until the ledger holds every accepted tx, or --drain seconds
+                counts: dict[int, int] = {}
+                want = m - errors
+                deadline = time.monotonic() + args.drain
+                while time.monotonic() < deadline:
+                    h = sampler.samples[-1][1] if sampler.samples else h0
+                    counts.update(tx_counts(vsocks[0], max(h0 + 1, max(counts, default=h0) + 1), h))
+                    if sum(counts.values()) >= want:
+                        break
+                    time.sleep(0.5)
+                sampler.halt.set()
+                sampler.join(10)
+                hmax = max(s[1] for s in sampler.samples)
+                counts.update(tx_counts(vsocks[0], max(counts, default=h0) + 1, hmax))
+                committed = sum(counts.values())
+                # steady window: the middle of the submission period (skip the first and last 20%)
+                span = end - start
+                a_t, b_t = start + 0.2 * min(span, args.seconds), start + 0.8 * args.seconds
+                if committed >= want:  # backlog committed after the offer ended counts toward the same rate
+                    b_t = max(b_t, max(t for t, h in sampler.samples if h < hmax) if hmax > h0 else b_t)
+                inside = [s for s in sampler.samples if a_t <= s[0] <= b_t]
+                steady = 0.0
+                if len(inside) >= 2 and inside[-1][0] > inside[0][0]:
+                    ha, hb = inside[0][1], inside[-1][1]
+                    steady = sum(counts.get(h, 0) for h in range(ha + 1, hb + 1)) / (inside[-1][0] - inside[0][0])
+                best = max(best, steady)
+                blocks = len(counts)
+                print(f"{rate:>10.0f} {m:>10} {errors:>7} {committed:>10} {steady:>12.1f} "
+                      f"{100 * steady / ceiling:>9.1f}% {blocks:>7} {committed / max(blocks, 1):>9.1f}")  # fmt: skip
+            print(f"best sustained commit rate: {best:.1f} tx/s = {100 * best / ceiling:.1f}% of the "
+                  f"{ceiling:,.0f} tx/s ceiling (target >= 60%)")  # fmt: skip
+
+            # latency below saturation
+            txs = []
+            for i in range(args.latency_txs):
+                a = i % k_acc
+                txs.append((a, acc.sign(load_idx[a], sinks[(a + 1) % k_acc], 1)))
+            _, _, lat, errors = open_loop(targets, txs, args.latency_rate, args.threads, wait=True, reply_timeout=30)
+            print(f"\ncommit latency at {args.latency_rate:g} tx/s (wait: true, {len(lat)} replies, {errors} errors): "
+                  f"p50 {pct(lat, 0.5) * 1000:.0f} ms, p99 {pct(lat, 0.99) * 1000:.0f} ms")  # fmt: skip
+
+            if not args.skip_view_change:
+                view_change(args, net, node_keys, acc, load_idx, sinks, k_acc)
+        finally:
+            net.stop()
+            print("devnet stopped")
+
+
+def view_change(args: argparse.Namespace, net: Devnet, node_keys: list[NodeKey], acc: Accounts,
+                load_idx: list[int], sinks: list[bytes], k_acc: int) -> None:  # fmt: skip
+    base = ConsensusSection().view_change_timeout  # devnet homes keep the default
+    vsocks = [n["control"] for n in net.nodes[: args.validators]]
+    st = call(vsocks[0], "consensus.status")
+    old_view, primary = st["view"], st["primary"]
+    p = next(i for i, k in enumerate(node_keys) if k.account.hex() == primary)
+    survivors = [s for i, s in enumerate(vsocks) if i != p]
+    # a light load keeps txs waiting so the new primary has something to commit
+    txs = []
+    for i in range(int(4 * 30)):
+        a = i % k_acc
+        txs.append((a, acc.sign(load_idx[a], sinks[(a + 1) % k_acc], 1)))
+    loader = threading.Thread(
+        target=open_loop, args=(survivors, txs, 4.0, min(args.threads, len(survivors))), daemon=True
+    )
+    loader.start()
+    time.sleep(1.5)
+    os.kill(net.nodes[p]["pid"], signal.SIGKILL)
+    killed = time.monotonic()
+    t_view = t_commit = None
+    h_view = None
+    with ControlClient(Path(survivors[-1]), timeout=10) as c:
+        while time.monotonic() - killed < 30 * base:
+            s = c.call("consensus.status")
+            now = time.monotonic()
+            if t_view is None and s["view"] > old_view and s.get("active", True):
+                t_view, h_view = now, s["height"]
+            elif t_view is not None and s["height"] > h_view:  # type: ignore[operator]
+                t_commit = now
+                break
+            time.sleep(0.02)
+    print(
+        f"\nview change: killed primary node{p} pid {net.nodes[p]['pid']} (view {old_view}); "
+        f"base view-change timeout {base:g} s"
+    )
+    if t_commit is None:
+        print(f"  no commit in a new view within {30 * base:g} s")
+        return
+    took = t_commit - killed
+    print(f"  new view active after {t_view - killed:.2f} s; next commit {took:.2f} s after the kill "  # type: ignore[operator]
+          f"= {took / base:.2f}x the base timeout (target <= 2x)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
