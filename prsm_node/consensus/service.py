@@ -42,7 +42,7 @@ from .outputs import FetchState, Step
 from .params import PbftParams
 from .records import BatchRecord
 from .replica import Replica
-from .store import RecordStore
+from .store import EvidenceStore, RecordStore
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class ConsensusService:
         self.key = key
         self.params = params or PbftParams()
         self.records = RecordStore(store.namespace("pbft"))
+        self.evidence_store = EvidenceStore(store.namespace("pbft-evidence"))
         self.enabled = chain.is_validator and len(chain.validators) > 1 and chain.validator_set is not None
         self.test_fault = test_fault
         self.replica: Replica | None = None
@@ -104,6 +105,7 @@ class ConsensusService:
             for _ in range(3):
                 log.warning("TEST FAULT ACTIVE: this validator misbehaves on purpose", extra=kv(fault=self.test_fault))
         stored = await trio.to_thread.run_sync(self.records.load)
+        await trio.to_thread.run_sync(self.evidence_store.load)
         now = trio.current_time()
         self.replica, first = Replica.restore(
             vs,
@@ -208,6 +210,7 @@ class ConsensusService:
                 self._forget_gone()
             for ev in s.evidence:
                 self.evidence += 1
+                await trio.to_thread.run_sync(self.evidence_store.add, ev.sender, ev.first, ev.second)
                 log.warning("equivocation evidence: a validator signed two conflicting messages",
                             extra=kv(validator=ev.sender.hex()[:16]))
             if s.fetch_state is not None:
@@ -343,6 +346,7 @@ class ConsensusService:
                     "last_heard_s_ago": round(now - heard, 2) if heard is not None else None,
                     "connected": net.connected.get(acct) if net is not None else None,
                     "invalid_messages": net.invalid.get(acct, 0) if net is not None else 0,
+                    "evidence": self.evidence_store.counts.get(acct, 0),
                 }
             )
         out["validators"] = validators
