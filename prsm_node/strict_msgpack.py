@@ -8,6 +8,7 @@ compare) stay with each codec, which knows its schema.
 
 from __future__ import annotations
 
+from collections.abc import Container
 from typing import Any, NoReturn
 
 import msgpack
@@ -40,6 +41,23 @@ def unpack_strict(data: object, limit: int, what: str, error: type[Exception]) -
         raise
     except (ValueError, TypeError, OverflowError, RecursionError, msgpack.UnpackException) as exc:
         raise error(f"{what} is not valid msgpack: {type(exc).__name__}: {exc}") from None
+
+
+def error_reply_problem(code: object, message: object, codes: Container[int], max_message: int) -> str | None:
+    """What is wrong with an ``ERROR(code, message)`` reply's fields, or None: the code must be
+    one of ``codes`` (ints, not bools) and the message a string of at most ``max_message``
+    UTF-8 bytes."""
+    if not isinstance(code, int) or isinstance(code, bool) or code not in codes:
+        return f"unknown error code {code!r}"
+    if type(message) is not str:
+        return "error message must be a string"
+    try:
+        size = len(message.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "error message is not encodable as UTF-8"
+    if size > max_message:
+        return f"error message over {max_message} UTF-8 bytes"
+    return None
 
 
 def describe(value: object) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 
 import msgpack
 import nacl.signing
+from _vectors import write_or_check  # noqa: E402 - scripts/ is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "protocols" / "breaker-vectors.json"
@@ -201,14 +202,7 @@ def render() -> str:
 
 
 def main() -> int:
-    text = render()
-    if "--check" in sys.argv[1:]:
-        if not OUT.exists() or OUT.read_text(encoding="utf-8") != text:
-            print(f"{OUT} is stale: run scripts/gen_breaker_vectors.py", file=sys.stderr)
-            return 1
-        return 0
-    OUT.write_text(text, encoding="utf-8")
-    return 0
+    return write_or_check(OUT, render(), None)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import multiaddr
+from _vectors import write_or_check  # noqa: E402 - scripts/ is on sys.path
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.kad_dht.pb import kademlia_pb2 as pb
 from libp2p.peer.id import ID
@@ -110,15 +111,7 @@ def vectors() -> list[dict[str, Any]]:
 
 
 def main() -> int:
-    text = json.dumps(vectors(), indent=2) + "\n"
-    if "--check" in sys.argv[1:]:
-        if OUT.read_text() != text:
-            print(f"{OUT} is stale; rerun {Path(__file__).name}", file=sys.stderr)
-            return 1
-        return 0
-    OUT.write_text(text)
-    print(f"wrote {OUT}")
-    return 0
+    return write_or_check(OUT, json.dumps(vectors(), indent=2) + "\n", None)
 
 
 if __name__ == "__main__":

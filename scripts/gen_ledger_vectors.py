@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "protocols" / "ledger-vectors.json"
 sys.path.insert(0, str(ROOT))
 
+from _vectors import write_or_check  # noqa: E402 - scripts/ is on sys.path
+
 from prsm_node.genesis import Genesis, Validator  # noqa: E402
 from prsm_node.ledger import LedgerState, TxRejected, decode_tx  # noqa: E402
 
@@ -384,15 +386,7 @@ def vectors() -> dict[str, Any]:
 
 
 def main() -> int:
-    text = json.dumps(vectors(), indent=2) + "\n"
-    if "--check" in sys.argv[1:]:
-        if not OUT.exists() or OUT.read_text() != text:
-            print(f"{OUT} is stale; rerun {Path(__file__).name}", file=sys.stderr)
-            return 1
-        return 0
-    OUT.write_text(text)
-    print(f"wrote {OUT}")
-    return 0
+    return write_or_check(OUT, json.dumps(vectors(), indent=2) + "\n", None)
 
 
 if __name__ == "__main__":

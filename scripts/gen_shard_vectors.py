@@ -24,6 +24,7 @@ from typing import Any
 
 import msgpack
 import nacl.signing
+from _vectors import write_or_check  # noqa: E402 - scripts/ is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "protocols" / "shard-vectors.json"
@@ -279,15 +280,7 @@ def _version_order(v: str) -> tuple[int, tuple[int, ...], bytes]:
 
 
 def main() -> int:
-    text = json.dumps(build(), indent=1) + "\n"
-    if "--check" in sys.argv[1:]:
-        if not OUT.exists() or OUT.read_text() != text:
-            print(f"{OUT} is stale: run python scripts/gen_shard_vectors.py", file=sys.stderr)
-            return 1
-        return 0
-    OUT.write_text(text)
-    print(f"wrote {OUT}")
-    return 0
+    return write_or_check(OUT, json.dumps(build(), indent=1) + "\n", None)
 
 
 if __name__ == "__main__":

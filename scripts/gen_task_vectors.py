@@ -14,6 +14,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from _vectors import write_or_check  # noqa: E402 - scripts/ is on sys.path
+
 from prsm_node.agents import task_messages as m  # noqa: E402
 from prsm_node.agents.inputs import Usage  # noqa: E402
 from prsm_node.agents.pricing import charge_for  # noqa: E402
@@ -54,15 +56,7 @@ def vectors() -> dict[str, object]:
 
 
 def main(argv: list[str]) -> int:
-    text = json.dumps(vectors(), indent=2) + "\n"
-    if "--check" in argv:
-        if OUT.read_text() != text:
-            print(f"{OUT} is out of date; run scripts/gen_task_vectors.py", file=sys.stderr)
-            return 1
-        return 0
-    OUT.write_text(text)
-    print(f"wrote {OUT}")
-    return 0
+    return write_or_check(OUT, json.dumps(vectors(), indent=2) + "\n", argv)
 
 
 if __name__ == "__main__":

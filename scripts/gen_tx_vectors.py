@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+from _vectors import write_or_check  # noqa: E402 - scripts/ is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "protocols" / "tx-vectors.json"
@@ -120,15 +121,7 @@ def vectors() -> dict[str, Any]:
 
 
 def main() -> int:
-    text = json.dumps(vectors(), indent=2) + "\n"
-    if "--check" in sys.argv[1:]:
-        if not OUT.exists() or OUT.read_text() != text:
-            print(f"{OUT} is stale; rerun {Path(__file__).name}", file=sys.stderr)
-            return 1
-        return 0
-    OUT.write_text(text)
-    print(f"wrote {OUT}")
-    return 0
+    return write_or_check(OUT, json.dumps(vectors(), indent=2) + "\n", None)
 
 
 if __name__ == "__main__":

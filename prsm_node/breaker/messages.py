@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeAlias
 
+from ..strict_msgpack import error_reply_problem
 from .exceptions import Malformed, UnknownMessageType
 from .votes import MAX_UINT64, MAX_VOTE_SIZE, MODEL_ID_SIZE, VOTER_SIZE, Vote, decode_vote, encode_vote, pack, unpack
 
@@ -141,17 +142,7 @@ def _problem(msg: Message) -> str | None:
             return "more must be a bool"
         return None
     if isinstance(msg, Error):
-        if not isinstance(msg.code, int) or isinstance(msg.code, bool) or msg.code not in _ERROR_CODES:
-            return f"unknown error code {msg.code!r}"
-        if type(msg.message) is not str:
-            return "error message must be a string"
-        try:
-            size = len(msg.message.encode("utf-8"))
-        except UnicodeEncodeError:
-            return "error message is not encodable as UTF-8"
-        if size > MAX_ERROR_MESSAGE:
-            return f"error message over {MAX_ERROR_MESSAGE} UTF-8 bytes"
-        return None
+        return error_reply_problem(msg.code, msg.message, _ERROR_CODES, MAX_ERROR_MESSAGE)
     return f"not a breaker message: {type(msg).__name__}"
 
 

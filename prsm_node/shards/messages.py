@@ -25,6 +25,7 @@ from typing import Any, ClassVar, TypeAlias
 
 import msgpack
 
+from ..strict_msgpack import error_reply_problem
 from .exceptions import ShardDecodeError, UnknownMessageType
 from .manifest import HASH_SIZE, MAX_CHUNK_SIZE, MAX_CHUNKS, MAX_MANIFEST_SIZE, unpack
 
@@ -189,17 +190,7 @@ def _problem(msg: Message) -> str | None:
     if isinstance(msg, End):
         return None
     if isinstance(msg, Error):
-        if not isinstance(msg.code, int) or isinstance(msg.code, bool) or msg.code not in _ERROR_CODES:
-            return f"unknown error code {msg.code!r}"
-        if type(msg.message) is not str:
-            return "error message must be a string"
-        try:
-            size = len(msg.message.encode("utf-8"))
-        except UnicodeEncodeError:
-            return "error message is not encodable as UTF-8"
-        if size > MAX_ERROR_MESSAGE:
-            return f"error message over {MAX_ERROR_MESSAGE} UTF-8 bytes"
-        return None
+        return error_reply_problem(msg.code, msg.message, _ERROR_CODES, MAX_ERROR_MESSAGE)
     return f"not a shard message: {type(msg).__name__}"
 
 
