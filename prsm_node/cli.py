@@ -534,7 +534,7 @@ def model_rm(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Remove a model: its manifest, assembled files, and chunks no other model shares."""
+    """Remove a model: its manifest, its files and the record of its verified chunks."""
     result = _call(home, "model.rm", {"id": model_id})
     if as_json:
         return _print_json(result)

@@ -75,8 +75,8 @@ def make_model(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
 class FlippingStore(ShardStore):
     """A misbehaving provider: every chunk it serves has one byte flipped."""
 
-    def get_chunk(self, chunk: bytes, *, verify: bool = True) -> bytes:
-        data = bytearray(super().get_chunk(chunk, verify=verify))
+    def read_chunk(self, manifest_id: bytes, index: int, *, verify: bool = True) -> bytes:
+        data = bytearray(super().read_chunk(manifest_id, index, verify=verify))
         data[len(data) // 2] ^= 0xFF
         return bytes(data)
 
@@ -86,9 +86,9 @@ class SlowStore(ShardStore):
 
     delay = 0.01
 
-    def get_chunk(self, chunk: bytes, *, verify: bool = True) -> bytes:
+    def read_chunk(self, manifest_id: bytes, index: int, *, verify: bool = True) -> bytes:
         time.sleep(self.delay)
-        return super().get_chunk(chunk, verify=verify)
+        return super().read_chunk(manifest_id, index, verify=verify)
 
 
 def svc(node: Node):  # type: ignore[no-untyped-def]
@@ -177,6 +177,36 @@ async def test_corrupt_provider_is_penalised_and_its_chunks_come_from_others(sho
         assert f.bad_chunks == bad["bad_chunks"] and f.chunks_fetched == f.chunks_total
         assert provider_stats(f, alice)["chunks"] == f.chunks_total
         assert_identical(f, short_tmp / "src", tensors)
+
+
+async def test_a_model_file_damaged_on_disk_is_not_served_and_the_node_serves_on(short_tmp: Path) -> None:
+    async with running_nodes(short_tmp, ["alice", "bob", "carol"]) as nodes:
+        alice, bob, carol = nodes["alice"], nodes["bob"], nodes["carol"]
+        mid, tensors = await publish(alice, short_tmp / "src")
+        await fetch(bob, mid)
+        m = svc(bob).store.get_manifest(mid)
+        which = [f.path for f in m.files].index("model.safetensors")
+        path = svc(bob).store.files(mid)[which]
+        data = bytearray(path.read_bytes())
+        data[3 * CHUNK + 5] ^= 0xFF  # bob's copy, edited behind the node's back
+        path.write_bytes(bytes(data))
+        bad = m.first_chunk(which) + 3
+
+        # asked directly: ERROR internal naming the chunk; HAVE no longer shows it
+        reply = await ask(carol, bob, frame(GetChunks(mid, (bad,))))
+        assert error_code(reply) == ErrorCode.INTERNAL and f"chunk {bad}" in reply.message  # type: ignore[attr-defined]
+        have = await ask(carol, bob, frame(Have(mid)))
+        assert isinstance(have, HaveReply) and have.indices() == [i for i in range(m.chunk_count) if i != bad]
+        assert not svc(bob).store.is_complete(mid)
+
+        await connect(carol, bob)
+        f = await fetch(carol, mid)
+        assert f.chunks_fetched == f.chunks_total
+        assert_identical(f, short_tmp / "src", tensors)
+
+        repaired = await fetch(bob, mid)  # fetching again rewrites just that chunk, in place
+        assert (repaired.chunks_fetched, repaired.chunks_present) == (1, repaired.chunks_total - 1)
+        assert path.read_bytes() == (short_tmp / "src" / "model.safetensors").read_bytes()
 
 
 async def test_provider_stopped_mid_transfer_is_replaced_by_the_others(short_tmp: Path) -> None:

@@ -124,12 +124,11 @@ async def test_published_chunks_go_to_ipfs_and_a_fetch_takes_from_it_what_no_pee
             svc(bob).ipfs = IpfsBlocks(fake.api, timeout=5)
             mid, tensors = await publish(alice, short_tmp / "src")
             m = svc(alice).store.get_manifest(mid)
-            assert set(fake.blocks) == {cid_of(svc(alice).store.get_chunk(h)) for h in m.chunk_hashes()}
+            assert set(fake.blocks) == {cid_of(svc(alice).store.read_chunk(mid, i)) for i in range(m.chunk_count)}
 
             # alice lost a third of her chunks: those come from IPFS, the rest from alice.
             lost = list(range(0, m.chunk_count, 3))
-            for i in lost:
-                svc(alice).store.chunk_path(m.chunk_hashes()[i]).unlink()
+            svc(alice).store.discard(mid, lost)
             await connect(bob, alice)
             svc(bob).fetch_params = TEST_FETCH
             with trio.fail_after(30):
@@ -149,14 +148,14 @@ async def test_a_block_from_ipfs_that_fails_verification_is_not_stored(short_tmp
             mid, _ = await publish(alice, short_tmp / "src")
             m = svc(alice).store.get_manifest(mid)
             victim = m.chunk_hashes()[1]
-            svc(alice).store.chunk_path(victim).unlink()
+            svc(alice).store.discard(mid, [1])
             fake.corrupt.add(cid_of_hash(victim))
             await connect(bob, alice)
             svc(bob).fetch_params = TEST_FETCH
             with trio.fail_after(30):
                 f = await svc(bob).fetch(mid)
             assert f.state == "failed" and "1 chunks" in (f.error or ""), f.error
-            assert f.chunks_from_ipfs == 0 and not svc(bob).store.has(victim)
+            assert f.chunks_from_ipfs == 0 and not svc(bob).store.present(mid)[1]
             assert svc(bob).store.present(m).count(False) == 1
 
 

@@ -1,10 +1,10 @@
-"""The chunk and manifest store: verified writes and reads, resume, assembly into files that
-torch loads, removal that keeps shared chunks, the quota."""
+"""The model store: every byte written once into the model's files, a verified-chunk record
+that never gets ahead of the data (resume after a clean stop or a crash), reads that detect a
+file changed on disk, files that torch loads, removal, the quota."""
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -21,10 +21,10 @@ from prsm_node.shards import (
     ChunkNotFound,
     CorruptChunk,
     FileHashMismatch,
-    InvalidRange,
     Manifest,
     ManifestNotFound,
     MissingChunks,
+    ModelBusy,
     QuotaExceeded,
     ShardDecodeError,
     ShardStore,
@@ -34,6 +34,8 @@ from prsm_node.shards import (
     encode_manifest,
     manifest_id,
 )
+from prsm_node.shards import assembly as assembly_module
+from prsm_node.shards import store as store_module
 from prsm_node.shards.manifest import MANIFEST_DOMAIN, _fields
 
 KEY = nacl.signing.SigningKey(bytes([0x21]) * 32)
@@ -73,124 +75,181 @@ def chunk_data(folder: Path, m: Manifest) -> list[bytes]:
     return out
 
 
-def test_put_get_has_and_read_range(tmp_path: Path) -> None:
-    store = ShardStore(tmp_path / "data")
-    data = os.urandom(3000)
-    h = hashlib.sha256(data).digest()
-    assert not store.has(h)
-    assert store.put_chunk(h, data) is True
-    assert store.put_chunk(h, data) is False  # already held: not written or charged twice
-    assert store.has(h) and store.get_chunk(h) == data and store.usage() == 3000
-    path = store.chunk_path(h)
-    assert path.relative_to(store.chunks_dir).parts == (h.hex()[:2], h.hex()[2:4], h.hex())
-    assert store.read_range(h, 10, 20) == data[10:30]
-    assert store.read_range(h, 3000, 0) == b""
-    for offset, length in ((-1, 2), (0, 3001), (2999, 2), (0, -1)):
-        with pytest.raises(InvalidRange):
-            store.read_range(h, offset, length)
-    missing = hashlib.sha256(b"nope").digest()
-    with pytest.raises(ChunkNotFound):
-        store.get_chunk(missing)
-    with pytest.raises(ChunkNotFound):
-        store.read_range(missing, 0, 1)
-    with pytest.raises(ValueError):
-        store.has(b"short")
+def stored(tmp_path: Path, m: Manifest, **kw: object) -> tuple[ShardStore, bytes]:
+    store = ShardStore(tmp_path / "data", **kw)  # type: ignore[arg-type]
+    return store, store.add_manifest(m)
 
 
-def test_corrupt_chunk_refused_on_write(tmp_path: Path) -> None:
-    store = ShardStore(tmp_path / "data")
-    data = b"x" * 100
-    with pytest.raises(ChunkHashMismatch):
-        store.put_chunk(hashlib.sha256(b"y" * 100).digest(), data)
-    assert store.statistics().chunks == 0 and store.usage() == 0
-    assert list(store.tmp_dir.iterdir()) == []
-
-
-def test_chunk_corrupted_on_disk_detected_on_verified_read(tmp_path: Path) -> None:
-    store = ShardStore(tmp_path / "data")
-    data = b"payload" * 100
-    h = hashlib.sha256(data).digest()
-    store.put_chunk(h, data)
-    path = store.chunk_path(h)
-    path.chmod(0o600)
-    path.write_bytes(b"P" + data[1:])
-    assert store.get_chunk(h, verify=False) == b"P" + data[1:]
-    with pytest.raises(CorruptChunk):
-        store.get_chunk(h)
-    assert not store.has(h) and store.usage() == 0  # deleted: it will be fetched again
-    assert store.put_chunk(h, data) and store.get_chunk(h) == data
-
-
-def test_resume_missing_shrinks_and_survives_reopen(tmp_path: Path, model: tuple[Path, Manifest]) -> None:
+def test_publishing_copies_the_files_once_and_serves_chunks_from_them(
+        tmp_path: Path, model: tuple[Path, Manifest]) -> None:
     folder, m = model
-    store = ShardStore(tmp_path / "data")
-    mid, decoded = store.put_manifest(encode_manifest(m))
-    assert mid == manifest_id(m) and decoded == m and store.get_manifest(mid) == m
-    chunks = chunk_data(folder, m)
-    assert store.missing(m) == list(range(m.chunk_count)) and m.chunk_count > 4
-    for i in (0, 3, 1):
-        store.put_chunk(m.chunk_hashes()[i], chunks[i])
-    assert store.missing(m) == [i for i in range(m.chunk_count) if i not in (0, 1, 3)]
-    # a restart: the state is derived from the chunk files, nothing is fetched twice
-    (store.tmp_dir / "tmpleftover").write_bytes(b"half a chunk")
-    reopened = ShardStore(tmp_path / "data")
-    assert list(reopened.tmp_dir.iterdir()) == []
-    assert reopened.usage() == store.usage()
-    assert reopened.manifest_ids() == [mid] and reopened.get_manifest(mid) == m
-    before = reopened.missing(m)
-    for i in before:
-        assert reopened.put_chunk(m.chunk_hashes()[i], chunks[i]) is True
-        assert reopened.missing(m) == [j for j in before if j > i]
-    assert reopened.is_complete(m) and reopened.verify_model(m) == []
-    assert reopened.present(m) == [True] * m.chunk_count
-
-
-def test_assemble_gives_identical_files_that_torch_loads(tmp_path: Path, model: tuple[Path, Manifest]) -> None:
-    folder, m = model
-    store = ShardStore(tmp_path / "data")
-    store.add_manifest(m)
-    assert store.import_files(m, folder) == len(set(m.chunk_hashes()))
-    out = store.assemble(m, tmp_path / "out")
-    assert [p.relative_to(tmp_path / "out").as_posix() for p in out] == [f.path for f in m.files]
-    for f, path in zip(m.files, out, strict=True):
+    store, mid = stored(tmp_path, m)
+    assert store.models_dir == tmp_path / "models"
+    assert store.import_files(m, folder) == m.chunk_count > 4
+    assert store.is_complete(mid) and store.is_complete(m) and store.missing(mid) == []
+    paths = store.files(mid)
+    assert paths == [tmp_path / "models" / mid.hex() / f.path for f in m.files]
+    for f, path in zip(m.files, paths, strict=True):
         assert path.read_bytes() == (folder / f.path).read_bytes()
         loaded, original = load_file(path), load_file(folder / f.path)
         assert loaded.keys() == original.keys()
         for k in original:
             assert loaded[k].dtype == original[k].dtype and torch.equal(loaded[k], original[k])
-    assert not [p for p in (tmp_path / "out").rglob("*") if p.name.endswith(".partial")]
-    again = store.assemble(m, tmp_path / "out")  # overwriting is fine
-    assert again == out
+    # the bytes are on disk once: the model's files, nothing else of that size
+    others = [p for p in tmp_path.joinpath("data").rglob("*") if p.is_file() and p.stat().st_size > 4 * CHUNK]
+    assert others == []
+    assert [store.read_chunk(mid, i) for i in range(m.chunk_count)] == chunk_data(folder, m)
+    with pytest.raises(ChunkNotFound):
+        store.read_chunk(mid, m.chunk_count)
+    assert store.import_files(m, folder) == 0  # complete already: nothing written
+    assert store.usage() == len(encode_manifest(m)) + m.total_size
+    assert store.statistics().chunks == m.chunk_count
+    assert not list(store.models_dir.glob("*.partial"))
 
 
-def test_assemble_needs_every_chunk(tmp_path: Path, model: tuple[Path, Manifest]) -> None:
+def test_chunks_in_any_order_resume_after_a_stop_and_the_folder_appears_when_complete(
+        tmp_path: Path, model: tuple[Path, Manifest]) -> None:
     folder, m = model
-    store = ShardStore(tmp_path / "data")
+    store, mid = stored(tmp_path, m)
+    chunks = chunk_data(folder, m)
+    first = [5, 0, 3, 1]
+    asm = store.open_assembly(m)
+    with pytest.raises(ModelBusy):
+        store.open_assembly(m)
+    for i in first:
+        asm.write(i, chunks[i])
+    assert store.missing(mid) == list(range(m.chunk_count))  # recorded only once flushed
+    asm.close()
+    assert store.missing(mid) == [i for i in range(m.chunk_count) if i not in first]
+    assert not store.model_dir(mid).exists() and store.partial_dir(mid).is_dir()
+
+    reopened = ShardStore(tmp_path / "data")  # a restart: the record survives, nothing is fetched twice
+    assert reopened.present(mid) == store.present(mid) and reopened.usage() == store.usage()
+    assert reopened.statistics().chunks == len(first)
+    asm = reopened.open_assembly(reopened.get_manifest(mid))
+    for i in reversed(reopened.missing(mid)):
+        asm.write(i, chunks[i])
+    paths = asm.finish()
+    asm.close()
+    assert [p.read_bytes() for p in paths] == [(folder / f.path).read_bytes() for f in m.files]
+    assert reopened.is_complete(mid) and not reopened.partial_dir(mid).exists()
+    assert ShardStore(tmp_path / "data").is_complete(mid)
+
+
+def test_a_crash_never_leaves_a_chunk_recorded_before_its_bytes_were_flushed(
+        tmp_path: Path, model: tuple[Path, Manifest], monkeypatch: pytest.MonkeyPatch) -> None:
+    folder, m = model
+    store, mid = stored(tmp_path, m)
+    chunks = chunk_data(folder, m)
+    monkeypatch.setattr(assembly_module, "SYNC_EVERY", 3 * CHUNK)
+    asm = store.open_assembly(m)
+    for i in (0, 1):
+        asm.write(i, chunks[i])
+    # "crash" now: another process opening the store sees no record at all
+    assert ShardStore(tmp_path / "data").missing(mid) == list(range(m.chunk_count))
+    assert not asm.flush_due
+    asm.write(2, chunks[2])  # 3 chunks written: a flush is due; the files are synced, then recorded
+    assert asm.flush_due and ShardStore(tmp_path / "data").missing(mid) == list(range(m.chunk_count))
+    asm.flush()
+    assert not asm.flush_due and ShardStore(tmp_path / "data").missing(mid) == list(range(3, m.chunk_count))
+    asm.write(3, chunks[3])
+    assert ShardStore(tmp_path / "data").missing(mid) == list(range(3, m.chunk_count))
+    asm.close()
+    assert ShardStore(tmp_path / "data").missing(mid) == list(range(4, m.chunk_count))
+
+
+def test_a_damaged_record_is_not_trusted(tmp_path: Path, model: tuple[Path, Manifest]) -> None:
+    folder, m = model
+    store, mid = stored(tmp_path, m)
     store.import_files(m, folder)
-    victim = m.chunk_hashes()[2]
-    store.chunk_path(victim).unlink()
+    record = store.have_dir / mid.hex()
+    data = bytearray(record.read_bytes())
+    data[-9] ^= 0x01  # one bit of the bitmap: the checksum no longer matches
+    record.write_bytes(bytes(data))
+    reopened = ShardStore(tmp_path / "data")
+    assert reopened.missing(mid) == list(range(m.chunk_count)) and not reopened.is_complete(mid)
+    record.write_bytes(b"")
+    assert ShardStore(tmp_path / "data").missing(mid) == list(range(m.chunk_count))
+
+
+def test_a_file_changed_on_disk_is_detected_reported_and_repaired_in_place(
+        tmp_path: Path, model: tuple[Path, Manifest]) -> None:
+    folder, m = model
+    store, mid = stored(tmp_path, m)
+    store.import_files(m, folder)
+    path = store.files(mid)[0]
+    data = bytearray(path.read_bytes())
+    data[CHUNK + 7] ^= 0xFF  # inside chunk 1
+    path.write_bytes(bytes(data))
+    assert store.read_chunk(mid, 0) == chunk_data(folder, m)[0]
+    with pytest.raises(CorruptChunk, match=r"chunk 1 \(a.safetensors bytes \[1024, 2048\)\)"):
+        store.read_chunk(mid, 1)
+    with pytest.raises(ChunkNotFound):  # no longer served
+        store.read_chunk(mid, 1)
+    assert store.missing(mid) == [1] and not store.is_complete(mid)
+    assert ShardStore(tmp_path / "data").missing(mid) == [1]  # the record was updated on disk
+    assert store.verify_model(mid) == [1]
+
+    asm = store.open_assembly(m)  # fetching again writes the one chunk into the complete folder
+    asm.write(1, chunk_data(folder, m)[1])
+    asm.finish()
+    asm.close()
+    assert store.is_complete(mid) and path.read_bytes() == (folder / "a.safetensors").read_bytes()
+
+    path.unlink()
+    with pytest.raises(CorruptChunk, match="missing"):
+        store.read_chunk(mid, 0)
+    assert store.missing(mid) == list(range(m.first_chunk(1)))
+
+
+def test_a_settled_file_is_hashed_once_and_a_change_is_still_seen(
+        tmp_path: Path, model: tuple[Path, Manifest], monkeypatch: pytest.MonkeyPatch) -> None:
+    folder, m = model
+    store, mid = stored(tmp_path, m)
+    store.import_files(m, folder)
+    path = store.files(mid)[0]
+    assert store.read_chunk(mid, 1) == chunk_data(folder, m)[1]
+    assert (mid, 1) not in store._hashed  # just written: not settled, hashed on every read
+    monkeypatch.setattr(store_module, "SETTLED", -3600.0)  # from now on every file counts as settled
+    assert store.read_chunk(mid, 1) == chunk_data(folder, m)[1]
+    assert (mid, 1) in store._hashed  # hashed once; the next read of the unchanged file skips it
+    mtime = path.stat().st_mtime_ns
+    data = bytearray(path.read_bytes())
+    data[CHUNK + 7] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(mtime + 10**9, mtime + 10**9))  # an edit, seen in the file's metadata
+    with pytest.raises(CorruptChunk):
+        store.read_chunk(mid, 1)
+    assert (mid, 1) not in store._hashed
+
+
+def test_finishing_re_verifies_what_an_earlier_run_wrote(tmp_path: Path, model: tuple[Path, Manifest]) -> None:
+    folder, m = model
+    store, mid = stored(tmp_path, m)
+    chunks = chunk_data(folder, m)
+    asm = store.open_assembly(m)
+    for i in range(0, m.chunk_count, 2):
+        asm.write(i, chunks[i])
+    asm.close()
+    part = store.partial_dir(mid) / m.files[0].path
+    data = bytearray(part.read_bytes())
+    data[2 * CHUNK] ^= 1  # chunk 2, recorded as verified, damaged while the node was down
+    part.write_bytes(bytes(data))
+
+    asm = store.open_assembly(m)
+    for i in store.missing(mid):
+        asm.write(i, chunks[i])
     with pytest.raises(MissingChunks) as info:
-        store.assemble(m, tmp_path / "out")
-    assert info.value.missing == [i for i, h in enumerate(m.chunk_hashes()) if h == victim]
-    assert not (tmp_path / "out" / "a.safetensors").exists()
+        asm.finish()
+    assert info.value.missing == [2] and not store.present(mid)[2]  # out of the record
+    asm.write(2, chunks[2])
+    paths = asm.finish()
+    asm.close()
+    assert [p.read_bytes() for p in paths] == [(folder / f.path).read_bytes() for f in m.files]
 
-
-def test_assemble_checks_file_hash_and_tensor_table(tmp_path: Path, model: tuple[Path, Manifest]) -> None:
-    folder, m = model
-    store = ShardStore(tmp_path / "data")
-    store.import_files(m, folder)
-    f = m.files[0]
-    bad_hash = _force_sign(dataclasses.replace(m, files=(dataclasses.replace(f, sha256=bytes(32)), m.files[1])))
-    with pytest.raises(FileHashMismatch):
-        store.assemble(bad_hash, tmp_path / "out")
-    # a publisher that signs a table which tiles the file but is not its header
-    t = f.tensors
-    swapped = (*t[:-2], dataclasses.replace(t[-2], name=t[-1].name), dataclasses.replace(t[-1], name=t[-2].name))
-    lying = _force_sign(dataclasses.replace(m, files=(dataclasses.replace(f, tensors=swapped), m.files[1])))
-    with pytest.raises(TensorTableMismatch):
-        store.assemble(lying, tmp_path / "out2")
-    assert not list((tmp_path / "out2").rglob("*.safetensors"))
-    assert not [p for p in (tmp_path / "out2").rglob("*") if p.name.endswith(".partial")]
+    other = store.add_manifest(make_model(tmp_path, "other", {"x.safetensors": weights(2)})[1])
+    with pytest.raises(MissingChunks):  # nothing of it here: no files to load
+        store.files(other)
 
 
 def _force_sign(m: Manifest) -> Manifest:
@@ -198,89 +257,79 @@ def _force_sign(m: Manifest) -> Manifest:
     return dataclasses.replace(m, signature=KEY.sign(payload).signature)
 
 
-def test_assemble_refuses_a_symlink_out_of_dest(tmp_path: Path, model: tuple[Path, Manifest]) -> None:
+def test_finishing_checks_file_hash_and_tensor_table(tmp_path: Path, model: tuple[Path, Manifest]) -> None:
     folder, m = model
-    store = ShardStore(tmp_path / "data")
-    store.import_files(m, folder)
-    dest = tmp_path / "out"
-    dest.mkdir()
+    f = m.files[0]
+    bad_hash = _force_sign(dataclasses.replace(m, files=(dataclasses.replace(f, sha256=bytes(32)), m.files[1])))
+    store, mid = stored(tmp_path, bad_hash)
+    with pytest.raises(FileHashMismatch):
+        store.import_files(bad_hash, folder)
+    assert not store.model_dir(mid).exists()
+    # a publisher that signs a table which tiles the file but is not its header
+    t = f.tensors
+    swapped = (*t[:-2], dataclasses.replace(t[-2], name=t[-1].name), dataclasses.replace(t[-1], name=t[-2].name))
+    lying = _force_sign(dataclasses.replace(m, files=(dataclasses.replace(f, tensors=swapped), m.files[1])))
+    lying_id = store.add_manifest(lying)
+    with pytest.raises(TensorTableMismatch):
+        store.import_files(lying, folder)
+    assert not store.model_dir(lying_id).exists()
+
+
+def test_a_symlink_out_of_the_model_folder_is_refused(tmp_path: Path, model: tuple[Path, Manifest]) -> None:
+    _, m = model
+    store, mid = stored(tmp_path, m)
+    store.partial_dir(mid).mkdir()
     (tmp_path / "elsewhere").mkdir()
-    (dest / "sub").symlink_to(tmp_path / "elsewhere")
+    (store.partial_dir(mid) / "sub").symlink_to(tmp_path / "elsewhere")
     with pytest.raises(UnsafePath):
-        store.assemble(m, dest)
+        store.open_assembly(m)
     assert list((tmp_path / "elsewhere").iterdir()) == []
 
 
 def test_import_refuses_changed_files(tmp_path: Path, model: tuple[Path, Manifest]) -> None:
     folder, m = model
-    store = ShardStore(tmp_path / "data")
+    store, mid = stored(tmp_path, m)
     path = folder / "sub" / "b.safetensors"
     data = bytearray(path.read_bytes())
     data[-1] ^= 1
     path.write_bytes(bytes(data))
     with pytest.raises(ChunkHashMismatch):
         store.import_files(m, folder)
-    path.write_bytes(bytes(data) + b"x")
     data[-1] ^= 1
     path.write_bytes(bytes(data) + b"x")
     with pytest.raises(ChunkHashMismatch):
         store.import_files(m, folder)
+    assert not store.is_complete(mid)
 
 
-def test_remove_keeps_shared_chunks(tmp_path: Path) -> None:
-    shared = weights(5)
-    a_folder, a = make_model(tmp_path, "a", {"common.safetensors": shared, "only-a.safetensors": weights(6)})
-    b_folder, b = make_model(tmp_path, "b", {"common.safetensors": shared, "only-b.safetensors": {"x": torch.ones(9)}})
-    store = ShardStore(tmp_path / "data")
-    for folder, m in ((a_folder, a), (b_folder, b)):
-        store.add_manifest(m)
-        store.import_files(m, folder)
-    common = set(a.files[0].chunks)
-    assert common == set(b.files[0].chunks)
-    usage = store.usage()
-    freed = store.remove(manifest_id(a))
-    assert freed > 0 and store.usage() == usage - freed
-    assert not store.has_manifest(manifest_id(a))
-    assert all(store.has(h) for h in common) and store.is_complete(b)
-    assert not any(store.has(h) for h in set(a.files[1].chunks) - common)
-    store.assemble(b, tmp_path / "out")
-    with pytest.raises(ManifestNotFound):
-        store.remove(manifest_id(a))
-    store.remove(manifest_id(b))
-    assert store.usage() == 0 and store.statistics().chunks == 0 and store.manifest_ids() == []
-
-
-def test_collect_garbage_drops_unpinned_chunks(tmp_path: Path, model: tuple[Path, Manifest]) -> None:
-    folder, m = model
-    store = ShardStore(tmp_path / "data")
-    store.add_manifest(m)
-    store.import_files(m, folder)
-    stray = b"not in any manifest"
-    store.put_chunk(hashlib.sha256(stray).digest(), stray)
-    assert store.collect_garbage() == len(stray)
-    assert store.is_complete(m)
-
-
-def test_quota(tmp_path: Path, model: tuple[Path, Manifest]) -> None:
+def test_quota_remove_and_garbage(tmp_path: Path, model: tuple[Path, Manifest]) -> None:
     folder, m = model
     manifest_bytes = encode_manifest(m)
-    store = ShardStore(tmp_path / "data", quota=len(manifest_bytes) + 3 * CHUNK)
-    store.put_manifest(manifest_bytes)
-    chunks = chunk_data(folder, m)
-    for i in range(3):
-        store.put_chunk(m.chunk_hashes()[i], chunks[i])
-    used = store.usage()
-    assert used == len(manifest_bytes) + 3 * CHUNK
+    store = ShardStore(tmp_path / "data", quota=len(manifest_bytes) + m.total_size - 1)
+    mid, _ = store.put_manifest(manifest_bytes)
     with pytest.raises(QuotaExceeded) as info:
-        store.put_chunk(m.chunk_hashes()[3], chunks[3])
-    assert (info.value.needed, info.value.usage, info.value.quota) == (CHUNK, used, store.quota)
-    assert store.usage() == used and not store.has(m.chunk_hashes()[3])
-    assert store.put_chunk(m.chunk_hashes()[0], chunks[0]) is False  # already held: no charge, no error
-    with pytest.raises(QuotaExceeded):
-        store.import_files(m, folder)
-    assert ShardStore(tmp_path / "data", quota=0).usage() == used
+        store.open_assembly(m)  # the whole model is reserved up front
+    assert (info.value.needed, info.value.usage) == (m.total_size, len(manifest_bytes))
+    assert store.usage() == len(manifest_bytes) and list(store.models_dir.iterdir()) == []
     with pytest.raises(ValueError):
         ShardStore(tmp_path / "data", quota=-1)
+
+    store = ShardStore(tmp_path / "data")
+    store.import_files(m, folder)
+    asm = store.open_assembly(m)
+    with pytest.raises(ModelBusy):
+        store.remove(mid)
+    asm.close()
+    assert store.remove(mid) == len(manifest_bytes) + m.total_size
+    assert store.usage() == 0 and list(store.models_dir.iterdir()) == [] and store.manifest_ids() == []
+    assert store.statistics().chunks == 0 and list(store.have_dir.iterdir()) == []
+    with pytest.raises(ManifestNotFound):
+        store.remove(mid)
+
+    stray = store.models_dir / ("ab" * 32 + ".partial")
+    stray.mkdir()
+    (stray / "x.safetensors").write_bytes(b"x" * 100)
+    assert ShardStore(tmp_path / "data").collect_garbage() == 100 and not stray.exists()
 
 
 def test_manifest_storage_checks(tmp_path: Path, model: tuple[Path, Manifest]) -> None:
@@ -301,63 +350,20 @@ def test_manifest_storage_checks(tmp_path: Path, model: tuple[Path, Manifest]) -
         ShardStore(tmp_path / "data").get_manifest(mid)
 
 
-def test_concurrent_puts_of_one_chunk_are_charged_once(tmp_path: Path) -> None:
-    store = ShardStore(tmp_path / "data")
-    blobs = [os.urandom(2048) for _ in range(8)]
-    jobs = [b for b in blobs for _ in range(6)]
-    with ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(lambda d: store.put_chunk(hashlib.sha256(d).digest(), d), jobs))
-    assert sum(results) == len(blobs)
-    assert store.usage() == sum(len(b) for b in blobs) == ShardStore(tmp_path / "data").usage()
-    assert store.statistics().chunks == len(blobs) == ShardStore(tmp_path / "data").statistics().chunks
-    assert list(store.tmp_dir.iterdir()) == []
-
-
-def test_a_copied_store_is_usable(tmp_path: Path, model: tuple[Path, Manifest]) -> None:
+def test_concurrent_writers_and_a_copied_store(tmp_path: Path, model: tuple[Path, Manifest]) -> None:
     folder, m = model
-    store = ShardStore(tmp_path / "data")
-    store.add_manifest(m)
-    store.import_files(m, folder)
-    shutil.copytree(tmp_path / "data", tmp_path / "copy")
-    copy = ShardStore(tmp_path / "copy")
-    assert copy.usage() == store.usage() and copy.is_complete(copy.get_manifest(manifest_id(m)))
-
-
-def test_an_assembly_writes_chunks_in_any_order_and_checks_the_files(tmp_path: Path) -> None:
-    from prsm_node.shards import FileHashMismatch
-
-    store, m = _assembly_model(tmp_path)
-    spans = list(m.chunk_spans())
-    asm = store.open_assembly(m, tmp_path / "out")
-    for span in reversed(spans[1:]):  # out of order; chunk 0 comes from the store at finish()
-        asm.write(span.index, store.get_chunk(span.hash))
-    paths = asm.finish()
-    assert [p.read_bytes() for p in paths] == [(tmp_path / "src" / f.path).read_bytes() for f in m.files]
-
-    broken = store.open_assembly(m, tmp_path / "bad")
-    data = bytearray(store.get_chunk(spans[0].hash))
-    data[-1] ^= 1
-    broken.write(0, bytes(data))  # the caller's duty is to verify first; the file hash still catches it
-    with pytest.raises(FileHashMismatch):
-        broken.finish()
-    broken.abort()
-    assert not (tmp_path / "bad").exists()  # no partial file, no empty folder left
-
-
-def _assembly_model(tmp_path: Path):  # type: ignore[no-untyped-def]
-    import nacl.signing
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    from prsm_node.shards import build_manifest, source_files
-
-    src = tmp_path / "src"
-    (src / "sub").mkdir(parents=True)
-    rng = np.random.default_rng(1)
-    save_file({"a": rng.standard_normal((64, 64), dtype=np.float32)}, str(src / "model.safetensors"))
-    save_file({"b": rng.standard_normal((40, 40), dtype=np.float32)}, str(src / "sub" / "head.safetensors"))
-    m = build_manifest(src, key=nacl.signing.SigningKey(b"\x01" * 32), name="t/asm", version="1", chunk_size=4096)
-    store = ShardStore(tmp_path / "data")
-    store.add_manifest(m)
-    store.import_files(m, source_files(src)[0])
-    return store, m
+    store, mid = stored(tmp_path, m)
+    chunks = chunk_data(folder, m)
+    asm = store.open_assembly(m)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda i: asm.write(i, chunks[i]), reversed(range(m.chunk_count))))
+    asm.finish()
+    asm.close()
+    assert store.is_complete(mid)
+    shutil.copytree(tmp_path / "data", tmp_path / "copy" / "data")
+    shutil.copytree(tmp_path / "models", tmp_path / "copy" / "models")
+    copy = ShardStore(tmp_path / "copy" / "data")
+    assert copy.usage() == store.usage() and copy.is_complete(mid)
+    exported = copy.assemble(m, tmp_path / "out")
+    assert [p.read_bytes() for p in exported] == [(folder / f.path).read_bytes() for f in m.files]
+    assert copy.assemble(m, copy.model_dir(mid)) == copy.files(mid)

@@ -16,8 +16,9 @@ from .exceptions import (
     RemoteError,
     Unreachable,
 )
-from .fetch import Fetch, FetchParams
+from .fetch import Fetch
 from .ipfs import IpfsBlocks, ipfs_from_config
+from .schedule import FetchParams
 from .service import ShardService
 
 __all__ = [

@@ -153,12 +153,13 @@ class ModelMethods:
         return {**fetch.progress(), "cancelled": running}
 
     async def _status(self, mid: bytes, m: Manifest) -> dict[str, Any]:
-        present = sum(await trio.to_thread.run_sync(self.store.present, m))
-        folder = self.service.models_dir / mid.hex()
+        present = sum(await trio.to_thread.run_sync(self.store.present, mid))
+        complete = await trio.to_thread.run_sync(self.store.is_complete, mid)
+        folder = self.store.model_dir(mid)
         fetch = self.service.fetches.get(mid)
         return {
             "chunks_present": present,
-            "complete": present == m.chunk_count,
+            "complete": complete,
             "path": str(folder) if folder.is_dir() else None,
             "fetching": bool(fetch and fetch.running),
             "halted": self.service.is_halted(mid),

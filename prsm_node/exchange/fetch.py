@@ -1,28 +1,26 @@
 """One model fetch: resolve the manifest, ask providers HAVE, pull the missing chunks from
-several providers at once, verify and store each, assemble the files.
+several providers at once, verify each and write it straight into the model's files.
 
-Scheduling is work stealing over one shared queue of missing chunk indices (rarest first, then
-in order; requeued chunks first): every provider runs ``streams_per_peer`` workers, each with
-its own reused stream, and each worker takes the next batch its provider holds. A fast provider
-comes back for work sooner and so takes more; batches shrink near the end so no provider sits
-on a large tail. A provider is penalised for a chunk that fails verification, a transfer that
-breaks, or an ``internal`` error, and dropped after ``max_failures``; one that breaks the
-protocol, answers ``not_found``/``halted``, or cannot be reached is dropped at once. Whatever a
-provider held in flight when it failed goes back to the queue. A provider whose rate falls far
-below the best (``slow_factor``) is marked slow and only gets chunks nobody else holds.
+Which provider gets which chunk is schedule.py's (work stealing, rarest first, penalties, slow
+providers). Every provider runs ``streams_per_peer`` workers, each with its own reused stream,
+pipelined (the next GET_CHUNKS goes out before the current answer is read). A provider is
+penalised for a chunk that fails verification, a transfer that breaks, or an ``internal``
+error; one that breaks the protocol, answers ``not_found``/``halted``, or cannot be reached is
+dropped at once.
 
-Resume is a property of the store: the chunks a fetch needs are those ``store.missing()``
-reports when it starts, so a fetch restarted after a cancel or a daemon restart never asks for
-a chunk already verified and stored. ``chunks_present`` and ``chunks_fetched`` show the split.
+Every received chunk is hashed against the manifest, then written once, at its offset, into
+the model's files (:class:`~prsm_node.shards.Assembly`); the store records it as verified once
+its bytes are flushed. Resume is a property of that record: the chunks a fetch needs are those
+``store.missing()`` reports when it starts, so a fetch restarted after a cancel or a daemon
+restart never asks for a chunk already verified. ``chunks_present`` and ``chunks_fetched``
+show the split.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import math
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,22 +30,14 @@ from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.id import ID
 
 from ..logs import kv
-from ..shards import (
-    MAX_CHUNKS_PER_REQUEST,
-    ChunkHashMismatch,
-    ErrorCode,
-    Manifest,
-    QuotaExceeded,
-    ShardError,
-    ShardStore,
-)
+from ..shards import Assembly, ErrorCode, Manifest, MissingChunks, QuotaExceeded, ShardError, ShardStore
 from ..shards import Chunk as ChunkMsg
-from ..shards.store import Assembly
 from ..wire import FrameError
 from .client import ShardStream
 from .exceptions import FetchFailed, ModelHalted, NoProviders, ProtocolViolation, RemoteError, Unreachable
 from .ipfs import IpfsBlocks
 from .providers import Providers
+from .schedule import FetchParams, Provider, Schedule
 
 log = logging.getLogger(__name__)
 
@@ -57,71 +47,19 @@ PEER_ERRORS = (BaseLibp2pError, FrameError, trio.TooSlowError, OSError, trio.Bro
 MAX_REDISCOVERIES = 3
 HALT_POLL = 1.0  # seconds between halt checks while a fetch waits
 
-
-@dataclass
-class FetchParams:
-    parallel_peers: int = 4  # FETCH_PARALLEL_PEERS
-    streams_per_peer: int = 1  # at most MAX_STREAMS_PER_PEER (4)
-    max_batch: int = MAX_CHUNKS_PER_REQUEST
-    max_request_bytes: int = 16 << 20  # chunks asked in one GET_CHUNKS, in bytes
-    open_timeout: float = 10.0
-    response_timeout: float = 30.0  # RESPONSE_TIMEOUT, per frame
-    max_failures: int = 3
-    slow_factor: float = 0.2  # slower than this fraction of the best provider's rate: slow
-    slow_min_chunks: int = 8  # chunks a provider must have delivered before it is judged
-    busy_backoff: float = 1.0
-    busy_backoff_max: float = 60.0
-    pipeline: bool = True  # send the next GET_CHUNKS before reading the current answer
-    store_flush_bytes: int = 2 << 20  # received chunks are stored in one thread call per this much
-
-
-@dataclass
-class Provider:
-    peer: ID
-    have: set[int]
-    spare: ShardStream | None = None  # the stream HAVE went over, for the first worker
-    chunks: int = 0
-    bytes: int = 0
-    busy: float = 0.0  # seconds spent in GET_CHUNKS exchanges, summed over its streams
-    failures: int = 0
-    bad_chunks: int = 0
-    dropped: str | None = None
-    slow: bool = False
-    active: bool = False
-    backoff: float = 0.0
-    resume_at: float = 0.0
-
-    def rate(self) -> float:
-        return self.bytes / self.busy if self.busy > 0 else 0.0
-
-    def json(self) -> dict[str, Any]:
-        return {
-            "peer_id": str(self.peer),
-            "chunks": self.chunks,
-            "bytes": self.bytes,
-            "rate_bps": round(self.rate()),
-            "failures": self.failures,
-            "bad_chunks": self.bad_chunks,
-            "slow": self.slow,
-            "dropped": self.dropped,
-        }
-
-
-@dataclass
-class FetchResult:
-    files: list[str] = field(default_factory=list)
+__all__ = ["Fetch", "FetchParams", "Provider"]
 
 
 class Fetch:
     def __init__(self, manifest_id: bytes, *, host: IHost, kad: Any, store: ShardStore, providers: Providers,
-                 models_dir: Path, params: FetchParams | None = None,
-                 is_halted: Callable[[bytes], bool] | None = None, ipfs: IpfsBlocks | None = None) -> None:
+                 params: FetchParams | None = None, is_halted: Callable[[bytes], bool] | None = None,
+                 ipfs: IpfsBlocks | None = None) -> None:
         self.manifest_id = manifest_id
         self.host = host
         self.kad = kad
         self.store = store
         self.providers_source = providers
-        self.dest = models_dir / manifest_id.hex()
+        self.dest = store.model_dir(manifest_id)
         self.params = params or FetchParams()
         self.is_halted = is_halted or (lambda mid: False)
         self.ipfs = ipfs
@@ -138,19 +76,21 @@ class Fetch:
         self.started = trio.current_time()
         self.finished: float | None = None
         self.timings: dict[str, float] = {}  # seconds in each stage: resolve, transfer, assemble
-        self.providers: dict[ID, Provider] = {}
+        self.sched = Schedule(self.params, 1, self._notify)
         self._cancel = trio.CancelScope()
         self._changed = trio.Event()
         self._spares: dict[ID, ShardStream] = {}
+        self._candidates: list[ID] | None = None  # found while resolving the manifest: asked HAVE first
         self._hashes: tuple[bytes, ...] = ()
-        self._pending: set[int] = set()
-        self._order: list[int] = []
-        self._retry: deque[int] = deque()
-        self._in_flight: dict[int, ID] = {}
-        self._workers = 0
+        self._sizes: list[int] = []
         self._fatal: BaseException | None = None
         self._nursery: trio.Nursery | None = None
         self._assembly: Assembly | None = None
+        self._flushing = False
+
+    @property
+    def providers(self) -> dict[ID, Provider]:
+        return self.sched.providers
 
     # ------------------------------------------------------------ lifecycle
 
@@ -191,9 +131,7 @@ class Fetch:
             self.finished = trio.current_time()
             self.done.set()
             self._notify()
-        if self.state in ("done", "failed", "halted"):  # after `done`: the caller has its answer
-            await trio.to_thread.run_sync(self.store.sync_chunks, self._hashes)
-        if self.state == "done":
+        if self.state == "done":  # after `done`: the caller has its answer
             await self.providers_source.announce(self.manifest_id)
 
     def _check_halt(self) -> None:
@@ -206,33 +144,55 @@ class Fetch:
         self._check_halt()
         self.timings["resolve"] = trio.current_time() - self.started
         self._hashes = m.chunk_hashes()
+        self.sched.chunk_size = m.chunk_size
         self.chunks_total, self.bytes_total = m.chunk_count, m.total_size
-        present = await trio.to_thread.run_sync(self.store.present, m)
-        sizes = [span.length for span in m.chunk_spans()]
+        mid = self.manifest_id
+        present = await trio.to_thread.run_sync(self.store.present, mid)
+        self._sizes = [span.length for span in m.chunk_spans()]
         missing = [i for i, held in enumerate(present) if not held]
         self.chunks_present = self.chunks_total - len(missing)
-        self.bytes_present = self.bytes_total - sum(sizes[i] for i in missing)
-        log.info("fetch started", extra=kv(id=self.manifest_id.hex()[:16], name=m.name, version=m.version,
+        self.bytes_present = self.bytes_total - sum(self._sizes[i] for i in missing)
+        log.info("fetch started", extra=kv(id=mid.hex()[:16], name=m.name, version=m.version,
                                            chunks=self.chunks_total, missing=len(missing)))
-        self._assembly = await trio.to_thread.run_sync(self.store.open_assembly, m, self.dest)
-        try:
-            if missing:
-                self.state = "fetching"
-                await self._transfer(missing)
-            self.timings["transfer"] = trio.current_time() - self.started - self.timings["resolve"]
-            self._check_halt()
-            self.state = "assembling"
-            try:
-                paths = await trio.to_thread.run_sync(self._assembly.finish)
-            except ShardError as exc:
-                raise FetchFailed(f"assembling {m.name}:{m.version} failed: {exc}") from None
-        finally:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self._assembly.abort)
+        if not missing and await trio.to_thread.run_sync(self.store.is_complete, mid):
+            paths = await trio.to_thread.run_sync(self.store.files, mid)
+        else:
+            paths = await self._write_model(m, missing)
         self.files = [str(p) for p in paths]
         self.timings["assemble"] = trio.current_time() - self.started - sum(self.timings.values())
-        log.info("fetch done", extra=kv(id=self.manifest_id.hex()[:16], fetched=self.chunks_fetched,
-                                        present=self.chunks_present))
+        log.info("fetch done", extra=kv(id=mid.hex()[:16], fetched=self.chunks_fetched, present=self.chunks_present))
+
+    async def _write_model(self, m: Manifest, missing: list[int]) -> list[Path]:
+        """Fetch ``missing`` into the model's files and finish them; chunks of an earlier run
+        found corrupt while finishing are fetched once more."""
+        try:
+            self._assembly = await trio.to_thread.run_sync(self.store.open_assembly, m)
+        except OSError as exc:  # a full disk, permissions
+            raise FetchFailed(f"cannot create the files of {m.name}:{m.version}: {exc}") from None
+        try:
+            for attempt in range(2):
+                if missing:
+                    self.state = "fetching"
+                    await self._transfer(missing)
+                self.timings["transfer"] = trio.current_time() - self.started - self.timings["resolve"]
+                self._check_halt()
+                self.state = "assembling"
+                try:
+                    return await trio.to_thread.run_sync(self._assembly.finish)
+                except MissingChunks as exc:
+                    if attempt:
+                        raise FetchFailed(f"assembling {m.name}:{m.version} failed: {exc}") from None
+                    log.warning("chunks of an earlier run found corrupt; fetching them again",
+                                extra=kv(id=self.manifest_id.hex()[:16], chunks=len(exc.missing)))
+                    missing = exc.missing
+                    self.chunks_present -= len(missing)
+                    self.bytes_present -= sum(self._sizes[i] for i in missing)
+                except ShardError as exc:
+                    raise FetchFailed(f"assembling {m.name}:{m.version} failed: {exc}") from None
+            raise AssertionError("unreachable")
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._assembly.close)
 
     # ------------------------------------------------------------ manifest
 
@@ -241,7 +201,7 @@ class Fetch:
         if await trio.to_thread.run_sync(self.store.has_manifest, mid):
             return await trio.to_thread.run_sync(self.store.get_manifest, mid)
         problems: list[str] = []
-        candidates = await self.providers_source.find(mid)
+        candidates = self._candidates = await self.providers_source.find(mid)
         for peer in candidates:
             try:
                 ss = await ShardStream.open(self.host, self.kad, peer, open_timeout=self.params.open_timeout,
@@ -280,6 +240,7 @@ class Fetch:
         """HAVE to each peer at once; a peer that holds some of what we need becomes a provider."""
         assert self.manifest is not None
         count = self.manifest.chunk_count
+        providers = self.sched.providers
 
         async def ask(peer: ID) -> None:
             ss = self._spares.pop(peer, None)
@@ -294,150 +255,57 @@ class Fetch:
                     await ss.aclose()
                 return
             have = set(reply.indices())
-            known = self.providers.get(peer)
+            known = providers.get(peer)
             if known is not None:
                 known.have = have
                 await ss.aclose()
             elif have:
-                self.providers[peer] = Provider(peer, have, spare=ss)
+                providers[peer] = Provider(peer, have, spare=ss)
             else:
                 await ss.aclose()
 
         async with trio.open_nursery() as nursery:
             for peer in peers:
-                if peer != self.host.get_id() and not (peer in self.providers and self.providers[peer].dropped):
+                if peer != self.host.get_id() and not (peer in providers and providers[peer].dropped):
                     nursery.start_soon(ask, peer)
-
-    def _live(self) -> list[Provider]:
-        return [p for p in self.providers.values() if not p.dropped]
 
     def _activate(self) -> None:
         """Start workers for the most useful idle providers, up to ``parallel_peers`` at once."""
         assert self._nursery is not None
-        live = self._live()
-        active = sum(p.active for p in live)
-        for p in sorted((p for p in live if not p.active), key=lambda p: -len(p.have & self._pending)):
-            if active >= self.params.parallel_peers:
-                break
-            if not p.have & self._pending:
-                continue
-            p.active = True
-            active += 1
+        for p in self.sched.to_activate():
             for _ in range(self.params.streams_per_peer):
-                self._workers += 1
+                self.sched.workers += 1
                 self._nursery.start_soon(self._worker, p)
-
-    def _penalise(self, p: Provider, why: str) -> None:
-        p.failures += 1
-        log.info("provider penalised", extra=kv(peer=str(p.peer), failures=p.failures, why=why))
-        if p.failures >= self.params.max_failures:
-            self._drop(p, f"{p.failures} failures, last: {why}")
-
-    def _drop(self, p: Provider, why: str) -> None:
-        if p.dropped is None:
-            p.dropped = why
-            log.info("provider dropped", extra=kv(peer=str(p.peer), why=why))
-            self._notify()
-
-    def _check_slow(self) -> None:
-        measured = [q for q in self._live() if q.chunks >= self.params.slow_min_chunks and q.busy > 0]
-        if len(measured) < 2:
-            return
-        best = max(q.rate() for q in measured)
-        for q in measured:
-            if not q.slow and q.rate() < self.params.slow_factor * best:
-                q.slow = True
-                log.info("provider is slow", extra=kv(peer=str(q.peer), rate=round(q.rate()), best=round(best)))
-
-    # ------------------------------------------------------------ the queue
 
     def _notify(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
 
-    def _finished(self) -> bool:
-        return not self._pending and not self._in_flight
-
-    def _batch_size(self) -> int:
-        assert self.manifest is not None
-        share = math.ceil(len(self._pending) / max(1, 2 * self._workers))
-        by_bytes = max(1, self.params.max_request_bytes // self.manifest.chunk_size)
-        return max(1, min(self.params.max_batch, by_bytes, share))
-
-    def _take(self, p: Provider) -> list[int]:
-        """The next batch for ``p``: pending chunks it holds, requeued ones first. A slow provider
-        only gets chunks that no other live, not-slow provider holds."""
-        n = self._batch_size()
-        others = [q.have for q in self._live() if q is not p and not q.slow] if p.slow else []
-
-        def fits(i: int) -> bool:
-            return i in self._pending and i in p.have and not any(i in h for h in others)
-
-        out: list[int] = []
-        for i in list(self._retry):
-            if len(out) >= n:
-                break
-            if fits(i):
-                out.append(i)
-                self._pending.discard(i)
-        if len(self._order) > 2 * len(self._pending) + 256:
-            self._order = [i for i in self._order if i in self._pending]
-        if len(out) < n:
-            for i in self._order:
-                if fits(i):
-                    out.append(i)
-                    self._pending.discard(i)
-                    if len(out) >= n:
-                        break
-        if out:
-            taken = set(out)
-            self._retry = deque(i for i in self._retry if i not in taken and i in self._pending)
-            for i in out:
-                self._in_flight[i] = p.peer
-        return sorted(out)
-
-    def _requeue(self, batch: list[int], p: Provider) -> None:
-        back = [i for i in batch if self._in_flight.get(i) == p.peer]
-        for i in back:
-            del self._in_flight[i]
-            self._pending.add(i)
-            self._retry.append(i)
-        if back:
-            self._notify()
-
-    def _stuck(self) -> list[int]:
-        """Pending chunks no live provider holds, when nothing is in flight (else [])."""
-        if self._in_flight or not self._pending:
-            return []
-        held: set[int] = set()
-        for p in self._live():
-            held |= p.have
-        return sorted(self._pending - held)
+    # ------------------------------------------------------------ the transfer
 
     async def _transfer(self, missing: list[int]) -> None:
         assert self.manifest is not None
-        self._pending = set(missing)
-        await self._ask_have(await self.providers_source.find(self.manifest_id))
-        rarity = {i: 0 for i in missing}
-        for p in self.providers.values():
-            for i in p.have & self._pending:
-                rarity[i] += 1
-        self._order = sorted(missing, key=lambda i: (rarity[i], i))
+        sched = self.sched
+        candidates, self._candidates = self._candidates, None  # one DHT lookup, not two, for a new model
+        if candidates is None:
+            candidates = await self.providers_source.find(self.manifest_id)
+        await self._ask_have(candidates)
+        sched.start(missing)
         rediscoveries = 0
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            while not self._finished() and self._fatal is None:
+            while not sched.finished() and self._fatal is None:
                 if self.is_halted(self.manifest_id):
                     self._fatal = ModelHalted(f"model {self.manifest_id.hex()} was halted by the circuit "
                                               "breaker; fetch stopped")
                     break
                 self._activate()
-                stuck = self._stuck()
+                stuck = sched.stuck()
                 untried = [i for i in stuck if i not in self._ipfs_tried] if self.ipfs is not None else []
                 if untried:
                     try:
                         await self._from_ipfs(untried)
-                    except Exception as exc:  # the quota, or a bug: fatal, like a worker's
+                    except Exception as exc:  # a disk error, or a bug: fatal, like a worker's
                         self._fatal = exc
                         break
                     continue
@@ -456,14 +324,14 @@ class Fetch:
             if isinstance(self._fatal, ShardError):
                 raise FetchFailed(str(self._fatal)) from self._fatal
             raise FetchFailed(f"fetch failed: {self._fatal!r}") from self._fatal
-        stuck = self._stuck()
+        stuck = sched.stuck()
         if stuck:
-            asked = len(self.providers)
+            asked = len(sched.providers)
             raise NoProviders(f"no reachable provider holds {len(stuck)} chunks (first: {stuck[:8]}); "
                               f"{asked} providers tried, {self.chunks_fetched} chunks fetched, run again to resume")
 
     async def _from_ipfs(self, indices: list[int]) -> None:
-        """Ask IPFS for chunks no live provider holds; each is verified before it is stored."""
+        """Ask IPFS for chunks no live provider holds; each is verified before it is written."""
         assert self.ipfs is not None and self._assembly is not None
         self._ipfs_tried.update(indices)
         ipfs, hashes, assembly = self.ipfs, self._hashes, self._assembly
@@ -472,19 +340,17 @@ class Fetch:
             got = []
             for i in indices:
                 data = ipfs.get(hashes[i])
-                if data is None:
-                    continue
-                try:
-                    self.store.put_chunk(hashes[i], data, sync=False)
-                except ChunkHashMismatch:  # IpfsBlocks checked it already; never trust twice-removed
-                    continue
+                if data is None or hashlib.sha256(data).digest() != hashes[i]:
+                    continue  # IpfsBlocks checked it already; never trust twice-removed
                 assembly.write(i, data)
                 got.append((i, len(data)))
             return got
 
-        for i, size in await trio.to_thread.run_sync(pull):
-            if i in self._pending:
-                self._pending.discard(i)
+        got = await trio.to_thread.run_sync(pull)
+        self._flush_when_due()
+        for i, size in got:
+            if i in self.sched.pending:
+                self.sched.pending.discard(i)
                 self.chunks_fetched += 1
                 self.bytes_fetched += size
                 self.chunks_from_ipfs += 1
@@ -497,16 +363,17 @@ class Fetch:
     async def _worker(self, p: Provider) -> None:
         """Batches from ``p`` over one reused stream, pipelined: the next GET_CHUNKS is sent
         before the current answer is read, so the provider never waits for a round trip."""
+        sched = self.sched
         ss, p.spare = p.spare, None
         ahead: list[int] = []  # requested on ``ss``, answer not read yet
         try:
-            while not p.dropped and not self._finished():
+            while not p.dropped and not sched.finished():
                 wait = p.resume_at - trio.current_time()
                 if wait > 0:
                     await trio.sleep(wait)
                     continue
                 self._check_halt()  # between batches: a halted model gets no further request
-                batch, requested, ahead = (ahead, True, []) if ahead else (self._take(p), False, [])
+                batch, requested, ahead = (ahead, True, []) if ahead else (sched.take(p), False, [])
                 if not batch:
                     await self._changed.wait()
                     continue
@@ -523,7 +390,7 @@ class Fetch:
                         await ss.request_chunks(self.manifest_id, batch)
                     assert ss is not None
                     if self.params.pipeline and not ss.worn_out and not self.is_halted(self.manifest_id):
-                        ahead = self._take(p)
+                        ahead = sched.take(p)
                         if ahead:
                             await ss.request_chunks(self.manifest_id, ahead)
                     await self._fetch_batch(p, ss, batch)
@@ -534,34 +401,34 @@ class Fetch:
                         p.backoff = min(max(2 * p.backoff, self.params.busy_backoff), self.params.busy_backoff_max)
                         p.resume_at = trio.current_time() + p.backoff
                     elif exc.code is ErrorCode.INTERNAL:
-                        self._penalise(p, str(exc))
+                        sched.penalise(p, str(exc))
                     else:
-                        self._drop(p, str(exc))
+                        sched.drop(p, str(exc))
                 except (ProtocolViolation, Unreachable) as exc:
-                    self._drop(p, str(exc))
+                    sched.drop(p, str(exc))
                 except PEER_ERRORS as exc:
-                    self._penalise(p, f"transfer broke: {exc!r}")
+                    sched.penalise(p, f"transfer broke: {exc!r}")
                 finally:
-                    self._requeue(batch, p)
+                    sched.requeue(batch, p)
                     if not ok:  # the stream's position is unknown: start afresh
-                        self._requeue(ahead, p)
+                        sched.requeue(ahead, p)
                         ahead = []
                         if ss is not None:
                             await ss.aclose()
                             ss = None
-        except Exception as exc:  # a quota error or a bug: the whole fetch fails with it
+        except Exception as exc:  # a disk error or a bug: the whole fetch fails with it
             if self._fatal is None:
                 self._fatal = exc
         finally:
-            self._requeue(ahead, p)
-            self._workers -= 1
+            sched.requeue(ahead, p)
+            sched.workers -= 1
             if ss is not None:
                 await ss.aclose()
             self._notify()
 
     async def _fetch_batch(self, p: Provider, ss: ShardStream, batch: list[int]) -> None:
-        """The answer to one GET_CHUNKS (already sent). Received chunks are verified and stored in worker threads
-        while the stream goes on delivering the next ones (a store call never stalls the stream)."""
+        """The answer to one GET_CHUNKS (already sent). Received chunks are verified and written in worker
+        threads while the stream goes on delivering the next ones (a disk write never stalls the stream)."""
         assert self.manifest is not None
         chunk_size = self.manifest.chunk_size
         started = trio.current_time()
@@ -598,33 +465,32 @@ class Fetch:
         if failures:
             raise failures[0]
         p.busy += trio.current_time() - started
-        self._check_slow()
+        self.sched.check_slow()
 
     async def _store(self, p: Provider, chunks: list[ChunkMsg]) -> None:
-        """Verify and store received chunks (one thread call); a chunk that fails verification
-        penalises ``p`` and stays in flight, so the caller requeues it for the others."""
+        """Verify received chunks and write the good ones into the model's files (one thread
+        call); a chunk that fails verification penalises ``p`` and stays in flight, so the
+        caller requeues it for the others."""
         if not chunks:
             return
         hashes = self._hashes
         assembly = self._assembly
+        assert assembly is not None
 
         def write() -> list[bool]:
             ok = []
             for c in chunks:
-                try:
-                    self.store.put_chunk(hashes[c.index], c.data, sync=False)
-                except ChunkHashMismatch:
-                    ok.append(False)
-                    continue
-                if assembly is not None:
+                good = hashlib.sha256(c.data).digest() == hashes[c.index]
+                if good:
                     assembly.write(c.index, c.data)
-                ok.append(True)
+                ok.append(good)
             return ok
 
         results = await trio.to_thread.run_sync(write)
+        self._flush_when_due()
         for c, ok in zip(chunks, results, strict=True):
             if ok:
-                if self._in_flight.pop(c.index, None) is not None:
+                if self.sched.done(c.index):
                     self.chunks_fetched += 1
                     self.bytes_fetched += len(c.data)
                 p.chunks += 1
@@ -633,10 +499,30 @@ class Fetch:
                 self.bad_chunks += 1
                 p.bad_chunks += 1
                 p.have.discard(c.index)
-                self._penalise(p, f"chunk {c.index} failed verification")
+                self.sched.penalise(p, f"chunk {c.index} failed verification")
         self._notify()
         if p.dropped:
             raise ProtocolViolation(p.dropped)
+
+    def _flush_when_due(self) -> None:
+        """Flush the files and record what was written, in a task of its own: an fdatasync can
+        take long, and the workers go on receiving meanwhile."""
+        assembly = self._assembly
+        if assembly is None or self._flushing or not assembly.flush_due or self._nursery is None:
+            return
+        self._flushing = True
+
+        async def flush() -> None:
+            try:
+                await trio.to_thread.run_sync(assembly.flush)
+            except Exception as exc:  # a disk error: the fetch fails with it
+                if self._fatal is None:
+                    self._fatal = exc
+                self._notify()
+            finally:
+                self._flushing = False
+
+        self._nursery.start_soon(flush)
 
     # ------------------------------------------------------------ progress
 

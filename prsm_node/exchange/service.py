@@ -4,17 +4,20 @@ runs fetches, and answers what the ``model`` control methods ask (protocols/shar
 Serving: one handler per inbound stream, many requests per stream in order; at most
 ``max_streams_per_peer`` streams per peer and ``max_serving`` GET_CHUNKS at once (``busy``
 beyond either); every request decoded with the 1024-byte limit and checked against the
-manifest; chunks read with verification in a thread, a group at a time, and written in large
-writes (many CHUNK frames per write: py-libp2p's cost is per write, see PITFALLS).
+manifest; chunks read from the model's files (the byte range the manifest gives each chunk)
+and re-hashed when due (``ShardStore.read_chunk``) in a thread, a group at a time, and
+written in large writes (many CHUNK frames per write: py-libp2p's cost is per write, see
+PITFALLS). A chunk found corrupt on disk is reported, stops being served, and the response
+ends with ``ERROR internal``.
 
-Fetched models are assembled under ``models_dir/<manifest id hex>/``; the chunks stay in the
-store, so the node keeps serving them. Every store call goes through ``trio.to_thread``.
+Models live in the store's folders, ``models_dir/<manifest id hex>/`` once complete; the node
+serves them from there. Every store call goes through ``trio.to_thread``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import shutil
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +36,6 @@ from ..shards import (
     MAX_REQUEST_SIZE,
     PROTOCOL_ID,
     ChunkNotFound,
-    CorruptChunk,
     End,
     Error,
     ErrorCode,
@@ -45,6 +47,7 @@ from ..shards import (
     ManifestNotFound,
     ManifestReply,
     Message,
+    ModelBusy,
     ShardDecodeError,
     ShardError,
     ShardStore,
@@ -52,17 +55,18 @@ from ..shards import (
     chunk_header,
     decode_request,
     encode_bitmap,
+    encode_manifest,
     encode_message,
-    manifest_id,
     source_files,
 )
 from ..wire import TRAFFIC, FrameError, encode_uvarint, guarded_handler, read_frame, write_frame
 from .client import MAX_REQUESTS_PER_STREAM, SHARD
 from .exceptions import FetchBusy, ModelHalted
-from .fetch import Fetch, FetchParams
+from .fetch import Fetch
 from .ipfs import IpfsBlocks
 from .providers import Providers
 from .registry import encode_record, sign_record
+from .schedule import FetchParams
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +104,11 @@ class ShardService:
     ) -> None:
         self.host = host
         self.kad = kad
+        if Path(models_dir).resolve() != store.models_dir.resolve():
+            raise ValueError(f"models_dir {models_dir} is not the store's ({store.models_dir})")
         self.store = store
         self.key = key
-        self.models_dir = models_dir
+        self.models_dir = store.models_dir
         self.max_streams_per_peer = max_streams_per_peer
         self.max_serving = max_serving
         self.idle_timeout = idle_timeout
@@ -188,6 +194,9 @@ class ShardService:
         await self._send(stream, Error(code, message.encode("utf-8")[:256].decode("utf-8", "ignore")))
 
     async def _manifest(self, manifest_id: bytes) -> Manifest | None:
+        cached = self.store.cached_manifest(manifest_id)  # every GET_CHUNKS asks: no thread hop for a dict
+        if cached is not None:
+            return cached
         try:
             return await trio.to_thread.run_sync(self.store.get_manifest, manifest_id)
         except ManifestNotFound:
@@ -198,10 +207,7 @@ class ShardService:
         try:
             if isinstance(request, GetManifest):
                 return ManifestReply(await trio.to_thread.run_sync(self.store.get_manifest_bytes, mid))
-            m = await self._manifest(mid)
-            if m is None:
-                return Error(ErrorCode.NOT_FOUND, f"no manifest {mid.hex()}")
-            present = await trio.to_thread.run_sync(self.store.present, m)
+            present = await trio.to_thread.run_sync(self.store.present, mid)
             return HaveReply(len(present), encode_bitmap((i for i, held in enumerate(present) if held), len(present)))
         except ManifestNotFound:
             return Error(ErrorCode.NOT_FOUND, f"no manifest {mid.hex()}")
@@ -221,14 +227,13 @@ class ShardService:
             return await self._error(stream, ErrorCode.BUSY, "serving too many requests; retry later")
         self._serving += 1
         try:
-            await self._send_chunks(stream, m.chunk_hashes(), list(request.indices), m.chunk_size)
+            await self._send_chunks(stream, request.manifest_id, list(request.indices), m.chunk_size)
         finally:
             self._serving -= 1
 
-    async def _send_chunks(self, stream: INetStream, hashes: tuple[bytes, ...], indices: list[int],
-                           chunk_size: int) -> None:
+    async def _send_chunks(self, stream: INetStream, mid: bytes, indices: list[int], chunk_size: int) -> None:
         """CHUNK frames for ``indices`` then END (or ERROR internal at a corrupt chunk). The next
-        group is read (and re-hashed) in a thread while the current one is written."""
+        group is read (and verified) in a thread while the current one is written."""
         per_group = max(1, WRITE_BYTES // chunk_size)
         groups = [indices[i:i + per_group] for i in range(0, len(indices), per_group)]
         send, receive = trio.open_memory_channel[tuple[bytes, int, int, int | None]](1)
@@ -238,7 +243,7 @@ class ShardService:
             async with send:
                 try:
                     for group in groups:
-                        result = await trio.to_thread.run_sync(self._read_frames, hashes, group)
+                        result = await trio.to_thread.run_sync(self._read_frames, mid, group)
                         await send.send(result)
                         if result[3] is not None:
                             return
@@ -263,22 +268,23 @@ class ShardService:
         if failures:
             raise failures[0]
         if corrupt is not None:
-            return await self._error(stream, ErrorCode.INTERNAL, f"chunk {corrupt} was corrupt here")
+            return await self._error(stream, ErrorCode.INTERNAL, f"chunk {corrupt} is damaged or unreadable here")
         await self._send(stream, End())
 
-    def _read_frames(self, hashes: tuple[bytes, ...], group: list[int]) -> tuple[bytes, int, int, int | None]:
+    def _read_frames(self, mid: bytes, group: list[int]) -> tuple[bytes, int, int, int | None]:
         """CHUNK frames for the held chunks of ``group`` (in a thread): the frames, how many
-        chunks and bytes they carry, and the index of the first chunk found corrupt."""
+        chunks and bytes they carry, and the index of the first chunk that could not be read
+        (corrupt on disk, or a disk error)."""
         parts: list[bytes] = []
         sent = sent_bytes = 0
         corrupt: int | None = None
         for i in group:
             try:
-                data = self.store.get_chunk(hashes[i])
+                data = self.store.read_chunk(mid, i)
             except ChunkNotFound:
                 continue
-            except CorruptChunk:
-                log.warning("corrupt chunk deleted", extra=kv(index=i, chunk=hashes[i].hex()[:16]))
+            except (ShardError, OSError) as exc:  # CorruptChunk, a model removed meanwhile, a disk error
+                log.warning("chunk not served", extra=kv(id=mid.hex()[:16], index=i, error=str(exc)))
                 corrupt = i
                 break
             head = chunk_header(i, len(data))
@@ -292,14 +298,16 @@ class ShardService:
     async def publish(self, path: Path, *, name: str, version: str, description: str = "", license: str = "",
                       tags: list[str] | None = None, metadata: dict[str, Any] | None = None,
                       chunk_size: int = DEFAULT_CHUNK_SIZE) -> dict[str, Any]:
-        """Build and sign the manifest, import the files, announce; returns the model's summary."""
+        """Build and sign the manifest, copy the files into the store (checked chunk by chunk),
+        announce; returns the model's summary."""
         signing_key = self.key.signing_key
 
         def build() -> tuple[bytes, Manifest, int]:
             m = build_manifest(path, key=signing_key, name=name, version=version, description=description,
                                license=license, tags=tags or [], metadata=metadata, chunk_size=chunk_size)
-            existed = self.store.has_manifest(manifest_id(m))
-            mid = self.store.add_manifest(m)
+            mid = hashlib.sha256(encode_manifest(m)).digest()
+            existed = self.store.has_manifest(mid)
+            self.store.add_manifest(m)
             try:
                 written = self.store.import_files(m, source_files(path)[0])
             except BaseException:
@@ -309,7 +317,7 @@ class ShardService:
             return mid, m, written
 
         mid, m, written = await trio.to_thread.run_sync(build)
-        ipfs_blocks = await trio.to_thread.run_sync(self._put_to_ipfs, m) if self.ipfs is not None else None
+        ipfs_blocks = await trio.to_thread.run_sync(self._put_to_ipfs, mid, m) if self.ipfs is not None else None
         announced = await self.providers.announce(mid)
         record = sign_record(signing_key, m.name, m.version, mid)
         stored = [await self.providers.put_value(k, encode_record(record)) for k in record.keys()]
@@ -322,12 +330,13 @@ class ShardService:
             "ipfs_blocks": ipfs_blocks,
         }
 
-    def _put_to_ipfs(self, m: Manifest) -> int:
+    def _put_to_ipfs(self, mid: bytes, m: Manifest) -> int:
         """Put every chunk of ``m`` to IPFS (in a thread); returns how many IPFS accepted."""
         assert self.ipfs is not None
         put = 0
-        for chunk in dict.fromkeys(m.chunk_hashes()):
-            put += self.ipfs.put(self.store.get_chunk(chunk))
+        first = {h: i for i, h in reversed(list(enumerate(m.chunk_hashes())))}
+        for i in first.values():
+            put += self.ipfs.put(self.store.read_chunk(mid, i))
         return put
 
     # ------------------------------------------------------------ fetching
@@ -343,7 +352,7 @@ class ShardService:
         if running is not None and running.running:
             return running
         fetch = Fetch(manifest_id, host=self.host, kad=self.kad, store=self.store, providers=self.providers,
-                      models_dir=self.models_dir, params=self.fetch_params,
+                      params=self.fetch_params,
                       is_halted=lambda mid: self.is_halted(mid), ipfs=self.ipfs)
         self.fetches[manifest_id] = fetch
         self._nursery.start_soon(fetch.run)
@@ -361,11 +370,12 @@ class ShardService:
         fetch = self.fetches.get(manifest_id)
         if fetch is not None and fetch.running:
             raise FetchBusy(f"model {manifest_id.hex()} is being fetched; cancel the fetch first")
+        try:
+            freed = await trio.to_thread.run_sync(self.store.remove, manifest_id)
+        except ModelBusy as exc:
+            raise FetchBusy(str(exc)) from None
         self.providers.withdraw(manifest_id)
-        freed = await trio.to_thread.run_sync(self.store.remove, manifest_id)
         self.fetches.pop(manifest_id, None)
-        folder = self.models_dir / manifest_id.hex()
-        await trio.to_thread.run_sync(lambda: shutil.rmtree(folder, ignore_errors=True))
         return freed
 
     def statistics(self) -> dict[str, Any]:

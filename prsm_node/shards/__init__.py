@@ -1,4 +1,4 @@
-"""Model shards: signed, content-addressed manifests of safetensors models, the local chunk
+"""Model shards: signed, content-addressed manifests of safetensors models, the local model
 store, and the message bodies of ``/prsm/shard/1.0.0``.
 
 No sockets, no clocks (except a default ``created`` time), no torch: the shard service and the
@@ -8,6 +8,7 @@ No sockets, no clocks (except a default ``created`` time), no torch: the shard s
 
 from __future__ import annotations
 
+from .assembly import Assembly
 from .build import build_manifest, describe_file, normalize_metadata, source_files
 from .exceptions import (
     BadManifestSignature,
@@ -16,10 +17,10 @@ from .exceptions import (
     CorruptChunk,
     FileHashMismatch,
     InvalidManifest,
-    InvalidRange,
     InvalidSafetensors,
     ManifestNotFound,
     MissingChunks,
+    ModelBusy,
     QuotaExceeded,
     ShardDecodeError,
     ShardError,
@@ -92,6 +93,7 @@ __all__ = [
     "MAX_REQUEST_SIZE",
     "MIN_CHUNK_SIZE",
     "PROTOCOL_ID",
+    "Assembly",
     "BadManifestSignature",
     "Chunk",
     "ChunkHashMismatch",
@@ -109,13 +111,13 @@ __all__ = [
     "HaveReply",
     "Header",
     "InvalidManifest",
-    "InvalidRange",
     "InvalidSafetensors",
     "Manifest",
     "ManifestNotFound",
     "ManifestReply",
     "Message",
     "MissingChunks",
+    "ModelBusy",
     "MsgType",
     "QuotaExceeded",
     "Request",

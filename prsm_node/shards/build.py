@@ -2,8 +2,8 @@
 
 Reads every byte once: the header for the tensor table, then chunk by chunk for the chunk
 hashes and the whole-file hash. Blocking: the service calls it through
-``trio.to_thread.run_sync``. The chunks are then stored with ``ShardStore.import_files``,
-which re-reads the files and checks each chunk against the manifest (the files may have
+``trio.to_thread.run_sync``. The files are then copied into the store with
+``ShardStore.import_files``, which re-reads them and checks each chunk against the manifest (the files may have
 changed in between).
 """
 

@@ -57,20 +57,22 @@ class InvalidSafetensors(ShardError):
 
 class ChunkHashMismatch(ShardError):
     """Raised when bytes offered for a chunk (or read from a file being imported) do not hash
-    to the chunk's SHA-256; nothing is stored."""
+    to the chunk's SHA-256, or have the wrong length; nothing is written."""
 
 
 class CorruptChunk(ShardError):
-    """Raised when a stored chunk file no longer hashes to its name on a verified read; the
-    file is deleted, so the chunk counts as missing and is fetched again."""
+    """Raised when a verified chunk, read back from its model file, no longer hashes to the
+    manifest (the file was changed or damaged on disk, or is gone); the chunk leaves the
+    verified-chunk record, so it counts as missing and a fetch writes it again."""
 
 
 class ChunkNotFound(ShardError):
-    """Raised when a chunk is asked for that the store does not hold."""
+    """Raised when a chunk is asked for that is not verified here."""
 
 
-class InvalidRange(ShardError):
-    """Raised when ``read_range`` asks for bytes outside the chunk (negative, or past its end)."""
+class ModelBusy(ShardError):
+    """Raised when a model's files are being written (a fetch or publish of it is running)
+    and another writer, or a removal, is asked for."""
 
 
 class ManifestNotFound(ShardError):
@@ -78,7 +80,8 @@ class ManifestNotFound(ShardError):
 
 
 class MissingChunks(ShardError):
-    """Raised when a model cannot be assembled because some of its chunks are not stored."""
+    """Raised when a model cannot be finished because some of its chunks are not verified here
+    (``missing`` lists them; chunks found corrupt while finishing are among them)."""
 
     def __init__(self, manifest_id: bytes, missing: list[int]) -> None:
         super().__init__(f"manifest {manifest_id.hex()}: {len(missing)} chunks missing (first: {missing[:8]})")
@@ -96,7 +99,8 @@ class UnsafePath(ShardError):
 
 
 class QuotaExceeded(ShardError):
-    """Raised when storing would take the store over its quota; nothing is stored."""
+    """Raised when storing a manifest or reserving a model's files would take the store over
+    its quota; nothing is stored."""
 
     def __init__(self, needed: int, usage: int, quota: int) -> None:
         super().__init__(f"storing {needed} bytes would exceed the quota: {usage} of {quota} bytes in use")

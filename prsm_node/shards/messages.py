@@ -279,7 +279,7 @@ def chunk_header(index: int, size: int) -> bytes:
     return head + b"\xc6" + size.to_bytes(4, "big")
 
 
-def _decode_chunk(data: bytes) -> Chunk | None:
+def _decode_chunk(data: bytes | memoryview) -> Chunk | None:
     """The fast path for the bulk of the traffic: a canonical, valid CHUNK body is parsed by
     hand (no unpack, no re-encode: one copy of the data); None sends anything else, valid or
     not, to the general decoder, which gives the precise error."""
@@ -311,12 +311,13 @@ def _decode_chunk(data: bytes) -> Chunk | None:
     return Chunk(index, bytes(data[pos:]))
 
 
-def decode_message(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE) -> Message:
+def decode_message(data: bytes | memoryview, *, max_size: int = MAX_MESSAGE_SIZE) -> Message:
     """Parse one message body from untrusted bytes; any defect raises ShardDecodeError."""
     if len(data) <= max_size and data[:2] == b"\x93\x06":
         chunk = _decode_chunk(data)
         if chunk is not None:
             return chunk
+    data = bytes(data)
     msg = _build(unpack(data, max_size, "shard message"))
     problem = _problem(msg)
     if problem:

@@ -1,21 +1,25 @@
 """Model exchange benchmark: a random safetensors model fetched between real daemons, against
 two baselines measured in the same run with the same bytes.
 
-  * ``prsm 1 provider``: a devnet of real ``prsm-node`` daemons on 127.0.0.1 (``prsm-node
-    devnet``: shared genesis, temp homes); node0 publishes, node4 runs ``model.fetch`` (wall time
-    of the control call: manifest, HAVE, every chunk verified and stored, files assembled and
-    checked). The model is then removed from node4 and fetched again, ``--runs`` times.
-  * ``prsm 4 providers``: node1..node3 fetch the model too (not timed), then node5 fetches it
-    from node0..node3 at once, ``--runs`` times.
+Each run, back to back (so the ratios compare figures taken under the same load):
+
   * ``bare stream``: the model file's bytes over one py-libp2p stream between two processes
     (Noise + yamux, ``max_connections_per_peer=1``, 1 MiB writes): py-libp2p's ceiling.
-  * ``bitswap``: py-libp2p's own Bitswap (``libp2p.bitswap``, MerkleDag ``add_bytes`` on one
-    process, ``fetch_file`` on the other, blocks in memory: no disk at all).
+  * ``prsm 1 provider``: a devnet of real ``prsm-node`` daemons on 127.0.0.1 (``prsm-node
+    devnet``: shared genesis, temp homes); node0 published model ``one``, node4 runs
+    ``model.fetch`` (wall time of the control call: manifest, HAVE, every chunk verified and
+    written into the model's file, the file checked), then removes it again.
+  * ``prsm 4 providers``: node0 published model ``four`` (same size, other bytes) and node1..3
+    fetched it before the runs (not timed); node5 fetches it from node0..3 at once.
+
+Then ``bitswap``: py-libp2p's own Bitswap (``libp2p.bitswap``, MerkleDag ``add_bytes`` on one
+process, ``fetch_file`` on the other, blocks in memory: no disk at all), ``--runs`` times.
 
 MB/s is 10^6 bytes of model per second. Targets (issue 5): 1 provider >= 80 % of the bare
-stream, >= 3x Bitswap, 4 providers no slower than 1.
+stream, >= 3x Bitswap, 4 providers no slower than 1. The 1-provider and 4-provider ratios are
+medians of the per-run ratios.
 
-    python scripts/bench/shards.py [--size-mib 256] [--runs 3] [--skip-bitswap]
+    python scripts/bench/shards.py [--size-mib 256] [--runs 3] [--skip-bitswap] [--profile DIR]
 """
 
 from __future__ import annotations
@@ -40,13 +44,13 @@ ROLE_TIMEOUT = 900.0
 # ------------------------------------------------------------ the model
 
 
-def make_model(folder: Path, size_mib: int) -> Path:
+def make_model(folder: Path, size_mib: int, seed: int = 5) -> Path:
     """One safetensors file of random F32 tensors, 16 MiB each (the last one smaller)."""
     import numpy as np
     from safetensors.numpy import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(5)
+    rng = np.random.default_rng(seed)
     tensors = {}
     left = size_mib * MIB
     i = 0
@@ -95,10 +99,12 @@ def role_serve(kind: str, file: Path) -> None:
             extra: dict[str, str] = {}
             if kind == "bare":
                 async def handler(stream: Any) -> None:
+                    cpu = time.process_time()
                     view = memoryview(data)
                     for start in range(0, len(data), MIB):
                         await stream.write(bytes(view[start:start + MIB]))
                     await stream.close()
+                    print(json.dumps({"cpu": time.process_time() - cpu}), flush=True)
 
                 host.set_stream_handler(TProtocol("/bench/bulk/1.0.0"), handler)
             else:
@@ -130,6 +136,7 @@ def role_fetch(kind: str, addr: str, root: str, size: int) -> None:
             info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
             await host.connect(info)
             got = 0
+            cpu = time.process_time()
             if kind == "bare":
                 started = time.perf_counter()
                 stream = await host.new_stream(info.peer_id, [TProtocol("/bench/bulk/1.0.0")])
@@ -152,14 +159,15 @@ def role_fetch(kind: str, addr: str, root: str, size: int) -> None:
                 data, _ = await MerkleDag(bitswap).fetch_file(root, peer_id=info.peer_id, timeout=120.0)
                 got = len(data)
             seconds = time.perf_counter() - started
-            print(json.dumps({"bytes": got, "seconds": seconds}), flush=True)
+            print(json.dumps({"bytes": got, "seconds": seconds, "cpu": time.process_time() - cpu}), flush=True)
             nursery.cancel_scope.cancel()
 
     trio.run(main)
 
 
-def baseline(kind: str, file: Path) -> float:
-    """One baseline transfer; returns MB/s."""
+def baseline(kind: str, file: Path) -> tuple[float, float | None]:
+    """One baseline transfer; returns MB/s and the CPU seconds both processes spent on it
+    (bare stream only; None for Bitswap)."""
     me = [sys.executable, __file__]
     server = subprocess.Popen([*me, "--role", f"{kind}-serve", "--file", str(file)], stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True)
@@ -174,7 +182,10 @@ def baseline(kind: str, file: Path) -> float:
         result = json.loads(out.stdout.strip().splitlines()[-1])
         if result["bytes"] != file.stat().st_size:
             raise RuntimeError(f"{kind}: got {result['bytes']} of {file.stat().st_size} bytes")
-        return float(result["bytes"] / result["seconds"] / 1e6)
+        cpu = None
+        if kind == "bare":
+            cpu = result["cpu"] + json.loads(server.stdout.readline())["cpu"]
+        return float(result["bytes"] / result["seconds"] / 1e6), cpu
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
@@ -207,13 +218,46 @@ def profiled(pids: dict[str, int], folder: Path) -> list[subprocess.Popen[bytes]
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name, pid in pids.items()]
 
 
-def prsm_runs(workdir: Path, model_dir: Path, size: int, runs: int,
-              profile: Path | None = None) -> dict[str, list[float]]:
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system, all threads) the processes have used so far."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def prsm_fetch(label: str, home: str, mid: str, size: int, pids: list[int]) -> tuple[float, float, float]:
+    """One timed fetch, printed; returns (end-to-end MB/s, transfer-stage MB/s, CPU seconds of
+    the fetcher and providers ``pids``). The model is removed from ``home`` afterwards, so the
+    next run fetches it all again."""
+    cpu = cpu_seconds(pids)
+    seconds, result = timed_fetch(home, mid)
+    cpu = cpu_seconds(pids) - cpu
+    used = [p for p in result["providers"] if p["chunks"]]
+    stages = result.get("timings_s") or {}
+    transfer = result["bytes_fetched"] / max(stages.get("transfer", result["elapsed_s"]), 1e-9) / 1e6
+    print(f"  {label}: {size / seconds / 1e6:.1f} MB/s end to end ({seconds:.2f} s), transfer stage "
+          f"{transfer:.1f} MB/s, from {len(used)} providers {[p['chunks'] for p in used]}, stages {stages}, "
+          f"{cpu:.2f} CPU s", flush=True)
+    call(home, "model.rm", {"id": mid})
+    return size / seconds / 1e6, transfer, cpu
+
+
+def interleaved_runs(args: argparse.Namespace, workdir: Path, one_dir: Path, four_dir: Path,
+                     size: int) -> dict[str, list[float]]:
+    """Per run, back to back: the bare stream, a 1-provider fetch, a 4-provider fetch; so each
+    run's ratios compare figures taken under the same load (other processes share the CPUs).
+
+    Two models of the same size: ``one`` is held by node0 only and fetched by node4; ``four``
+    is held by node0..node3 and fetched by node5."""
     proc = subprocess.Popen([sys.executable, "-m", "prsm_node", "devnet", "--nodes", "6", "--dir",
                              str(workdir / "devnet"), "--json", "--ready-timeout", "120"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    out: dict[str, list[float]] = {"prsm 1 provider": [], "prsm 4 providers": [],
-                                   "prsm 1 provider (transfer)": [], "prsm 4 providers (transfer)": []}
+    out: dict[str, list[float]] = {k: [] for k in ("bare stream", "prsm 1 provider", "prsm 4 providers",
+                                                   "prsm 1 provider (transfer)", "prsm 4 providers (transfer)",
+                                                   "ratio 1 provider / bare", "ratio 4 / 1 providers",
+                                                   "CPU s bare stream", "CPU s prsm 1 provider")}
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -221,33 +265,36 @@ def prsm_runs(workdir: Path, model_dir: Path, size: int, runs: int,
             raise RuntimeError(f"devnet did not start; see the node.log files under {workdir / 'devnet'}")
         nodes = json.loads(line)["nodes"]
         homes = [n["home"] for n in nodes]
-        started = time.perf_counter()
-        pub = call(homes[0], "model.publish", {"path": str(model_dir), "name": "bench/random", "version": "1"})
-        print(f"  published {pub['chunks']} chunks in {time.perf_counter() - started:.1f} s", flush=True)
-        mid = pub["id"]
-        for label, fetcher in (("prsm 1 provider", homes[4]), ("prsm 4 providers", homes[5])):
-            if label == "prsm 4 providers":
-                for h in homes[1:4]:
-                    timed_fetch(h, mid)
-            for run in range(runs):
-                spies = []
-                if profile is not None and run == 0:
-                    provider_pids = {f"provider{i}": nodes[i]["pid"] for i in range(1 if "1" in label else 4)}
-                    spies = profiled({"fetcher": nodes[homes.index(fetcher)]["pid"], **provider_pids},
-                                     profile / label.replace(" ", "-"))
-                seconds, result = timed_fetch(fetcher, mid)
-                for spy in spies:
-                    spy.send_signal(signal.SIGINT)
-                    spy.wait(timeout=60)
-                used = [p for p in result["providers"] if p["chunks"]]
-                stages = result.get("timings_s") or {}
-                transfer = result["bytes_fetched"] / max(stages.get("transfer", result["elapsed_s"]), 1e-9) / 1e6
-                print(f"  {label} run {run + 1}: {size / seconds / 1e6:.1f} MB/s end to end "
-                      f"({seconds:.2f} s), transfer stage {transfer:.1f} MB/s, from {len(used)} providers "
-                      f"{[p['chunks'] for p in used]}, stages {stages}", flush=True)
-                out[label].append(size / seconds / 1e6)
-                out[f"{label} (transfer)"].append(transfer)
-                call(fetcher, "model.rm", {"id": mid})
+        mids = {}
+        for name, folder in (("one", one_dir), ("four", four_dir)):
+            started = time.perf_counter()
+            pub = call(homes[0], "model.publish", {"path": str(folder), "name": f"bench/{name}", "version": "1"})
+            print(f"  published bench/{name}: {pub['chunks']} chunks in {time.perf_counter() - started:.1f} s",
+                  flush=True)
+            mids[name] = pub["id"]
+        for h in homes[1:4]:
+            timed_fetch(h, mids["four"])
+        for run in range(args.runs):
+            print(f"run {run + 1}: load {os.getloadavg()}", flush=True)
+            bare, bare_cpu = baseline("bare", one_dir / "model.safetensors")
+            print(f"  bare stream: {bare:.1f} MB/s, {bare_cpu:.2f} CPU s", flush=True)
+            spies = []
+            if args.profile is not None and run == 0:
+                spies = profiled({"fetcher": nodes[4]["pid"], "provider0": nodes[0]["pid"]},
+                                 args.profile / "prsm-1-provider")
+            one, one_transfer, one_cpu = prsm_fetch("prsm 1 provider", homes[4], mids["one"], size,
+                                                    [nodes[0]["pid"], nodes[4]["pid"]])
+            for spy in spies:
+                spy.send_signal(signal.SIGINT)
+                spy.wait(timeout=60)
+            four, four_transfer, _ = prsm_fetch("prsm 4 providers", homes[5], mids["four"], size,
+                                                [n["pid"] for n in nodes[:4]] + [nodes[5]["pid"]])
+            print(f"  ratios: 1 provider / bare = {one / bare:.2f}, 4 / 1 providers = {four / one:.2f}", flush=True)
+            for k, v in (("bare stream", bare), ("prsm 1 provider", one), ("prsm 4 providers", four),
+                         ("prsm 1 provider (transfer)", one_transfer), ("prsm 4 providers (transfer)", four_transfer),
+                         ("ratio 1 provider / bare", one / bare), ("ratio 4 / 1 providers", four / one),
+                         ("CPU s bare stream", bare_cpu or 0.0), ("CPU s prsm 1 provider", one_cpu)):
+                out[k].append(v)
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -263,9 +310,9 @@ def main() -> int:
     ap.add_argument("--size-mib", type=int, default=256)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--skip-bitswap", action="store_true")
-    ap.add_argument("--skip-baselines", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the temp folder (model, devnet homes, logs)")
-    ap.add_argument("--profile", type=Path, help="py-spy the daemons during the first fetch of each kind, into DIR")
+    ap.add_argument("--profile", type=Path,
+                    help="py-spy the fetcher and the provider during the first 1-provider fetch, into DIR")
     ap.add_argument("--role", help=argparse.SUPPRESS)
     ap.add_argument("--file", help=argparse.SUPPRESS)
     ap.add_argument("--addr", help=argparse.SUPPRESS)
@@ -290,33 +337,28 @@ def main() -> int:
 
 def run_all(args: argparse.Namespace, workdir: Path) -> int:
     print(f"load before: {os.getloadavg()}", flush=True)
-    model = make_model(workdir / "model", args.size_mib)
-    size = model.stat().st_size
-    print(f"model: {size / MIB:.1f} MiB in {workdir}", flush=True)
-    results: dict[str, list[float]] = {}
-    if not args.skip_baselines:
-        kinds = ["bare"] + ([] if args.skip_bitswap else ["bitswap"])
-        for kind in kinds:
-            label = {"bare": "bare stream", "bitswap": "bitswap"}[kind]
-            results[label] = []
-            for run in range(args.runs):
-                mbps = baseline(kind, model)
-                print(f"  {label} run {run + 1}: {mbps:.1f} MB/s", flush=True)
-                results[label].append(mbps)
-    results.update(prsm_runs(workdir, model.parent, size, args.runs, args.profile))
+    one = make_model(workdir / "one", args.size_mib, seed=5)
+    make_model(workdir / "four", args.size_mib, seed=6)
+    size = one.stat().st_size
+    print(f"models: 2 x {size / MIB:.1f} MiB in {workdir}", flush=True)
+    results = interleaved_runs(args, workdir, one.parent, workdir / "four", size)
+    if not args.skip_bitswap:
+        results["bitswap"] = []
+        for run in range(args.runs):
+            mbps, _ = baseline("bitswap", one)
+            print(f"  bitswap run {run + 1}: {mbps:.1f} MB/s (load {os.getloadavg()[0]:.2f})", flush=True)
+            results["bitswap"].append(mbps)
     print(f"load after: {os.getloadavg()}")
     med = {k: statistics.median(v) for k, v in results.items() if v}
-    print(f"\n{'configuration':<30} {'median MB/s':>12}  runs")
+    print(f"\n{'configuration':<30} {'median':>8}  runs")
     for k, v in results.items():
         if v:
-            print(f"{k:<30} {med[k]:>12.1f}  {', '.join(f'{x:.1f}' for x in v)}")
-    one, four = med.get("prsm 1 provider"), med.get("prsm 4 providers")
-    if one and "bare stream" in med:
-        print(f"\n1 provider / bare stream   = {one / med['bare stream']:.2f}  (target >= 0.80)")
-    if one and "bitswap" in med:
-        print(f"1 provider / bitswap       = {one / med['bitswap']:.2f}  (target >= 3)")
-    if one and four:
-        print(f"4 providers / 1 provider   = {four / one:.2f}  (target >= 1)")
+            print(f"{k:<30} {med[k]:>8.2f}  {', '.join(f'{x:.2f}' for x in v)}")
+    print(f"\n1 provider / bare stream   = {med['ratio 1 provider / bare']:.2f}  (median of per-run ratios; "
+          "target >= 0.80)")
+    if "bitswap" in med:
+        print(f"1 provider / bitswap       = {med['prsm 1 provider'] / med['bitswap']:.2f}  (medians; target >= 3)")
+    print(f"4 providers / 1 provider   = {med['ratio 4 / 1 providers']:.2f}  (median of per-run ratios; target >= 1)")
     return 0
 
 
