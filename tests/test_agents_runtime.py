@@ -62,11 +62,12 @@ class Gate:
         self._allowed = threading.Semaphore(0)
         self._entered = 0
         self._changed = trio.Event()
+        self._token = trio.lowlevel.current_trio_token()
         run = runtime_module._run
 
         def gated(*args: Any) -> Any:
             self.batches.append(list(args[2]))
-            trio.from_thread.run_sync(self._enter)
+            trio.from_thread.run_sync(self._enter, trio_token=self._token)
             assert self._allowed.acquire(timeout=10)  # only a failing test waits this long
             return run(*args)
 

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -46,8 +46,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @asynccontextmanager
-async def agent_network(root: Path, names: list[str]) -> AsyncIterator[dict[str, Node]]:
-    """Nodes sharing one genesis (the first is its solo validator; every account funded)."""
+async def agent_network(root: Path, names: list[str],
+                        configure: Callable[[str, Config], None] | None = None) -> AsyncIterator[dict[str, Node]]:
+    """Nodes sharing one genesis (the first is its solo validator and everyone's bootstrap peer;
+    every account funded). ``configure(name, cfg)`` may change a node's test config."""
     keys = [NodeKey.generate() for _ in names]
     genesis = development_genesis(
         "agents", [Validator(account=keys[0].account.hex(), peer_id=str(keys[0].peer_id))],
@@ -59,7 +61,10 @@ async def agent_network(root: Path, names: list[str]) -> AsyncIterator[dict[str,
         bootstrap: list[str] = []
         for name, key in zip(names, keys, strict=True):
             home = Home(root / name)
-            init_home(home, cfg=Config.for_tests(), genesis=genesis, key=key)
+            cfg = Config.for_tests()
+            if configure is not None:
+                configure(name, cfg)
+            init_home(home, cfg=cfg, genesis=genesis, key=key)
             node = Node(home, home.load_config(), key, genesis, list(bootstrap))
             ready = await nursery.start(node.run)
             bootstrap = bootstrap or [ready.addrs[0]]
@@ -225,7 +230,10 @@ async def test_malformed_and_unacceptable_task_requests_get_clear_errors(short_t
         assert isinstance(bad, m.ErrorReply) and bad.code == "bad_receipt"
         again = await raw(alice, bob, run(dataclasses.replace(good, task_id=os.urandom(32))))
         assert isinstance(again, m.ErrorReply) and again.code == "unpaid"
-        replay = await raw(alice, bob, run(good))
+        served = bob.agents.tasks.tasks_served
+        resent = await raw(alice, bob, run(good))  # the very RUN again: its RESULT again, nothing run twice
+        assert resent == result and bob.agents.tasks.tasks_served == served
+        replay = await raw(alice, bob, run(dataclasses.replace(good, max_amount=good.max_amount - 1)))
         assert isinstance(replay, m.ErrorReply) and replay.code == "replayed"
 
         # Paying the exact receipt on a new stream clears the debt.

@@ -160,15 +160,17 @@ class MLPClassifier(nn.Module):
 
 
 def pad_batch(rows: Sequence[Sequence[int]], *, left: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad id lists to one (batch, time) tensor and its validity mask."""
+    """Pad id lists to one (batch, time) tensor and its validity mask. Built as Python lists and
+    converted once: a tensor per row costs more than the forward pass of a small model."""
     width = max(1, max(len(r) for r in rows))
-    ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
-    valid = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, row in enumerate(rows):
-        if row:
-            cols = slice(width - len(row), width) if left else slice(0, len(row))
-            ids[i, cols] = torch.tensor(list(row), dtype=torch.long)
-            valid[i, cols] = True
+    padded = []
+    for row in rows:
+        fill = [PAD_ID] * (width - len(row))
+        padded.append([*fill, *row] if left else [*row, *fill])
+    ids = torch.tensor(padded, dtype=torch.long)
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)[:, None]
+    cols = torch.arange(width)[None, :]
+    valid = cols >= width - lengths if left else cols < lengths
     return ids.to(device), valid.to(device)
 
 
@@ -176,15 +178,23 @@ def classifier_features(cfg: ClassifierConfig, inputs: Sequence[ClassifyInput]) 
     """The dense input matrix of a classifier batch, and each row's count of non-zero features."""
     x = torch.zeros((len(inputs), cfg.input_dim), dtype=torch.float32)
     counts = []
+    rows: list[int] = []  # one scatter for the whole batch: a tensor op per row costs more
+    cols: list[int] = []
+    values: list[float] = []
     for i, item in enumerate(inputs):
         if item.vector is not None:
-            x[i] = torch.tensor(item.vector, dtype=torch.float32)
+            rows += [i] * len(item.vector)
+            cols += range(len(item.vector))
+            values += item.vector
             counts.append(len(item.vector))
         else:
             feats = ngram_features(item.text or "", cfg.input_dim, cfg.ngram_min, cfg.ngram_max)
-            if feats:
-                x[i, list(feats)] = torch.tensor(list(feats.values()), dtype=torch.float32)
+            rows += [i] * len(feats)
+            cols += feats.keys()
+            values += feats.values()
             counts.append(len(feats))
+    if rows:
+        x[rows, cols] = torch.tensor(values, dtype=torch.float32)
     return x, counts
 
 
@@ -205,13 +215,31 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, generator:
 
 
 # ------------------------------------------------------------ batch runners
+#
+# A batch runs in two halves: ``prepare`` turns validated inputs into CPU tensors (pure Python
+# work: encoding, padding, features) and ``execute`` runs the module and decodes its outputs.
+# The runtime prepares the next batch while the device executes the current one.
 
 BatchResult = list[tuple[Output, int, int]]  # (output, tokens_in, tokens_out) per request
 
 
-def _run_lm(module: nn.Module, cfg: FamilyConfig, inputs: Sequence[ModelInput], device: torch.device) -> BatchResult:
+@dataclass(frozen=True)
+class Prepared:
+    """A batch ready for the device: its requests and the tensors (and counts) they became."""
+
+    inputs: tuple[ModelInput, ...]
+    tensors: tuple[torch.Tensor, ...] = ()
+    counts: tuple[int, ...] = ()  # per request (classifier: non-zero features; embedder: texts)
+    tokens: tuple[int, ...] = ()  # per request: tokens in
+
+
+def _prepare_lm(cfg: FamilyConfig, inputs: Sequence[ModelInput]) -> Prepared:
+    return Prepared(tuple(r for r in inputs if isinstance(r, GenerateInput)))
+
+
+def _execute_lm(module: nn.Module, cfg: FamilyConfig, prepared: Prepared, device: torch.device) -> BatchResult:
     assert isinstance(cfg, LMConfig)
-    reqs = [r for r in inputs if isinstance(r, GenerateInput)]
+    reqs = [r for r in prepared.inputs if isinstance(r, GenerateInput)]
     vocab, context = cfg.shape.vocab, cfg.shape.context
     seqs = [encode_chars(vocab, r.prompt)[-context:] for r in reqs]
     prompt_lens = [len(s) for s in seqs]
@@ -228,32 +256,43 @@ def _run_lm(module: nn.Module, cfg: FamilyConfig, inputs: Sequence[ModelInput], 
     ]
 
 
-def _run_embedder(
-    module: nn.Module, cfg: FamilyConfig, inputs: Sequence[ModelInput], device: torch.device
-) -> BatchResult:
+def _prepare_embedder(cfg: FamilyConfig, inputs: Sequence[ModelInput]) -> Prepared:
     assert isinstance(cfg, EmbedderConfig)
-    reqs = [r for r in inputs if isinstance(r, EmbedInput)]
+    reqs = tuple(r for r in inputs if isinstance(r, EmbedInput))
     rows = [encode_chars(cfg.shape.vocab, t[: cfg.shape.context]) for r in reqs for t in r.texts]
-    ids, valid = pad_batch(rows, left=False, device=device)
+    ids, valid = pad_batch(rows, left=False, device=torch.device("cpu"))
+    counts, tokens, start = [], [], 0
+    for r in reqs:
+        n = len(r.texts)
+        counts.append(n)
+        tokens.append(sum(len(x) for x in rows[start : start + n]))
+        start += n
+    return Prepared(reqs, (ids, valid), tuple(counts), tuple(tokens))
+
+
+def _execute_embedder(module: nn.Module, cfg: FamilyConfig, prepared: Prepared, device: torch.device) -> BatchResult:
+    assert isinstance(cfg, EmbedderConfig)
+    ids, valid = (t.to(device) for t in prepared.tensors)
     vectors = module(ids, valid).cpu().tolist()
     out: BatchResult = []
     start = 0
-    for r in reqs:
-        n = len(r.texts)
-        out.append((vectors[start : start + n], sum(len(x) for x in rows[start : start + n]), n * cfg.dim))
+    for n, tokens in zip(prepared.counts, prepared.tokens, strict=True):
+        out.append((vectors[start : start + n], tokens, n * cfg.dim))
         start += n
     return out
 
 
-def _run_classifier(
-    module: nn.Module, cfg: FamilyConfig, inputs: Sequence[ModelInput], device: torch.device
-) -> BatchResult:
+def _prepare_classifier(cfg: FamilyConfig, inputs: Sequence[ModelInput]) -> Prepared:
     assert isinstance(cfg, ClassifierConfig)
-    reqs = [r for r in inputs if isinstance(r, ClassifyInput)]
+    reqs = tuple(r for r in inputs if isinstance(r, ClassifyInput))
     x, counts = classifier_features(cfg, reqs)
-    dtype = TORCH_DTYPES[cfg.dtype]
-    probs = torch.softmax(module(x.to(device=device, dtype=dtype)).float(), dim=-1).cpu().tolist()
-    return [(dict(zip(cfg.labels, p, strict=True)), counts[i], 0) for i, p in enumerate(probs)]
+    return Prepared(reqs, (x.to(dtype=TORCH_DTYPES[cfg.dtype]),), tuple(counts))
+
+
+def _execute_classifier(module: nn.Module, cfg: FamilyConfig, prepared: Prepared, device: torch.device) -> BatchResult:
+    assert isinstance(cfg, ClassifierConfig)
+    probs = torch.softmax(module(prepared.tensors[0].to(device)).float(), dim=-1).cpu().tolist()
+    return [(dict(zip(cfg.labels, p, strict=True)), prepared.counts[i], 0) for i, p in enumerate(probs)]
 
 
 # ------------------------------------------------------------ the registry
@@ -266,7 +305,8 @@ class Family:
     name: str
     tags: tuple[str, ...]
     build: Callable[[FamilyConfig], nn.Module]
-    run_batch: Callable[[nn.Module, FamilyConfig, Sequence[ModelInput], torch.device], BatchResult]
+    prepare: Callable[[FamilyConfig, Sequence[ModelInput]], Prepared]
+    execute: Callable[[nn.Module, FamilyConfig, Prepared, torch.device], BatchResult]
 
 
 def _builder(cls: type[nn.Module], config_type: type) -> Callable[[FamilyConfig], nn.Module]:
@@ -278,13 +318,11 @@ def _builder(cls: type[nn.Module], config_type: type) -> Callable[[FamilyConfig]
 
 
 FAMILIES: dict[str, Family] = {
-    LM_FAMILY: Family(LM_FAMILY, FAMILY_TAGS[LM_FAMILY], _builder(CharLM, LMConfig), _run_lm),
-    EMBEDDER_FAMILY: Family(
-        EMBEDDER_FAMILY, FAMILY_TAGS[EMBEDDER_FAMILY], _builder(CharEmbedder, EmbedderConfig), _run_embedder
-    ),
-    CLASSIFIER_FAMILY: Family(
-        CLASSIFIER_FAMILY, FAMILY_TAGS[CLASSIFIER_FAMILY], _builder(MLPClassifier, ClassifierConfig), _run_classifier
-    ),
+    LM_FAMILY: Family(LM_FAMILY, FAMILY_TAGS[LM_FAMILY], _builder(CharLM, LMConfig), _prepare_lm, _execute_lm),
+    EMBEDDER_FAMILY: Family(EMBEDDER_FAMILY, FAMILY_TAGS[EMBEDDER_FAMILY], _builder(CharEmbedder, EmbedderConfig),
+                            _prepare_embedder, _execute_embedder),
+    CLASSIFIER_FAMILY: Family(CLASSIFIER_FAMILY, FAMILY_TAGS[CLASSIFIER_FAMILY],
+                              _builder(MLPClassifier, ClassifierConfig), _prepare_classifier, _execute_classifier),
 }
 
 
@@ -302,7 +340,18 @@ def expected_tensors(spec: ModelSpec) -> dict[str, tuple[tuple[int, ...], torch.
     return {name: (tuple(t.shape), t.dtype) for name, t in module.state_dict().items()}
 
 
+def prepare_batch(spec: ModelSpec, inputs: Sequence[ModelInput]) -> Prepared:
+    """The CPU tensors of a batch of validated inputs (blocking: call it from a worker thread)."""
+    with torch.inference_mode():
+        return FAMILIES[spec.family].prepare(spec.config, inputs)
+
+
+def execute_batch(spec: ModelSpec, module: nn.Module, prepared: Prepared, device: torch.device) -> BatchResult:
+    """Run a prepared batch on ``device`` (blocking: call it from a worker thread)."""
+    with torch.inference_mode():
+        return FAMILIES[spec.family].execute(module, spec.config, prepared, device)
+
+
 def run_batch(spec: ModelSpec, module: nn.Module, inputs: Sequence[ModelInput], device: torch.device) -> BatchResult:
     """Run one batch of validated inputs (blocking: call it from a worker thread)."""
-    with torch.inference_mode():
-        return FAMILIES[spec.family].run_batch(module, spec.config, inputs, device)
+    return execute_batch(spec, module, prepare_batch(spec, inputs), device)

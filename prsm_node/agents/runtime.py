@@ -5,7 +5,9 @@ model. A caller does ``await runtime.load(model_id, spec, weights)`` once, then 
 concurrent ``await runtime.run(model_id, inputs)``; requests for one model that arrive while
 its previous batch runs (or within ``max_batch_wait_s`` of the first) run together in one
 forward pass, up to ``max_batch_size`` items. Inference and loading run in worker threads
-(``trio.to_thread.run_sync``), one at a time per device, so the event loop never blocks.
+(inference on one device thread, ``device.py``; loading with ``trio.to_thread.run_sync``), so
+the event loop never blocks; while a batch runs, the next one fills up and is queued right
+behind it, so the device goes from one forward pass straight to the next.
 
 torch is imported only by the first ``load()``, in a worker thread: a node that runs no model
 never pays for it.
@@ -31,6 +33,7 @@ import trio
 
 from .._trio import TaskStatus
 from ..exceptions import ConfigError
+from .device import DeviceThread
 from .exceptions import (
     DeviceUnavailable,
     InferenceFailed,
@@ -45,6 +48,7 @@ from .inputs import ModelInput, RunResult, Usage, parse_input
 from .specs import FAMILY_TAGS, ModelSpec, parse_spec
 
 DEVICES = ("auto", "cpu", "cuda")
+DEVICE_DEPTH = 3  # batches handed to the device thread: one running, up to two full ones queued
 WeightSource = str | Path | Sequence[str | Path]
 
 
@@ -148,8 +152,14 @@ class _Model:
     def idle(self) -> bool:
         return not self.queue and not self.running
 
-    def queued_items(self) -> int:
-        return sum(r.input.items for r in self.queue)
+    def full(self, batch_size: int) -> bool:
+        """Whether the queue holds a full batch (counted lazily: the queue may be long)."""
+        total = 0
+        for r in self.queue:
+            total += r.input.items
+            if total >= batch_size:
+                return True
+        return False
 
 
 def _resolve_device(wanted: str, torch_threads: int) -> str:
@@ -164,6 +174,12 @@ def _resolve_device(wanted: str, torch_threads: int) -> str:
     if wanted == "cuda":
         raise DeviceUnavailable("[agents].device is 'cuda' but torch sees no CUDA device")
     return "cpu"
+
+
+def _set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def _check(spec: ModelSpec, weights: WeightSource) -> list[Path]:
@@ -181,6 +197,7 @@ def _load(spec: ModelSpec, files: list[Path], device: str) -> Any:
 
 
 def _run(spec: ModelSpec, module: Any, inputs: list[ModelInput], device: str) -> tuple[list[Any], float]:
+    """Run a batch; its results and wall time in ms (on the device thread)."""
     import torch
 
     from .architectures import run_batch
@@ -203,7 +220,8 @@ class ModelRuntime:
         self._device: str | None = None
         self._models: dict[str, _Model] = {}
         self._loading: dict[str, int] = {}  # model id -> bytes reserved while it loads
-        self._device_limiter = trio.CapacityLimiter(1)
+        self._device_thread = DeviceThread()
+        self._device_slots = trio.CapacityLimiter(DEVICE_DEPTH)
         self._load_limiter = trio.CapacityLimiter(1)
         self._tick = 0
         self._served = 0
@@ -222,6 +240,7 @@ class ModelRuntime:
         finally:
             self._nursery = None
             self._models.clear()
+            self._device_thread.close()
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _check_open(self) -> trio.Nursery:
@@ -256,9 +275,12 @@ class ModelRuntime:
         self._loading[model_id] = 0
         try:
             if self._device is None:
-                self._device = await trio.to_thread.run_sync(
+                resolved = await trio.to_thread.run_sync(
                     _resolve_device, self.config.device, self.config.torch_threads, limiter=self._load_limiter
                 )
+                if self.config.torch_threads:  # OpenMP's thread count is per calling thread: set it
+                    await self._device_thread.run(_set_threads, self.config.torch_threads)  # where batches run
+                self._device = resolved
             device = self._device
             # bad weights must not cost another model its place: check them before evicting
             files = await trio.to_thread.run_sync(_check, parsed, weights, limiter=self._load_limiter)
@@ -353,20 +375,31 @@ class ModelRuntime:
         return batch
 
     async def _batcher(self, model: _Model) -> None:
+        """Forms batches and hands them to the device thread. While the device is busy, the
+        next batch fills up (up to max_batch_size items) and, once full, is queued right behind
+        the running one, so that the device goes from one forward pass straight to the next."""
         cfg = self.config
+        slots = self._device_slots
         try:
             with model.scope:
-                while True:
-                    while not model.queue:
-                        await self._wait_wakeup(model)
-                    if cfg.max_batch_wait_s > 0:
-                        with trio.move_on_after(cfg.max_batch_wait_s):
-                            while model.queued_items() < cfg.max_batch_size:
+                async with trio.open_nursery() as forwards:
+                    while True:
+                        while not model.queue:
+                            await self._wait_wakeup(model)
+                        if slots.borrowed_tokens:
+                            while model.queue and not model.full(cfg.max_batch_size) and slots.borrowed_tokens:
                                 await self._wait_wakeup(model)
-                    model.running = self._take_batch(model)
-                    if model.running:
-                        await self._run_batch(model)
-                    model.running = []
+                        elif cfg.max_batch_wait_s > 0:
+                            with trio.move_on_after(cfg.max_batch_wait_s):
+                                while not model.full(cfg.max_batch_size):
+                                    await self._wait_wakeup(model)
+                        batch = self._take_batch(model)
+                        if not batch:
+                            continue
+                        model.running.extend(batch)
+                        token = object()
+                        await slots.acquire_on_behalf_of(token)
+                        forwards.start_soon(self._run_batch, model, batch, token)
         finally:
             error = model.closed_error or RuntimeClosed("the model runtime stopped")
             for request in [*model.running, *model.queue]:
@@ -378,28 +411,37 @@ class ModelRuntime:
             model.module = None
             model.stopped.set()
 
-    async def _run_batch(self, model: _Model) -> None:
-        batch = model.running
+    def _fail(self, model: _Model, batch: list[_Request], e: Exception) -> None:
+        for request in batch:
+            request.error = InferenceFailed(f"{model.info.model_id}: {type(e).__name__}: {e}")
+            request.done.set()
+        model.running = [r for r in model.running if r not in batch]
+
+    async def _run_batch(self, model: _Model, batch: list[_Request], token: object) -> None:
+        """Run one batch on the device (holding the slot the batcher took for it) and deliver."""
         device = model.info.device
         try:
-            results, wall_ms = await trio.to_thread.run_sync(
-                _run, model.spec, model.module, [r.input for r in batch], device, limiter=self._device_limiter
-            )
-        except Exception as e:  # torch's errors (device out of memory, ...): fail this batch only
-            for request in batch:
-                request.error = InferenceFailed(f"{model.info.model_id}: {type(e).__name__}: {e}")
+            try:
+                results, wall_ms = await self._device_thread.run(
+                    _run, model.spec, model.module, [r.input for r in batch], device)
+            except Exception as e:  # torch's errors (device out of memory, ...): fail this batch only
+                self._fail(model, batch, e)
+                return
+            model.batches += 1
+            self._batches += 1
+            for request, (output, tokens_in, tokens_out) in zip(batch, results, strict=True):
+                if request.cancelled:
+                    continue  # its caller is gone: the result is dropped
+                usage = Usage(tokens_in, tokens_out, round(wall_ms, 3), len(batch), device)
+                request.result = RunResult(output, usage)
+                model.served += 1
+                self._served += 1
                 request.done.set()
-            return
-        model.batches += 1
-        self._batches += 1
-        for request, (output, tokens_in, tokens_out) in zip(batch, results, strict=True):
-            if request.cancelled:
-                continue  # its caller is gone: the result is dropped
-            usage = Usage(tokens_in, tokens_out, round(wall_ms, 3), len(batch), device)
-            request.result = RunResult(output, usage)
-            model.served += 1
-            self._served += 1
-            request.done.set()
+            model.running = [r for r in model.running if r not in batch]
+        finally:
+            self._device_slots.release_on_behalf_of(token)
+            for m in self._models.values():  # the device is free: batchers waiting on it may go
+                m.wakeup.set()
 
     # ------------------------------------------------------------ status
 

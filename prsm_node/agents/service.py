@@ -49,8 +49,15 @@ class AgentService:
             node.store.namespace("agents"), chain_id=genesis.chain_id, royalty=royalty_from_genesis(genesis.params),
             fee=fee, is_halted=is_halted, limits=limits, settle_interval=settle_interval,
         )
-        self.router = Router(self.tasks, is_halted)
+        self.router = Router(self.tasks, is_halted, providers=getattr(node.shards, "providers", None))
         self.pipeline = Pipeline(self.tasks, self.router, corpus)
+        breaker = getattr(node, "breaker", None)
+        if breaker is not None:  # a halt cancels this node's executions of the model at once
+            breaker.on_change.append(self._on_breaker_change)
+
+    def _on_breaker_change(self, model_id: bytes, halted: bool) -> None:
+        if halted:
+            self.tasks.halt(model_id)
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:

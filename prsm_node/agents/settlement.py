@@ -54,6 +54,8 @@ class Settler:
         self.settle_txs = 0
         self._wakeup = trio.Event()
         self._idle = trio.Event()
+        self._pending: list[tuple[bytes, bytes]] = []  # receipt writes not yet on disk
+        self._write_lock = trio.Lock()
 
     # ------------------------------------------------------------ queues
 
@@ -68,28 +70,43 @@ class Settler:
             elif key.startswith(FORWARD_PREFIX):
                 self.to_forward[receipt_key(r.payer, r.receipt_id)] = r
 
-    def add(self, receipts: list[Receipt]) -> int:
+    async def add(self, receipts: list[Receipt]) -> int:
         """Hold checked receipts: this node's to settle, others' to forward. Returns how many
-        were new."""
-        new = 0
-        with self.ns.write_batch(sync=True) as batch:
-            for r in receipts:
-                key = receipt_key(r.payer, r.receipt_id)
-                mine = r.payee == self.account
-                queue = self.to_settle if mine else self.to_forward
-                if key in queue or len(self.to_settle) + len(self.to_forward) >= MAX_HELD:
-                    continue
-                queue[key] = r
-                batch.put((SETTLE_PREFIX if mine else FORWARD_PREFIX) + key, encode_receipt(r))
-                new += 1
-        if new:
+        were new, once they are on disk (a synced write, in a worker thread: an fsync on the
+        event loop would stall every task of this node)."""
+        writes: list[tuple[bytes, bytes]] = []
+        for r in receipts:
+            key = receipt_key(r.payer, r.receipt_id)
+            mine = r.payee == self.account
+            queue = self.to_settle if mine else self.to_forward
+            if key in queue or len(self.to_settle) + len(self.to_forward) >= MAX_HELD:
+                continue
+            queue[key] = r
+            writes.append(((SETTLE_PREFIX if mine else FORWARD_PREFIX) + key, encode_receipt(r)))
+        if writes:
+            self._pending += writes
+            async with self._write_lock:  # group commit: one synced batch for every add waiting here
+                if self._pending:  # else an earlier holder's batch held these writes too
+                    batch, self._pending = self._pending, []
+                    try:
+                        await trio.to_thread.run_sync(self._write, batch)
+                    except BaseException:
+                        self._pending = batch + self._pending  # the next add writes them
+                        raise
             self._wakeup.set()
-        return new
+        return len(writes)
+
+    def _write(self, writes: list[tuple[bytes, bytes]]) -> None:
+        with self.ns.write_batch(sync=True) as batch:
+            for key, value in writes:
+                batch.put(key, value)
 
     def _drop(self, prefix: bytes, queue: dict[bytes, Receipt], keys: list[bytes]) -> None:
         if not keys:
             return
-        with self.ns.write_batch(sync=True) as batch:
+        # not synced: a delete lost in a crash only brings back a settled (skipped) or delivered
+        # (accepted again, idempotently) receipt; an fsync here would stall the event loop
+        with self.ns.write_batch(sync=False) as batch:
             for key in keys:
                 queue.pop(key, None)
                 batch.delete(prefix + key)

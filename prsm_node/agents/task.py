@@ -3,24 +3,27 @@
 Server (executor): ``LIST`` answers the models this node can run (complete manifests in its
 shard store whose metadata carries an ``architecture``), with price and load. ``RUN`` checks,
 in order: the authorisation's shape and signature, chain, executor, expiry and replay; that
-the model is hosted here and not halted; that the payer owes nothing here; admission (per-peer
-concurrent tasks, total tasks); the payer's balance less what it already owes here covers the
-maximum; the inputs fit the model; the maximum covers ``price × max_units``. Then it runs the
-model, answers RESULT with the usage and the charge, and waits (``pay_timeout``) on the same
-stream for PAY: the payer's signed receipt(s) for exactly that charge. Until they come, that
-payer gets ``unpaid`` for any new task here (a later PAY on a new stream clears it).
+the model is hosted here and not halted; that the payer has not defaulted here; admission
+(per-peer concurrent tasks, total tasks); the payer's balance less what it already owes here
+covers the maximum; the inputs fit the model; the maximum covers ``price × max_units``. Then it
+runs the model, answers RESULT with the usage and the charge, and waits (``pay_timeout``) on
+the same stream for PAY: the payer's signed receipt(s) for exactly that charge. A payer whose
+PAY did not come in time, or was wrong, gets ``unpaid`` for any new task here until a later
+PAY on a new stream clears it.
 
-Client (payer): ``list_models``, ``run_remote`` (RUN → check the charge → sign → PAY → PAID),
-and ``deliver`` (royalty receipts from an executor to the publisher's node).
+When the circuit breaker halts a model, ``halt()`` cancels every execution of it on this node
+(remote tasks answer ``halted``, local runs raise ``TaskFailed("halted")``) and unloads it.
+
+The client (payer) half is ``task_client.TaskClient``.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -28,52 +31,40 @@ from typing import Any
 
 import trio
 from libp2p.abc import IHost, INetStream
-from libp2p.crypto.ed25519 import Ed25519PublicKey
-from libp2p.custom_types import TProtocol
 from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 
 from .._trio import TaskStatus
-from ..exceptions import DiscoveryError
 from ..keys import NodeKey
-from ..ledger.signing import _verify, sign_receipt, verify_receipt_signature
-from ..ledger.types import Receipt
+from ..ledger.signing import _verify, verify_receipt_signature
 from ..logs import kv
 from ..wire import FrameError, guarded_handler, read_frame, write_frame
 from . import task_messages as m
 from .exceptions import AgentError, InvalidInput, InvalidSpec, ModelNotLoaded, ModelUnloaded, RuntimeBusy
-from .inputs import RunResult, Usage, parse_input
-from .pricing import DEFAULT_PRICE_PER_UNIT, MAX_PRICE_PER_UNIT, Charge, charge_for, max_units, units
+from .inputs import RunResult, parse_input
+from .pricing import MAX_PRICE_PER_UNIT, Charge, charge_for, max_units, units
 from .settlement import Settler
 from .specs import ModelSpec, parse_spec
+from .task_client import (
+    LIVENESS_INTERVAL,
+    LIVENESS_TIMEOUT,
+    TASK,
+    RemoteOutcome,
+    TaskClient,
+    TaskFailed,
+    TaskLimits,
+    account_of,
+    expected_receipts,
+    peer_of,
+    sign_auth,
+)
+
+__all__ = ["LIVENESS_INTERVAL", "LIVENESS_TIMEOUT", "TASK", "Hosted", "RemoteOutcome", "TaskFailed", "TaskLimits",
+           "TaskService", "account_of", "expected_receipts", "peer_of", "sign_auth"]
 
 log = logging.getLogger(__name__)
 
-TASK = TProtocol(m.PROTOCOL_ID)
-LIVENESS_INTERVAL = 1.0  # while a remote task runs, its executor is probed this often
-LIVENESS_TIMEOUT = 3.0
-
-
-class TaskFailed(AgentError):
-    """Raised to a client when a remote task did not produce a paid result: the peer answered
-    an error (``code``), broke the protocol, or could not be reached."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-
-
-@dataclass(frozen=True)
-class TaskLimits:
-    max_tasks_per_peer: int = 4
-    max_tasks: int = 64
-    pay_timeout: float = 10.0
-    run_timeout: float = 120.0
-    request_timeout: float = 10.0
-    idle_timeout: float = 30.0
-    auth_ttl: int = 300  # seconds an authorisation the client signs stays valid
-    default_price_per_unit: int = DEFAULT_PRICE_PER_UNIT
+HOSTED_MAX_AGE = 1.0  # seconds a RUN may rely on the last scan of the hosted models
 
 
 @dataclass(frozen=True)
@@ -89,22 +80,21 @@ class Hosted:
     metadata_price: int | None
 
 
-@dataclass(frozen=True)
-class RemoteOutcome:
-    output: Any
-    usage: Usage
-    charge: Charge
-    receipts: tuple[Receipt, ...]
-    ms: float
-
-
 @dataclass
 class _Owed:
     task_id: bytes
     payer: bytes
     charge: Charge
     chain_id: str
+    deadline: float  # trio clock: PAY is due by then
+    auth: m.Authorisation | None = None  # a repeated RUN with this very authorisation gets the RESULT again
+    result: bytes = b""  # the encoded RESULT
+    attempt: int = 0  # deliveries of the RESULT so far
+    defaulted: bool = False  # PAY did not come in time, or was wrong
     paid: trio.Event = field(default_factory=trio.Event)
+
+    def overdue(self, now: float) -> bool:
+        return self.defaulted or now > self.deadline
 
 
 class _Refused(Exception):
@@ -112,35 +102,6 @@ class _Refused(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-def account_of(peer: ID) -> bytes:
-    key = peer.extract_public_key()
-    if key is None:
-        raise TaskFailed("unreachable", f"peer id {peer} does not embed its public key")
-    return bytes(key.to_bytes())
-
-
-def peer_of(account: bytes) -> ID:
-    return ID.from_pubkey(Ed25519PublicKey.from_bytes(account))
-
-
-def sign_auth(key: NodeKey, auth: m.Authorisation) -> m.Authorisation:
-    from dataclasses import replace
-
-    return replace(auth, signature=key.signing_key.sign(auth.signing_payload()).signature)
-
-
-def expected_receipts(task_id: bytes, payer: bytes, executor: bytes, charge: Charge, chain_id: str) -> list[Receipt]:
-    """The unsigned receipts that pay ``charge``: one to the executor, one to a third-party
-    publisher when its share is positive. Zero amounts get no receipt."""
-    rid_exec, rid_pub = m.receipt_ids(task_id)
-    out = []
-    if charge.executor_amount:
-        out.append(Receipt(rid_exec, payer, executor, charge.executor_amount, chain_id))
-    if charge.publisher_amount:
-        out.append(Receipt(rid_pub, payer, charge.publisher, charge.publisher_amount, chain_id))
-    return out
 
 
 def _metadata_price(metadata: dict[str, Any]) -> int | None:
@@ -152,7 +113,7 @@ def _metadata_price(metadata: dict[str, Any]) -> int | None:
     return None
 
 
-class TaskService:
+class TaskService(TaskClient):
     def __init__(self, host: IHost, kad: Any, key: NodeKey, chain_net: Any, shards: Any, runtime: Any,
                  settler_namespace: Any, *, chain_id: str, royalty: Fraction, fee: int = 0,
                  is_halted: Callable[[bytes], bool] | None = None, limits: TaskLimits | None = None,
@@ -178,16 +139,82 @@ class TaskService:
         self._active = 0
         self._owed: dict[bytes, _Owed] = {}  # task id -> awaiting PAY
         self._seen: dict[bytes, int] = {}  # task id -> expiry (replay protection)
+        self._hosted_at: tuple[float, dict[bytes, Hosted]] | None = None
+        self._running: dict[bytes, set[trio.CancelScope]] = {}  # model id -> its executions here
+        self._nursery: trio.Nursery | None = None
         self.tasks_served = 0
         self.tasks_refused: Counter[str] = Counter()
+        self.tasks_halted = 0
         self.earned = 0
+        self.written_off = 0
+        self.redelivered = 0
+        self._changed = trio.Event()
+        self._init_client()
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.host.set_stream_handler(TASK, guarded_handler(m.PROTOCOL_ID, self._handle))
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             await nursery.start(self.settler.run)
             task_status.started()
             await trio.sleep_forever()
+
+    # ------------------------------------------------------------ circuit breaker
+
+    def halt(self, model_id: bytes) -> int:
+        """The breaker halted ``model_id``: cancel its executions here and unload it. Returns
+        how many executions were cancelled."""
+        scopes = self._running.get(model_id, set())
+        for scope in scopes:
+            scope.cancel()
+        if scopes:
+            log.warning("halted model's tasks cancelled", extra=kv(model=model_id.hex()[:16], tasks=len(scopes)))
+        if self._nursery is not None:
+            self._nursery.start_soon(self._unload, model_id)
+        return len(scopes)
+
+    async def _unload(self, model_id: bytes) -> None:
+        try:
+            await self.runtime.unload(model_id.hex())
+        except ModelNotLoaded:
+            pass
+
+    @contextmanager
+    def _guard(self, model_id: bytes) -> Iterator[None]:
+        """Run the block as an execution of ``model_id`` that a halt cancels; raises
+        TaskFailed("halted") when the model is halted before or during it."""
+        if self.is_halted(model_id):
+            raise TaskFailed("halted", f"model {model_id.hex()} is halted by the circuit breaker")
+        scope = trio.CancelScope()
+        running = self._running.setdefault(model_id, set())
+        running.add(scope)
+        self._poke()
+        try:
+            with scope:
+                yield
+        finally:
+            running.discard(scope)
+            if not running:
+                del self._running[model_id]
+            self._poke()
+        if scope.cancelled_caught:
+            self.tasks_halted += 1
+            if self._nursery is not None:  # a load the halt could not interrupt may have finished since
+                self._nursery.start_soon(self._unload, model_id)
+            raise TaskFailed("halted", f"model {model_id.hex()} was halted by the circuit breaker while running")
+
+    def running(self, model_id: bytes) -> int:
+        """Executions of ``model_id`` in progress on this node (remote tasks and local runs)."""
+        return len(self._running.get(model_id, ()))
+
+    def _poke(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_until(self, condition: Callable[[], bool]) -> None:
+        """Wait until ``condition()`` holds; re-checked whenever an execution starts or ends."""
+        while not condition():
+            await self._changed.wait()
 
     # ------------------------------------------------------------ hosted models
 
@@ -214,7 +241,18 @@ class TaskService:
         return out
 
     async def hosted(self) -> dict[bytes, Hosted]:
-        return await trio.to_thread.run_sync(self._hosted_sync)
+        hosted = await trio.to_thread.run_sync(self._hosted_sync)
+        self._hosted_at = (trio.current_time(), hosted)
+        return hosted
+
+    async def _hosted_for(self, model_id: bytes) -> dict[bytes, Hosted]:
+        """``hosted()``, or its last answer when that is recent and holds ``model_id``: a RUN
+        for a model served a moment ago needs no store scan (and no thread hop)."""
+        if self._hosted_at is not None:
+            when, hosted = self._hosted_at
+            if model_id in hosted and trio.current_time() - when < HOSTED_MAX_AGE:
+                return hosted
+        return await self.hosted()
 
     def price_of(self, h: Hosted) -> int:
         if h.model_id in self.prices:
@@ -237,21 +275,24 @@ class TaskService:
         return rid
 
     async def run_local(self, h: Hosted, inputs: dict[str, Any]) -> RunResult:
-        """Run a hosted model for this node itself (no payment)."""
-        if self.is_halted(h.model_id):
-            raise TaskFailed("halted", f"model {h.model_id.hex()} is halted")
-        rid = await self.ensure_loaded(h)
-        self._per_model[h.model_id] += 1
-        try:
-            result: RunResult
+        """Run a hosted model (for this node itself, or for a task). Raises TaskFailed("halted")
+        when the model is or becomes halted; a halt cancels the run at once."""
+        result: RunResult | None = None
+        with self._guard(h.model_id):
+            rid = await self.ensure_loaded(h)
+            self._per_model[h.model_id] += 1
             try:
-                result = await self.runtime.run(rid, inputs)
-            except (ModelNotLoaded, ModelUnloaded):
-                rid = await self.ensure_loaded(h)  # evicted between load and run: once more
-                result = await self.runtime.run(rid, inputs)
-            return result
-        finally:
-            self._per_model[h.model_id] -= 1
+                try:
+                    result = await self.runtime.run(rid, inputs)
+                except (ModelNotLoaded, ModelUnloaded):
+                    if self.is_halted(h.model_id):
+                        raise TaskFailed("halted", f"model {h.model_id.hex()} is halted") from None
+                    rid = await self.ensure_loaded(h)  # evicted between load and run: once more
+                    result = await self.runtime.run(rid, inputs)
+            finally:
+                self._per_model[h.model_id] -= 1
+        assert result is not None
+        return result
 
     # ------------------------------------------------------------ serving
 
@@ -280,7 +321,7 @@ class TaskService:
             elif isinstance(request, m.Run):
                 await self._serve_run(stream, peer, request)
             elif isinstance(request, m.Pay):
-                await write_frame(stream, self._answer_pay(request))
+                await write_frame(stream, await self._answer_pay(request))
             else:
                 await write_frame(stream, await self._answer_deliver(request))
 
@@ -312,14 +353,18 @@ class TaskService:
             raise _Refused("not_hosted", f"model {req.model_id.hex()} is not hosted here")
         if self.is_halted(req.model_id):
             raise _Refused("halted", f"model {req.model_id.hex()} is halted by the circuit breaker")
-        owing = [o.task_id.hex() for o in self._owed.values() if o.payer == a.payer]
-        if owing:
-            raise _Refused("unpaid", f"payer owes the receipt of task {owing[0]}")
+        now_t = trio.current_time()
+        self._write_off(now_t)
+        owing = [o for o in self._owed.values() if o.payer == a.payer]
+        overdue = [o.task_id.hex() for o in owing if o.overdue(now_t)]
+        if overdue:
+            raise _Refused("unpaid", f"payer owes the receipt of task {overdue[0]}")
         if self._per_peer[peer] >= self.limits.max_tasks_per_peer:
             raise _Refused("busy", f"{self.limits.max_tasks_per_peer} tasks of this peer are running")
         if self._active >= self.limits.max_tasks:
             raise _Refused("busy", f"{self.limits.max_tasks} tasks are running")
-        available = self.chain_net.chain.state.account(a.payer).balance - self.settler.owed_by(a.payer)
+        pending = sum(o.charge.amount for o in owing)  # results delivered, PAY not yet received
+        available = self.chain_net.chain.state.account(a.payer).balance - self.settler.owed_by(a.payer) - pending
         if available < a.max_amount:
             raise _Refused("insufficient_funds",
                            f"payer balance less unsettled receipts is {max(available, 0)}, below {a.max_amount}")
@@ -336,8 +381,10 @@ class TaskService:
 
     async def _serve_run(self, stream: INetStream, peer: ID, req: m.Run) -> None:
         a = req.auth
+        if await self._redeliver(stream, req):
+            return
         try:
-            h, _, price = self._check_run(peer, req, await self.hosted())
+            h, _, price = self._check_run(peer, req, await self._hosted_for(req.model_id))
         except _Refused as exc:
             self.tasks_refused[exc.code] += 1
             await write_frame(stream, m.encode_error(exc.code, exc.message))
@@ -349,8 +396,9 @@ class TaskService:
             with trio.fail_after(self.limits.run_timeout):
                 result = await self.run_local(h, req.inputs)
         except (RuntimeBusy, TaskFailed) as exc:
-            code = "busy" if isinstance(exc, RuntimeBusy) else "halted"
-            await write_frame(stream, m.encode_error(code, str(exc)))
+            code, message = ("busy", str(exc)) if isinstance(exc, RuntimeBusy) else (exc.code, exc.message)
+            self.tasks_refused[code] += 1
+            await write_frame(stream, m.encode_error(code, message))
             return
         except (AgentError, trio.TooSlowError) as exc:
             log.warning("task failed", extra=kv(model=h.model_id.hex()[:16], error=repr(exc)))
@@ -364,29 +412,72 @@ class TaskService:
         charge = charge_for(units(result.usage), price, a.max_amount, royalty=self.royalty, payer=a.payer,
                             executor=self.account, publisher=h.publisher)
         self.tasks_served += 1
-        owed = _Owed(a.task_id, a.payer, charge, a.chain_id)
-        if charge.amount:
-            self._owed[a.task_id] = owed
-        await write_frame(stream, m.encode_reply(m.Result(a.task_id, result.output, result.usage, charge)))
+        reply = m.encode_reply(m.Result(a.task_id, result.output, result.usage, charge))
         if not charge.amount:
+            await write_frame(stream, reply)
             return
+        owed = _Owed(a.task_id, a.payer, charge, a.chain_id, 0.0, auth=a, result=reply)
+        self._owed[a.task_id] = owed
+        await self._deliver(stream, owed)
+
+    async def _redeliver(self, stream: INetStream, req: m.Run) -> bool:
+        """A RUN repeated by its payer (same task, same signed authorisation) for a task that
+        ran here and awaits PAY: its client lost the RESULT (a connection broke), so send it
+        again rather than refuse the task as replayed or run it twice."""
+        owed = self._owed.get(req.auth.task_id)
+        if owed is None or owed.auth != req.auth or owed.auth.model_id != req.model_id:
+            return False
+        self.redelivered += 1
+        await self._deliver(stream, owed)
+        return True
+
+    async def _deliver(self, stream: INetStream, owed: _Owed) -> None:
+        """Send a task's RESULT and collect its PAY on the same stream (``pay_timeout``)."""
+        owed.attempt += 1
+        attempt = owed.attempt
+        owed.deadline = trio.current_time() + self.limits.pay_timeout
+        owed.defaulted = False
+
+        def default() -> None:
+            if owed.attempt == attempt:  # a later redelivery owns the task now
+                owed.defaulted = True
+
+        await write_frame(stream, owed.result)
         try:
             with trio.fail_after(self.limits.pay_timeout):
                 body = await read_frame(stream, m.MAX_REQUEST)
         except (StreamEOF, FrameError, trio.TooSlowError):
-            log.info("no receipt for a task", extra=kv(task=a.task_id.hex()[:16], payer=a.payer.hex()[:16]))
-            return  # the payer stays marked as owing
+            log.info("no receipt for a task", extra=kv(task=owed.task_id.hex()[:16], payer=owed.payer.hex()[:16]))
+            default()  # the payer stays marked as owing
+            return
         try:
             pay = m.decode_request(body)
         except m.TaskMessageError as exc:
+            default()
             await write_frame(stream, m.encode_error("malformed", str(exc)))
             return
         if not isinstance(pay, m.Pay):
+            default()
             await write_frame(stream, m.encode_error("malformed", "expected PAY after RESULT"))
             return
-        await write_frame(stream, self._answer_pay(pay))
+        answer = await self._answer_pay(pay)
+        if owed.task_id in self._owed:
+            default()
+        await write_frame(stream, answer)
 
-    def _answer_pay(self, pay: m.Pay) -> bytes:
+    def _write_off(self, now: float) -> None:
+        """Forget unpaid tasks ``default_hold`` seconds after their PAY was due: the payer may
+        simply have lost the result (a connection that broke after RESULT was sent), and must
+        not be refused here forever for it. The loss is bounded: one task's charge per payer
+        per ``default_hold``, within the balance that covered it."""
+        expired = [t for t, o in self._owed.items() if now > o.deadline + self.limits.default_hold]
+        for task_id in expired:
+            owed = self._owed.pop(task_id)
+            self.written_off += owed.charge.amount
+            log.info("unpaid task written off", extra=kv(task=task_id.hex()[:16], payer=owed.payer.hex()[:16],
+                                                         amount=owed.charge.amount))
+
+    async def _answer_pay(self, pay: m.Pay) -> bytes:
         owed = self._owed.get(pay.task_id)
         if owed is None:
             return m.encode_error("unknown_task", f"no unpaid task {pay.task_id.hex()} here")
@@ -398,9 +489,9 @@ class TaskService:
             return m.encode_error("bad_receipt", "the receipts do not match the charge of the task")
         if not all(verify_receipt_signature(r) for r in got):
             return m.encode_error("bad_signature", "a receipt is not signed by the payer")
-        self.settler.add(got)
+        del self._owed[pay.task_id]  # before the write: a second PAY for it is unknown_task
+        await self.settler.add(got)
         self.earned += owed.charge.executor_amount
-        del self._owed[pay.task_id]
         owed.paid.set()
         return m.encode_reply(m.Paid(pay.task_id))
 
@@ -416,139 +507,8 @@ class TaskService:
             if not verify_receipt_signature(r):
                 return m.encode_error("bad_signature", f"receipt {r.receipt_id.hex()} is not signed by its payer")
         fresh = [r for r in msg.receipts if not state.is_settled(r.payer, r.receipt_id)]
-        self.settler.add(fresh)
+        await self.settler.add(fresh)
         return m.encode_reply(m.Accepted(len(msg.receipts)))
-
-    # ------------------------------------------------------------ client
-
-    async def _open(self, peer: ID) -> INetStream:
-        if peer not in self.host.get_network().connections:
-            await self.kad.find_peer(peer)
-        try:
-            return await self.host.new_stream(peer, [TASK])
-        except Exception as exc:  # py-libp2p raises many types, some grouped
-            raise TaskFailed("unreachable", f"cannot open {m.PROTOCOL_ID} to {peer}: {exc!r}") from None
-
-    async def _exchange(self, stream: INetStream, body: bytes) -> m.Reply:
-        try:
-            await write_frame(stream, body)
-            reply = m.decode_reply(await read_frame(stream, m.MAX_REPLY))
-        except (StreamEOF, FrameError, m.TaskMessageError, OSError) as exc:
-            raise TaskFailed("protocol", f"{type(exc).__name__}: {exc}") from None
-        except Exception as exc:  # stream reset and other libp2p I/O errors
-            raise TaskFailed("unreachable", f"{type(exc).__name__}: {exc}") from None
-        if isinstance(reply, m.ErrorReply):
-            raise TaskFailed(reply.code, reply.message)
-        return reply
-
-    async def _request(self, peer: ID, body: bytes, seconds: float | None = None) -> m.Reply:
-        try:
-            with trio.fail_after(seconds or self.limits.request_timeout):
-                stream = await self._open(peer)
-                try:
-                    return await self._exchange(stream, body)
-                finally:
-                    await _close(stream)
-        except trio.TooSlowError:
-            raise TaskFailed("timeout", f"{peer} did not answer in time") from None
-        except DiscoveryError as exc:
-            raise TaskFailed("unreachable", str(exc)) from None
-
-    async def list_models(self, peer: ID) -> tuple[list[m.CatalogueEntry], float]:
-        """The models ``peer`` offers, and the round-trip time of asking, in ms."""
-        started = trio.current_time()
-        reply = await self._request(peer, m.encode_request(m.ListModels()))
-        if not isinstance(reply, m.Catalogue):
-            raise TaskFailed("protocol", "LIST answered with something else than a catalogue")
-        return list(reply.entries), (trio.current_time() - started) * 1000
-
-    async def run_remote(self, peer: ID, entry: m.CatalogueEntry, inputs: dict[str, Any],
-                         max_amount: int) -> RemoteOutcome:
-        """Run ``entry``'s model on ``peer`` for at most ``max_amount``; pays with signed receipts."""
-        executor = account_of(peer)
-        auth = sign_auth(self.key, m.Authorisation(
-            payer=self.account, executor=executor, model_id=entry.model_id, task_id=os.urandom(32),
-            chain_id=self.chain_id, max_amount=max_amount, expiry=int(time.time()) + self.limits.auth_ttl))
-        started = trio.current_time()
-        try:
-            with trio.fail_after(self.limits.run_timeout + self.limits.request_timeout):
-                stream = await self._open(peer)
-                try:
-                    reply = await self._watching(peer, self._exchange(
-                        stream, m.encode_request(m.Run(entry.model_id, inputs, auth))))
-                    if not isinstance(reply, m.Result) or reply.task_id != auth.task_id:
-                        raise TaskFailed("protocol", "RUN answered with something else than its RESULT")
-                    self._check_charge(reply, entry, executor, max_amount)
-                    receipts = [
-                        sign_receipt(self.key.signing_key, receipt_id=r.receipt_id, payee=r.payee, amount=r.amount,
-                                     chain_id=r.chain_id)
-                        for r in expected_receipts(auth.task_id, self.account, executor, reply.charge, self.chain_id)
-                    ]
-                    if receipts:
-                        paid = await self._exchange(stream, m.encode_request(m.Pay(auth.task_id, tuple(receipts))))
-                        if not isinstance(paid, m.Paid):
-                            raise TaskFailed("protocol", "PAY answered with something else than PAID")
-                finally:
-                    await _close(stream)
-        except trio.TooSlowError:
-            raise TaskFailed("timeout", f"{peer} did not finish the task in time") from None
-        except DiscoveryError as exc:
-            raise TaskFailed("unreachable", str(exc)) from None
-        ms = (trio.current_time() - started) * 1000
-        return RemoteOutcome(reply.output, reply.usage, reply.charge, tuple(receipts), ms)
-
-    async def _watching(self, peer: ID, work: Coroutine[Any, Any, m.Reply]) -> m.Reply:
-        """Await ``work`` unless the connection to ``peer`` goes first: py-libp2p does not always
-        fail a stream whose connection closed, and a dead executor must not hold the task."""
-        result: list[m.Reply] = []
-        lost = False
-
-        async def do() -> None:
-            result.append(await work)
-            nursery.cancel_scope.cancel()
-
-        async def watch() -> None:
-            nonlocal lost
-            while True:  # py-libp2p has no per-peer disconnect event to wait on
-                await trio.sleep(LIVENESS_INTERVAL)
-                if peer not in self.host.get_network().connections:
-                    break
-                try:  # a connection can outlive its peer here: ask the peer itself
-                    with trio.fail_after(LIVENESS_TIMEOUT):
-                        await self._request(peer, m.encode_request(m.ListModels()), LIVENESS_TIMEOUT)
-                except (TaskFailed, trio.TooSlowError):
-                    break
-            lost = True
-            nursery.cancel_scope.cancel()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(do)
-            nursery.start_soon(watch)
-        if lost and not result:
-            raise TaskFailed("unreachable", f"the connection to {peer} closed during the task")
-        return result[0]
-
-    def _check_charge(self, reply: m.Result, entry: m.CatalogueEntry, executor: bytes, max_amount: int) -> None:
-        """The payer signs only what the rules give: the quoted price (or less) × the usage's
-        units, capped at the maximum, split with the royalty to the catalogue's publisher."""
-        c = reply.charge
-        want = charge_for(units(reply.usage), c.price_per_unit, max_amount, royalty=self.royalty,
-                          payer=self.account, executor=executor, publisher=entry.publisher)
-        if c.price_per_unit > entry.price_per_unit:
-            raise TaskFailed("bad_charge", f"price {c.price_per_unit} is above the quoted {entry.price_per_unit}")
-        if c != want:
-            raise TaskFailed("bad_charge", f"charge {c} does not follow from the usage (expected {want})")
-
-    async def deliver(self, publisher: bytes, receipts: list[Receipt]) -> int:
-        """Hand royalty receipts to the publisher's node (the Settler's forward loop)."""
-        accepted = 0
-        for i in range(0, len(receipts), m.MAX_RECEIPTS_PER_MESSAGE):
-            part = tuple(receipts[i: i + m.MAX_RECEIPTS_PER_MESSAGE])
-            reply = await self._request(peer_of(publisher), m.encode_request(m.Deliver(part)))
-            if not isinstance(reply, m.Accepted):
-                raise TaskFailed("protocol", "DELIVER answered with something else than ACCEPTED")
-            accepted += reply.count
-        return accepted
 
     def statistics(self) -> dict[str, Any]:
         return {
@@ -556,14 +516,9 @@ class TaskService:
             "tasks_running": self._active,
             "tasks_refused": dict(self.tasks_refused),
             "unpaid_tasks": len(self._owed),
+            "written_off": self.written_off,
+            "results_redelivered": self.redelivered,
+            "tasks_halted": self.tasks_halted,
             "earned": self.earned,
             **self.settler.statistics(),
         }
-
-
-async def _close(stream: INetStream) -> None:
-    with trio.move_on_after(1):
-        try:
-            await stream.close()
-        except Exception:  # the peer may be gone; nothing left to close
-            pass

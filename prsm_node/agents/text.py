@@ -7,6 +7,7 @@ Python's ``hash()``.
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 
@@ -15,8 +16,13 @@ from .specs import N_SPECIAL, UNK_ID
 
 def encode_chars(vocab: str, text: str) -> list[int]:
     """Character ids: ``vocab[i]`` is ``i + 2``; any other character is ``UNK_ID``."""
-    index = {c: i + N_SPECIAL for i, c in enumerate(vocab)}
+    index = _index(vocab)
     return [index.get(c, UNK_ID) for c in text]
+
+
+@functools.lru_cache(maxsize=64)
+def _index(vocab: str) -> dict[str, int]:
+    return {c: i + N_SPECIAL for i, c in enumerate(vocab)}
 
 
 def decode_chars(vocab: str, ids: list[int]) -> str:
@@ -29,10 +35,14 @@ def ngram_features(text: str, dim: int, ngram_min: int, ngram_max: int) -> dict[
     bucket ``crc32(ngram) % dim`` counts each n-gram, then ``log1p`` and L2 normalisation.
     Returns the non-zero buckets only."""
     padded = f" {' '.join(text.lower().split())} "
+    data = padded.encode("utf-8")
+    ascii_only = len(data) == len(padded)  # then a byte slice is the character slice's encoding
     counts: dict[int, float] = {}
+    crc32 = zlib.crc32
     for n in range(ngram_min, ngram_max + 1):
         for i in range(len(padded) - n + 1):
-            bucket = zlib.crc32(padded[i : i + n].encode("utf-8")) % dim
+            gram = data[i : i + n] if ascii_only else padded[i : i + n].encode("utf-8")
+            bucket = crc32(gram) % dim
             counts[bucket] = counts.get(bucket, 0.0) + 1.0
     feats = {k: math.log1p(v) for k, v in counts.items()}
     norm = math.sqrt(sum(v * v for v in feats.values()))

@@ -76,8 +76,16 @@ def load_passages(path: Path | None) -> list[str]:
     return out
 
 
-def candidate_passages(query: str, passages: list[str], limit: int = MAX_PASSAGES) -> list[str]:
-    """The passages sharing the most (non-stop) words with the query: the embedder ranks these."""
+def index_passages(passages: list[str]) -> list[frozenset[str]]:
+    """Each passage's (non-stop) words, computed once for every later query."""
+    return [frozenset(_words(p)) for p in passages]
+
+
+def candidate_passages(query: str, passages: list[str], limit: int = MAX_PASSAGES, *,
+                       words: list[frozenset[str]] | None = None) -> list[str]:
+    """The passages sharing the most (non-stop) words with the query: the embedder ranks these.
+    ``words`` is ``index_passages(passages)`` when the caller keeps it."""
     q = _words(query)
-    scored = sorted(((len(q & _words(p)), -i) for i, p in enumerate(passages)), reverse=True)
+    index = words if words is not None and len(words) == len(passages) else index_passages(passages)
+    scored = sorted(((len(q & w), -i) for i, w in enumerate(index)), reverse=True)
     return [passages[-i] for score, i in scored[:limit] if score > 0] or passages[:limit]

@@ -8,9 +8,11 @@ nothing has been run or paid. Each remote run authorises at most ``max_units(rea
 that provider's price``, so the total charged never exceeds the estimate.
 
 **Executor.** Waves of independent subtasks run in parallel. A subtask tries its candidates in
-rank order: locally when this node hosts the model, else over ``/prsm/task/1.0.0``; on any
-failure (peer gone mid-task, busy, halted, bad answer) it moves to the next candidate. Every
-attempt is kept in the trace.
+rank order: locally when this node hosts the model, else over ``/prsm/task/1.0.0``; on a
+failure (peer gone mid-task, busy, bad answer) it moves to the next candidate. A model found
+halted (here, or by an executor that stopped the task for a circuit-breaker halt) is not tried
+on any other peer: the halt is network-wide. A subtask no reachable model can run is skipped,
+and the retrieval reads the corpus only when it runs. Every attempt is kept in the trace.
 
 **Compiler.** The answer is the nearest passage, the topic, and the continuation, with a trace
 row per subtask: model, peer, milliseconds, compute units and cost.
@@ -33,7 +35,7 @@ from ..inputs import parse_input
 from ..pricing import max_units, units
 from ..task import TaskFailed, TaskService
 from . import prompter
-from .architect import Subtask, candidate_passages, load_passages, plan, waves
+from .architect import Subtask, candidate_passages, index_passages, load_passages, plan, waves
 from .router import Candidate, Router
 
 log = logging.getLogger(__name__)
@@ -109,20 +111,26 @@ class Pipeline:
         self.router = router
         self.corpus = corpus
         self._passages: list[str] | None = None
+        self._words: list[frozenset[str]] | None = None
         self.asked = 0
 
     async def passages(self) -> list[str]:
         if self._passages is None:
-            self._passages = await trio.to_thread.run_sync(load_passages, self.corpus)
+            passages = await trio.to_thread.run_sync(load_passages, self.corpus)
+            self._words = await trio.to_thread.run_sync(index_passages, passages)
+            self._passages = passages
         return self._passages
 
     async def ask(self, query: str, budget: int) -> Answer:
         started = trio.current_time()
         self.asked += 1
         subtasks = plan(query)
-        passages = candidate_passages(query, await self.passages())
-        await self.router.discover()
+        await self.router.discover({t.capability for t in subtasks})
         steps = {t.name: Step(t, self.router.route(t.capability)[:MAX_ATTEMPTS]) for t in subtasks}
+        passages: list[str] = []
+        retrieve = steps.get("retrieve")
+        if retrieve is not None and retrieve.candidates:  # only the retrieval reads the corpus
+            passages = candidate_passages(query, await self.passages(), words=self._words)
         for step in steps.values():
             step.estimate = max((self._worst(step, c, query, passages) for c in step.candidates), default=0)
         estimate = sum(s.estimate for s in steps.values())
@@ -132,7 +140,10 @@ class Pipeline:
         for wave in waves(subtasks):
             async with trio.open_nursery() as nursery:
                 for t in wave:
-                    nursery.start_soon(self._execute, steps[t.name], query, passages, results)
+                    if steps[t.name].candidates:
+                        nursery.start_soon(self._execute, steps[t.name], query, passages, results)
+                    else:
+                        steps[t.name].error = f"no model with capability {t.capability!r} is reachable"
         answer = self._compile(query, steps, passages, results)
         return Answer(query, answer, budget, estimate, sum(s.cost for s in steps.values()),
                       (trio.current_time() - started) * 1000, list(steps.values()), self.router.describe())
@@ -150,9 +161,11 @@ class Pipeline:
         missing = [d for d in step.task.depends_on if d not in results]
         if missing:
             log.info("dependency failed; running without it", extra=kv(subtask=step.task.name, missing=missing))
+        halted: set[bytes] = set()  # halted while this query ran: never retried on another peer
         for c in step.candidates:
-            if self.router.is_halted(c.model_id):
-                step.attempts.append({"peer": str(c.peer) if c.peer else "local", "error": "halted"})
+            if c.model_id in halted or self.router.is_halted(c.model_id):
+                step.attempts.append({"peer": str(c.peer) if c.peer else "local", "model_id": c.model_id.hex(),
+                                      "error": "halted", "message": "not tried: the model is halted"})
                 continue
             inputs = prompter.shape(step.task, c.spec, query, passages, results)
             peer = str(c.peer) if c.peer else "local"
@@ -171,6 +184,8 @@ class Pipeline:
                                 for r in out.receipts]
             except (TaskFailed, AgentError) as exc:
                 code = exc.code if isinstance(exc, TaskFailed) else type(exc).__name__
+                if code == "halted":
+                    halted.add(c.model_id)
                 step.attempts.append({"peer": peer, "model_id": c.model_id.hex(), "error": code, "message": str(exc)})
                 log.info("subtask attempt failed", extra=kv(subtask=step.task.name, peer=peer, error=str(exc)))
                 continue
@@ -181,7 +196,10 @@ class Pipeline:
             results[step.task.name] = self._interpret(step, output, passages)
             step.result = results[step.task.name]
             return
-        step.error = f"every provider failed ({len(step.attempts)} attempts)"
+        if halted and all(a["error"] == "halted" for a in step.attempts):
+            step.error = "the model was halted by the circuit breaker"
+        else:
+            step.error = f"every provider failed ({len(step.attempts)} attempts)"
 
     def _interpret(self, step: Step, output: Any, passages: list[str]) -> dict[str, Any]:
         name = step.task.name
