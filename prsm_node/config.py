@@ -163,9 +163,11 @@ class BreakerSection:
     heartbeat_interval: int = _doc("Whole seconds between gossipsub heartbeats on the breaker topic.", default=1)
     catchup_interval: float = _doc("Seconds between asking a random peer for the current votes.", default=60.0)
     max_faults: int = _doc("Invalid votes from one peer before it is disconnected.", default=3)
+    sync_interval: float = _doc("Seconds between anti-entropy vote digest exchanges while votes move.", default=1.0)
+    sync_idle_interval: float = _doc("Longest interval between digest exchanges while nothing changes.", default=8.0)
 
     def validate(self) -> None:
-        for name in ("heartbeat_interval", "catchup_interval", "max_faults"):
+        for name in ("heartbeat_interval", "catchup_interval", "max_faults", "sync_interval", "sync_idle_interval"):
             _positive("breaker", name, getattr(self, name))
 
 

@@ -163,6 +163,9 @@ class Node:
                 heartbeat_interval=bcfg.heartbeat_interval,
                 catchup_interval=bcfg.catchup_interval,
                 max_faults=bcfg.max_faults,
+                submit_tx=self.chain_net.submit,
+                sync_interval=bcfg.sync_interval,
+                sync_idle_interval=bcfg.sync_idle_interval,
             )
             await nursery.start(self.breaker.run)
             scfg = self.cfg.shards

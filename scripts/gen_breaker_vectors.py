@@ -174,6 +174,10 @@ def build() -> dict[str, Any]:
         {"name": "votes_two_more", "hex": pack([2, [pack(a0), pack(a1)], 1]).hex()},
         {"name": "votes_empty", "hex": pack([2, [], 0]).hex()},
         {"name": "error_busy", "hex": pack([3, 3, "try later"]).hex()},
+        {"name": "get_digest", "hex": pack([4, NOW]).hex()},
+        {"name": "digest", "hex": pack([5, NOW, spec_digest([a0, a1], NOW + 10**6)]).hex()},
+        {"name": "get_buckets_first", "hex": pack([6, bucket_set([MODEL_A[0]]), NOW, b""]).hex()},
+        {"name": "get_buckets_after", "hex": pack([6, bucket_set([0, 255]), NOW, MODEL_A + ACCT["bob"]]).hex()},
     ]
     invalid_messages = [
         {"name": "unknown_type", "hex": pack([9]).hex()},
@@ -182,7 +186,19 @@ def build() -> dict[str, Any]:
         {"name": "votes_more_2", "hex": pack([2, [], 2]).hex()},
         {"name": "votes_bad_vote", "hex": pack([2, [pack(a0) + b"\x00"], 0]).hex()},
         {"name": "error_unknown_code", "hex": pack([3, 99, ""]).hex()},
+        {"name": "digest_short", "hex": pack([5, NOW, bytes(3071)]).hex()},
+        {"name": "get_buckets_31_bytes", "hex": pack([6, bytes(31), NOW, b""]).hex()},
+        {"name": "get_buckets_cursor_72_bytes", "hex": pack([6, bytes(32), NOW, cursor]).hex()},
+        {"name": "get_digest_negative", "hex": pack([4, -1]).hex()},
     ]
+    digest_votes = [a0, a1]
+    digest = {
+        "votes": [pack(w).hex() for w in digest_votes],
+        "before_ms": NOW + 10**6,
+        "digest": spec_digest(digest_votes, NOW + 10**6).hex(),
+        "before_ms_excluding_all": 0,
+        "digest_excluding_all": spec_digest(digest_votes, 0).hex(),
+    }
     for v in votes:
         del v["_wire"]
     return {
@@ -194,7 +210,27 @@ def build() -> dict[str, Any]:
         "tally": tally,
         "messages": messages,
         "invalid_messages": invalid_messages,
+        "digest": digest,
     }
+
+
+def spec_digest(wires: list[list[Any]], before_ms: int) -> bytes:
+    """A DIGEST as breaker.md, "Anti-entropy", defines it, from votes' wire fields."""
+    counts, xors = [0] * 256, [0] * 256
+    for w in wires:
+        model, voter, epoch, ts = w[2], w[1], w[4], w[5]
+        if ts < before_ms:
+            counts[model[0]] += 1
+            key = hashlib.sha256(model + voter + epoch.to_bytes(8, "big")).digest()[:8]
+            xors[model[0]] ^= int.from_bytes(key, "big")
+    return b"".join(c.to_bytes(4, "big") + x.to_bytes(8, "big") for c, x in zip(counts, xors, strict=True))
+
+
+def bucket_set(buckets: list[int]) -> bytes:
+    out = bytearray(32)
+    for b in buckets:
+        out[b >> 3] |= 1 << (b & 7)
+    return bytes(out)
 
 
 def render() -> str:

@@ -117,8 +117,30 @@ def transactions() -> tuple[list[dict[str, Any]], dict[str, Any]]:
             [4, [r1["_wire"], r2["_wire"]]],
         ),
     ]
+    alice_vote = breaker_vote("alice", MODEL, 1, 1, "emits unsafe instructions")
+    txs.append(
+        tx(
+            "breaker_vote",
+            "dave",
+            0,
+            0,
+            {"kind": "breaker_vote", "vote": alice_vote.hex()},
+            [5, alice_vote],
+        )
+    )
     r1.pop("_wire")
     return txs, {"name": "receipt", **r1}
+
+
+MODEL = hashlib.sha256(b"model a").digest()
+VOTE_TIME_MS = 1_800_000_000_000
+
+
+def breaker_vote(voter: str, model: bytes, action: int, epoch: int, reason: str) -> bytes:
+    """A signed breaker vote exactly as protocols/breaker.md writes it."""
+    fields = [CHAIN, ACCT[voter], model, action, epoch, VOTE_TIME_MS + epoch, reason]
+    sig = KEYS[voter].sign(pack(["prsm-breaker-vote-v1", *fields])).signature
+    return pack([*fields, sig])
 
 
 def invalid(txs: list[dict[str, Any]]) -> list[dict[str, str]]:
@@ -143,6 +165,8 @@ def invalid(txs: list[dict[str, Any]]) -> list[dict[str, str]]:
         {"name": "nonce_non_minimal_uint32", "hex": nonce_u32.hex(), "error": "LedgerDecodeError"},
         {"name": "map_not_array", "hex": pack({"chain_id": CHAIN}).hex(), "error": "LedgerDecodeError"},
         {"name": "empty_settle", "hex": with_body([4, []]), "error": "LedgerDecodeError"},
+        {"name": "breaker_vote_not_a_vote", "hex": with_body([5, pack([CHAIN])]), "error": "LedgerDecodeError"},
+        {"name": "breaker_vote_as_array", "hex": with_body([5, [CHAIN]]), "error": "LedgerDecodeError"},
     ]
 
 
@@ -155,7 +179,9 @@ def account_json(a: Any) -> dict[str, Any]:
     }
 
 
-def spec_state_hash(height: int, accounts: dict[str, dict[str, Any]], settled: list[str]) -> str:
+def spec_state_hash(
+    height: int, accounts: dict[str, dict[str, Any]], settled: list[str], votes: dict[str, Any] | None = None
+) -> str:
     """The state hash exactly as protocols/ledger.md defines it."""
 
     def term(preimage: bytes) -> int:
@@ -174,6 +200,8 @@ def spec_state_hash(height: int, accounts: dict[str, dict[str, Any]], settled: l
         acc += term(b"prsm-acct-v1" + bytes.fromhex(key) + state)
     for key in settled:
         acc += term(b"prsm-rcpt-v1" + bytes.fromhex(key))
+    for key, record in (votes or {}).items():
+        acc += term(b"prsm-bvote-v1" + bytes.fromhex(key) + pack([bytes.fromhex(record["vote"]), record["height"]]))
     acc %= 1 << 16384
     return hashlib.sha256(pack(["prsm-state-v1", CHAIN, height, acc.to_bytes(2048, "little")])).hexdigest()
 
@@ -227,6 +255,71 @@ def state_sequence(txs: list[dict[str, Any]]) -> dict[str, Any]:
         "total_supply": str(state.total_supply),
         "accounts": accounts,
         "settled": settled,
+        "state_hash": final,
+    }
+
+
+def breaker_sequence() -> dict[str, Any]:
+    """Breaker votes recorded by a validator (dave): accepted once, then stale, unstaked."""
+    genesis = Genesis(
+        chain_id=CHAIN,
+        network="vectors",
+        genesis_time=0,
+        balances={ACCT["alice"].hex(): str(100 * FTNS), ACCT["dave"].hex(): str(FTNS)},
+        params={"unbonding_blocks": 2},
+    )
+    v1 = breaker_vote("alice", MODEL, 1, 1, "emits unsafe instructions")
+    v2 = breaker_vote("alice", MODEL, 2, 2, "fixed upstream")
+    vb = breaker_vote("bob", MODEL, 1, 1, "bob has no stake")
+    txs = {
+        "alice_stakes": tx("alice_stakes", "alice", 0, 0, {"kind": "stake", "amount": str(FTNS)}, [2, amount(FTNS)]),
+        "record_v1": tx("record_v1", "dave", 0, 0, {"kind": "breaker_vote", "vote": v1.hex()}, [5, v1]),
+        "record_v1_again": tx("record_v1_again", "dave", 1, 0, {"kind": "breaker_vote", "vote": v1.hex()}, [5, v1]),
+        "record_unstaked": tx("record_unstaked", "dave", 1, 0, {"kind": "breaker_vote", "vote": vb.hex()}, [5, vb]),
+        "record_v2": tx("record_v2", "dave", 1, 0, {"kind": "breaker_vote", "vote": v2.hex()}, [5, v2]),
+    }
+    plan: list[tuple[str, str, int]] = [
+        ("record_v1", "dave", 1),  # alice has no stake yet: InsufficientStake
+        ("alice_stakes", "dave", 1),
+        ("record_v1", "dave", 1),
+        ("record_v1_again", "dave", 1),  # StaleVote
+        ("record_unstaked", "dave", 1),  # InsufficientStake
+        ("end_block", "dave", 1),
+        ("record_v1_again", "dave", 2),  # StaleVote
+        ("record_v2", "dave", 2),
+        ("end_block", "dave", 2),
+    ]
+    state = LedgerState.from_genesis(genesis)
+    steps = []
+    for what, proposer, height in plan:
+        step: dict[str, Any] = {"height": height, "proposer": ACCT[proposer].hex()}
+        if what == "end_block":
+            state.end_block(height, proposer=ACCT[proposer])
+            step |= {"end_block": True, "result": "ok"}
+        else:
+            try:
+                state.apply(decode_tx(bytes.fromhex(txs[what]["hex"])), proposer=ACCT[proposer], height=height)
+                result = "ok"
+            except TxRejected as exc:
+                result = type(exc).__name__
+            step |= {"tx": what, "result": result}
+        step["state_hash"] = state.state_hash().hex()
+        steps.append(step)
+    accounts = {k.hex(): account_json(a) for k, a in state.accounts()}
+    votes = {
+        (r.vote.model + r.vote.voter).hex(): {"vote": (v2 if r.vote.epoch == 2 else v1).hex(), "height": r.height}
+        for r in state.vote_records()
+    }
+    final = spec_state_hash(state.height, accounts, [], votes)
+    if final != state.state_hash().hex():
+        raise SystemExit("prsm_node.ledger's state hash with breaker votes disagrees with the spec formula")
+    return {
+        "genesis": genesis.to_json(),
+        "transactions": list(txs.values()),
+        "steps": steps,
+        "height": state.height,
+        "accounts": accounts,
+        "votes": votes,
         "state_hash": final,
     }
 
@@ -382,6 +475,7 @@ def vectors() -> dict[str, Any]:
         "invalid": invalid(txs),
         "state": state_sequence(txs),
         "blocks": block_vectors(),
+        "breaker_state": breaker_sequence(),
     }
 
 

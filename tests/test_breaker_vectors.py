@@ -35,6 +35,7 @@ from prsm_node.breaker import (
     verify_vote,
     vote_id,
 )
+from prsm_node.breaker.messages import make_digest
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS: dict[str, Any] = json.loads((ROOT / "protocols" / "breaker-vectors.json").read_text(encoding="utf-8"))
@@ -124,3 +125,10 @@ def test_messages(case: dict[str, Any]) -> None:
 def test_invalid_messages(case: dict[str, Any]) -> None:
     with pytest.raises(Malformed):
         decode_message(bytes.fromhex(case["hex"]))
+
+
+def test_digest_vector() -> None:
+    d = VECTORS["digest"]
+    votes = [decode_vote(bytes.fromhex(h)) for h in d["votes"]]
+    assert make_digest(votes, d["before_ms"]).hex() == d["digest"]
+    assert make_digest(votes, d["before_ms_excluding_all"]).hex() == d["digest_excluding_all"]

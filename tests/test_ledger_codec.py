@@ -172,7 +172,7 @@ def test_trailing_bytes() -> None:
         decode_tx(encode_tx(transfer()) + b"\xc0")
 
 
-@pytest.mark.parametrize("tag", [0, 5, 9, 127, 2**32])
+@pytest.mark.parametrize("tag", [0, 6, 9, 127, 2**32])
 def test_unknown_kind(tag: int) -> None:
     f = fields(transfer())
     f[4] = [tag, pack(1)]

@@ -17,6 +17,7 @@ from typing import Any
 import nacl.signing
 import pytest
 
+from prsm_node.breaker.votes import decode_vote
 from prsm_node.genesis import Genesis
 from prsm_node.keys import NodeKey
 from prsm_node.ledger import (
@@ -58,7 +59,7 @@ from prsm_node.ledger.block import (
     tx_root,
     verify_certificate,
 )
-from prsm_node.ledger.types import Body
+from prsm_node.ledger.types import Body, BreakerVote
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = json.loads((ROOT / "protocols" / "ledger-vectors.json").read_text())
@@ -84,6 +85,8 @@ def body_from(b: dict[str, Any]) -> Body:
         return Stake(int(b["amount"]))
     if kind == "unstake":
         return Unstake(int(b["amount"]))
+    if kind == "breaker_vote":
+        return BreakerVote(decode_vote(bytes.fromhex(b["vote"])))
     assert kind == "settle"
     return Settle(tuple(receipt_from(r) for r in b["receipts"]))
 
@@ -153,6 +156,31 @@ def test_state_sequence() -> None:
     }
     assert [k.hex() for k in state.settled_receipts()] == s["settled"]
     assert state.height == s["height"] and str(state.total_supply) == s["total_supply"]
+    assert state.state_hash().hex() == s["state_hash"] == state.recompute_state_hash().hex()
+    state.check_supply()
+
+
+def test_breaker_vote_sequence() -> None:
+    """Votes recorded once, a replay stale, an unstaked voter refused, a newer epoch recorded;
+    the final state hash includes the vote records (the spec formula, in the generator)."""
+    s = VECTORS["breaker_state"]
+    by_name = {v["name"]: decode_tx(bytes.fromhex(v["hex"])) for v in s["transactions"]}
+    state = LedgerState.from_genesis(Genesis.from_json(s["genesis"], "vectors"))
+    for step in s["steps"]:
+        proposer = bytes.fromhex(step["proposer"])
+        if step.get("end_block"):
+            state.end_block(step["height"], proposer=proposer)
+            result = "ok"
+        else:
+            try:
+                state.apply(by_name[step["tx"]], proposer=proposer, height=step["height"])
+                result = "ok"
+            except TxRejected as exc:
+                result = type(exc).__name__
+        assert result == step["result"]
+        assert state.state_hash().hex() == step["state_hash"]
+    got = {(r.vote.model + r.vote.voter).hex(): (r.vote.epoch, r.height) for r in state.vote_records()}
+    assert got == {k: (decode_vote(bytes.fromhex(v["vote"])).epoch, v["height"]) for k, v in s["votes"].items()}
     assert state.state_hash().hex() == s["state_hash"] == state.recompute_state_hash().hex()
     state.check_supply()
 

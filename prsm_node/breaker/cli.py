@@ -40,9 +40,11 @@ def _print_model(s: dict[str, Any]) -> None:
         by = f" by vote of {changed['voter'][:16]}…" if changed.get("voter") else f" at height {changed['height']}"
         typer.echo(f"changed {changed['state']} ({changed['cause']}{by}, {_when(changed.get('time_ms'))})")
     for v in s["voters"]:
+        rec = v.get("recorded")
+        ledger = f"ledger epoch {rec['epoch']} at height {rec['height']}" if rec else "not in the ledger yet"
         typer.echo(
             f"  {v['voter'][:16]}…  {v['action']:<6} stake {v['stake']:<12} epoch {v['epoch']:<4} "
-            f"{_when(v['timestamp_ms'])}  {v['reason']}"
+            f"{_when(v['timestamp_ms'])}  [{ledger}]  {v['reason']}"
         )
 
 
@@ -86,3 +88,24 @@ def status(
         if i:
             typer.echo("")
         _print_model(s)
+
+
+@breaker_app.command("history")
+def history(
+    model: Annotated[str, typer.Argument(help="Model (manifest id, 64 hex characters).")],
+    limit: Annotated[int, typer.Option(help="Most votes to show (oldest first).")] = 1000,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The votes on MODEL that the ledger recorded, in consensus order, with block heights."""
+    result = _call(home, "breaker.history", {"model": model, "limit": limit})
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    if not result["votes"]:
+        typer.echo(f"no vote on {result['model']} in the ledger (height {result['height']})")
+    for v in result["votes"]:
+        typer.echo(
+            f"height {v['height']:<6} {v['voter'][:16]}…  {v['action']:<6} epoch {v['epoch']:<4} "
+            f"{_when(v['timestamp_ms'])}  by {v['submitter'][:16]}…  {v['reason']}"
+        )

@@ -1,6 +1,7 @@
 """Control-socket methods of the circuit breaker (protocols/breaker.md, "Control methods"):
-``breaker.vote``, ``breaker.status``, ``breaker.wait_state``, ``breaker.wait_votes`` and
-``breaker.wait_mesh``. Stakes travel as decimal strings of units (JSON numbers are doubles).
+``breaker.vote``, ``breaker.status``, ``breaker.history``, ``breaker.wait_state``,
+``breaker.wait_votes``, ``breaker.wait_recorded`` and ``breaker.wait_mesh``. Stakes travel as
+decimal strings of units (JSON numbers are doubles).
 """
 
 from __future__ import annotations
@@ -11,12 +12,15 @@ from typing import Any
 import trio
 
 from ..control.server import ControlServer, RequestError, param
+from ..ledger.codec import decode_tx, tx_hash
+from ..ledger.types import BreakerVote
 from .exceptions import VoteRejected
 from .service import BreakerService
 from .tally import ModelStatus, Transition
 from .votes import MAX_REASON_BYTES, Action, vote_id
 
 MAX_WAIT = 600.0
+MAX_HISTORY = 10_000
 
 
 def parse_model(text: str) -> bytes:
@@ -57,8 +61,15 @@ class BreakerMethods:
         self.service = service
 
     def register(self, server: ControlServer) -> None:
-        for name in ("vote", "status", "wait_state", "wait_votes", "wait_mesh"):
+        for name in ("vote", "status", "history", "wait_state", "wait_votes", "wait_recorded", "wait_mesh"):
             server.register(f"breaker.{name}", getattr(self, name))
+
+    def _recorded(self, model: bytes, voter: bytes) -> dict[str, Any] | None:
+        """The ledger's record of this voter's latest vote on the model: epoch and height."""
+        record = self.service.chain.state.vote_record(model, voter)
+        if record is None:
+            return None
+        return {"epoch": record.vote.epoch, "action": record.vote.action.name.lower(), "height": record.height}
 
     def _status_json(self, s: ModelStatus) -> dict[str, Any]:
         p = self.service.params
@@ -83,6 +94,7 @@ class BreakerMethods:
                     "epoch": v.epoch,
                     "timestamp_ms": v.timestamp_ms,
                     "stake": str(v.stake),
+                    "recorded": self._recorded(s.model, v.voter),
                 }
                 for v in s.voters
             ],
@@ -120,6 +132,56 @@ class BreakerMethods:
             "models": [self._status_json(tally.status(m, stakes)) for m in tally.models()],
             "statistics": self.service.statistics(),
         }
+
+    async def history(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The votes on ``model`` that blocks recorded (ledger BreakerVote txs), oldest first,
+        each with its block height, tx index and hash and the validator that submitted it."""
+        model = parse_model(param(params, "model", str))
+        limit = param(params, "limit", int, 1000)
+        if not 1 <= limit <= MAX_HISTORY:
+            raise RequestError("invalid_params", f"limit must be in [1, {MAX_HISTORY}]")
+        chain = self.service.chain
+
+        def read() -> list[dict[str, Any]]:
+            out = []
+            for where, digest in chain.ledger.vote_history(model, limit=limit):
+                tx = decode_tx(chain.ledger.block(where.height).txs[where.index])
+                assert isinstance(tx.body, BreakerVote) and tx_hash(tx) == digest
+                v = tx.body.vote
+                out.append(
+                    {
+                        "height": where.height,
+                        "index": where.index,
+                        "tx": digest.hex(),
+                        "submitter": tx.sender.hex(),
+                        "voter": v.voter.hex(),
+                        "action": v.action.name.lower(),
+                        "epoch": v.epoch,
+                        "timestamp_ms": v.timestamp_ms,
+                        "reason": v.reason,
+                        "vote": vote_id(v).hex(),
+                    }
+                )
+            return out
+
+        return {"model": model.hex(), "height": chain.tip.height, "votes": await trio.to_thread.run_sync(read)}
+
+    async def wait_recorded(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Block until the ledger records at least ``count`` votes (latest per voter and
+        model; of ``model`` if given)."""
+        count = param(params, "count", int)
+        text = param(params, "model", str, "")
+        model = parse_model(text) if text else None
+        timeout = _timeout(params)
+        chain = self.service.chain
+        got = 0
+        with trio.move_on_after(timeout):
+            while True:
+                got = sum(1 for _ in chain.state.vote_records(model))
+                if got >= count:
+                    return {"recorded": got, "height": chain.tip.height}
+                await chain.wait_height(chain.tip.height + 1)
+        raise RequestError("timeout", f"{got} votes recorded after {timeout} s, wanted {count}")
 
     async def wait_state(self, params: dict[str, Any]) -> dict[str, Any]:
         """Block until ``model`` is ``state`` (halted: what enforcement obeys; running)."""

@@ -84,6 +84,16 @@ class Replayed(VoteRejected):
         self.got = got
 
 
+class RateLimited(VoteRejected):
+    """Raised when a voter exceeds a vote limit (protocols/breaker.md, "Vote limits"): more
+    than ``max_votes_per_model`` votes on one model, or votes on more than
+    ``max_models_per_voter`` models, in one window. Not the forwarder's fault by itself (an
+    honest relay counts in its own window); a relay far over the limits is penalised apart."""
+
+    code = "rate_limited"
+    peer_fault = False
+
+
 class BreakerParamsError(BreakerError):
     """Raised when a ``breaker_*`` genesis parameter is malformed or out of range (a float
     threshold, a zero denominator, a halt threshold above the resume threshold)."""

@@ -4,6 +4,11 @@ Thresholds are exact fractions of the total stake, never floats, so that every n
 the same integers: ``{"numerator": 1, "denominator": 3}`` or the string ``"1/3"``. The
 freshness window bounds how old (or how far ahead of the local clock) a vote relayed by
 gossip may be; every node of a network should apply the same window, hence genesis.
+
+The vote limits bound what one staked voter can make the network carry (protocols/breaker.md,
+"Vote limits"): in each window of ``vote_window_ms`` (by the local clock) a node relays at
+most ``max_votes_per_model`` votes of one voter on one model, and votes of one voter on at
+most ``max_models_per_voter`` distinct models.
 """
 
 from __future__ import annotations
@@ -19,6 +24,10 @@ DEFAULT_HALT_THRESHOLD = Fraction(1, 3)
 DEFAULT_RESUME_THRESHOLD = Fraction(2, 3)
 DEFAULT_MAX_VOTE_AGE_MS = 10 * 60 * 1000
 DEFAULT_MAX_VOTE_FUTURE_MS = 30 * 1000
+DEFAULT_VOTE_WINDOW_MS = 60 * 1000
+DEFAULT_MAX_VOTES_PER_MODEL = 4
+DEFAULT_MAX_MODELS_PER_VOTER = 128
+MAX_LIMIT = 1 << 20
 MAX_DENOMINATOR = 10**6
 MAX_WINDOW_MS = 7 * 24 * 3600 * 1000
 
@@ -34,6 +43,9 @@ class BreakerParams:
     resume_threshold: Fraction = DEFAULT_RESUME_THRESHOLD
     max_vote_age_ms: int = DEFAULT_MAX_VOTE_AGE_MS
     max_vote_future_ms: int = DEFAULT_MAX_VOTE_FUTURE_MS
+    vote_window_ms: int = DEFAULT_VOTE_WINDOW_MS
+    max_votes_per_model: int = DEFAULT_MAX_VOTES_PER_MODEL
+    max_models_per_voter: int = DEFAULT_MAX_MODELS_PER_VOTER
 
     @classmethod
     def from_genesis_params(cls, params: dict[str, Any]) -> BreakerParams:
@@ -42,6 +54,9 @@ class BreakerParams:
             resume_threshold=_fraction(params, "breaker_resume_threshold", DEFAULT_RESUME_THRESHOLD),
             max_vote_age_ms=_window(params, "breaker_max_vote_age_ms", DEFAULT_MAX_VOTE_AGE_MS),
             max_vote_future_ms=_window(params, "breaker_max_vote_future_ms", DEFAULT_MAX_VOTE_FUTURE_MS),
+            vote_window_ms=_window(params, "breaker_vote_window_ms", DEFAULT_VOTE_WINDOW_MS),
+            max_votes_per_model=_limit(params, "breaker_max_votes_per_model", DEFAULT_MAX_VOTES_PER_MODEL),
+            max_models_per_voter=_limit(params, "breaker_max_models_per_voter", DEFAULT_MAX_MODELS_PER_VOTER),
         )
         p.validate()
         return p
@@ -63,6 +78,12 @@ class BreakerParams:
             value = getattr(self, name)
             if type(value) is not int or not 0 <= value <= MAX_WINDOW_MS:
                 raise BreakerParamsError(f"params.breaker_{name} must be an integer in [0, {MAX_WINDOW_MS}]")
+        if type(self.vote_window_ms) is not int or not 1 <= self.vote_window_ms <= MAX_WINDOW_MS:
+            raise BreakerParamsError(f"params.breaker_vote_window_ms must be an integer in [1, {MAX_WINDOW_MS}]")
+        for name in ("max_votes_per_model", "max_models_per_voter"):
+            value = getattr(self, name)
+            if type(value) is not int or not 1 <= value <= MAX_LIMIT:
+                raise BreakerParamsError(f"params.breaker_{name} must be an integer in [1, {MAX_LIMIT}]")
 
 
 def _fraction(params: dict[str, Any], name: str, default: Fraction) -> Fraction:
@@ -89,4 +110,11 @@ def _window(params: dict[str, Any], name: str, default: int) -> int:
     value = params.get(name, default)
     if type(value) is not int or not 0 <= value <= MAX_WINDOW_MS:
         raise BreakerParamsError(f"params.{name} must be an integer (ms) in [0, {MAX_WINDOW_MS}], got {value!r}")
+    return value
+
+
+def _limit(params: dict[str, Any], name: str, default: int) -> int:
+    value = params.get(name, default)
+    if type(value) is not int or not 1 <= value <= MAX_LIMIT:
+        raise BreakerParamsError(f"params.{name} must be an integer in [1, {MAX_LIMIT}], got {value!r}")
     return value

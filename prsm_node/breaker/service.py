@@ -7,6 +7,13 @@ synchronous, so "seen" marking and counting happen without a checkpoint in betwe
 arriving from several peers at once is counted once. An accepted vote is counted in memory at
 once (enforcement sees it immediately) and written, with its model's record, in one synced
 batch by the writer task a moment later. Own votes are written before they are published.
+
+Gossip alone can lose a vote in a burst (a full queue, a peer outside every mesh when the vote
+passed). Anti-entropy repairs that: every ``sync_interval`` (backing off to
+``sync_idle_interval`` while nothing changes) the node compares a digest of its votes with a
+random peer's and fetches the buckets that differ (protocols/breaker.md, "Anti-entropy").
+Per-voter limits (limits.py) bound what one voter can make the network relay; validators
+record the votes they accept in the ledger (recorder.py).
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,10 +43,24 @@ from ..logs import kv
 from ..store import Store
 from ..wire import guarded_handler, read_frame, write_frame
 from . import net
-from .exceptions import Malformed, Unstaked, VoteRejected
-from .messages import MAX_REQUEST_SIZE, ErrorCode, catchup_order, decode_request, encode_message, select_votes
+from .exceptions import Malformed, RateLimited, Unstaked, VoteRejected
+from .limits import VoteLimiter
+from .messages import (
+    MAX_REQUEST_SIZE,
+    Digest,
+    ErrorCode,
+    GetBuckets,
+    GetDigest,
+    catchup_order,
+    decode_request,
+    encode_message,
+    make_digest,
+    select_bucket_votes,
+    select_votes,
+)
 from .messages import Error as ErrorMessage
 from .params import BreakerParams
+from .recorder import FALLBACK_DELAY, LedgerRecorder
 from .store import BreakerStore
 from .tally import ModelState, StakeTable, Tally, Transition
 from .votes import Action, Vote, check_vote, decode_vote, encode_vote, sign_vote, vote_id
@@ -54,6 +75,10 @@ CATCHUP_PEERS_ON_START = 3
 CATCHUP_INTERVAL = 60.0  # one random peer, in case gossip missed something
 CATCHUP_PEER_COOLDOWN = 10.0  # at most one catch-up from the same peer in this many seconds
 CATCHUP_PARALLEL = 4
+SYNC_INTERVAL = 1.0  # s between anti-entropy exchanges while votes move
+SYNC_IDLE_INTERVAL = 8.0  # s: the interval doubles up to this while digests match
+SYNC_GRACE_MS = 1500  # a digest leaves out votes younger than this: gossip is still delivering them
+SYNC_ACTIVE = 10.0  # s after the last new vote during which the interval stays short
 
 
 def _now_ms() -> int:
@@ -67,6 +92,10 @@ class Statistics:
     caught_up: int = 0
     catchup_errors: int = 0
     blacklisted: int = 0
+    repaired: int = 0  # votes counted from anti-entropy
+    syncs: int = 0
+    sync_mismatches: int = 0
+    sync_errors: int = 0
 
 
 class _Notifee(INotifee):
@@ -110,6 +139,10 @@ class BreakerService:
         heartbeat_interval: int = net.HEARTBEAT_INTERVAL,
         catchup_interval: float = CATCHUP_INTERVAL,
         max_faults: int = MAX_FAULTS,
+        submit_tx: Callable[..., Awaitable[Any]] | None = None,
+        sync_interval: float = SYNC_INTERVAL,
+        sync_idle_interval: float = SYNC_IDLE_INTERVAL,
+        record_fallback_delay: float = FALLBACK_DELAY,
     ) -> None:
         self.heartbeat_interval = heartbeat_interval
         self.catchup_interval = catchup_interval
@@ -136,6 +169,15 @@ class BreakerService:
         self._nursery: trio.Nursery | None = None
         self._connected_send, self._connected_recv = trio.open_memory_channel[ID](1024)
         self.on_change: list[Callable[[bytes, bool], None]] = []  # (model, halted) listeners
+        self.sync_interval = sync_interval
+        self.sync_idle_interval = max(sync_idle_interval, sync_interval)
+        self.limiter = VoteLimiter(self.params)
+        self.recorder = (
+            LedgerRecorder(chain, submit_tx, fallback_delay=record_fallback_delay)
+            if submit_tx is not None and getattr(chain, "is_validator", False)
+            else None
+        )
+        self._last_new_vote = -float("inf")
 
     # ------------------------------------------------------------ the hook
 
@@ -181,6 +223,11 @@ class BreakerService:
                     nursery.start_soon(self._writer_loop)
                     nursery.start_soon(self._block_loop)
                     nursery.start_soon(self._catchup_loop)
+                    nursery.start_soon(self._sync_loop)
+                    if self.recorder is not None:
+                        for vote in self.tally.votes():  # those accepted before a restart, too
+                            self.recorder.add(vote)
+                        nursery.start_soon(self.recorder.run)
                     for peer in list(self.host.get_network().connections):
                         nursery.start_soon(pubsub.ensure_peer_stream, peer, 5.0)
                         self._connected_send.send_nowait(peer)
@@ -226,9 +273,10 @@ class BreakerService:
             if digest in self._own:
                 self._own.discard(digest)
                 return True
+        relay = None if forwarder == self.host.get_id() else forwarder
         try:
             vote = decode_vote(data)
-            self.accept(vote, max_age_ms=self.params.max_vote_age_ms)
+            self.accept(vote, max_age_ms=self.params.max_vote_age_ms, limit=True, relay=relay)
         except VoteRejected as exc:
             self.stats.rejected[exc.code] += 1
             self._poke()
@@ -239,19 +287,32 @@ class BreakerService:
             return False
         return True
 
-    def accept(self, vote: Vote, *, max_age_ms: int | None) -> None:
-        """Check ``vote`` (VoteRejected says why not) and count it; persisted shortly after."""
+    def accept(self, vote: Vote, *, max_age_ms: int | None, limit: bool = False, relay: ID | None = None) -> None:
+        """Check ``vote`` (VoteRejected says why not) and count it; persisted shortly after.
+
+        ``limit``: apply the per-voter vote limits (gossip and own votes; catch-up and
+        anti-entropy fetch current votes and are bounded by their pages). ``relay``: the peer
+        that forwarded it, penalised when it relays far over the limits."""
         stakes = self._stake_table()
+        now_ms = _now_ms()
         check_vote(
             vote,
             chain_id=self.chain_id,
             stake_of=stakes.stake_of,
-            now_ms=_now_ms(),
+            now_ms=now_ms,
             max_age_ms=max_age_ms,
             max_future_ms=self.params.max_vote_future_ms,
             last_epoch_of=self.tally.last_epoch,
         )
+        if relay is not None and self.limiter.relay_over(relay.to_bytes(), vote.voter, vote.model, now_ms):
+            self._penalise(relay, RateLimited(f"{relay} relays votes of {vote.voter.hex()} far over the vote limits"))
+        if limit:
+            self.limiter.check(vote.voter, vote.model, now_ms)
         added = self.tally.add(vote, stakes)
+        self.limiter.record(vote.voter, vote.model, now_ms)
+        self._last_new_vote = trio.current_time()
+        if self.recorder is not None:
+            self.recorder.add(vote)
         self.stats.accepted += 1
         if added.transition is not None:
             self._log_transition(vote.model, added.transition)
@@ -289,7 +350,7 @@ class BreakerService:
             timestamp_ms=_now_ms(),
             reason=reason,
         )
-        self.accept(vote, max_age_ms=self.params.max_vote_age_ms)
+        self.accept(vote, max_age_ms=self.params.max_vote_age_ms, limit=True)
         await self._flush()
         await self.publish(vote)
         return vote
@@ -391,8 +452,14 @@ class BreakerService:
             except Malformed as exc:
                 await write_frame(stream, encode_message(ErrorMessage(ErrorCode.BAD_REQUEST, str(exc)[:200])))
                 return
-            reply = select_votes(self.tally.catchup_votes(request.model or None), request)
-            await write_frame(stream, encode_message(reply))
+            if isinstance(request, GetDigest):
+                digest = make_digest(self.tally.votes(), request.before_ms)
+                await write_frame(stream, encode_message(Digest(request.before_ms, digest)))
+            elif isinstance(request, GetBuckets):
+                await write_frame(stream, encode_message(select_bucket_votes(self.tally.votes(), request)))
+            else:
+                reply = select_votes(self.tally.catchup_votes(request.model or None), request)
+                await write_frame(stream, encode_message(reply))
 
     async def _catchup_loop(self) -> None:
         """Catch up from each peer that connects (at most once per cooldown), and from one
@@ -447,6 +514,58 @@ class BreakerService:
             log.info("caught up", extra=kv(peer=str(peer), votes=counted))
         return counted
 
+    # ------------------------------------------------------------ anti-entropy
+
+    async def _sync_loop(self) -> None:
+        """Compare digests with one random peer every interval; the interval doubles (up to
+        sync_idle_interval) while they match and no new vote came, and is short otherwise."""
+        interval = self.sync_interval
+        while True:
+            await trio.sleep(interval * random.uniform(0.8, 1.2))
+            peers = [p for p in self.host.get_network().connections if p != self.host.get_id()]
+            if not peers:
+                continue
+            differed = await self.sync_with(random.choice(peers))
+            active = trio.current_time() - self._last_new_vote < SYNC_ACTIVE
+            interval = self.sync_interval if differed or active else min(2 * interval, self.sync_idle_interval)
+
+    async def sync_with(self, peer: ID) -> int:
+        """One anti-entropy exchange with ``peer``: fetch the buckets whose digests differ
+        and count what they hold that is new here (catch-up rules). Returns the number of
+        differing buckets (0 when in sync or on error)."""
+        self.stats.syncs += 1
+        before_ms = _now_ms() - SYNC_GRACE_MS
+        try:
+            differ, votes = await net.sync_votes(
+                self.host, peer, before_ms, lambda before: make_digest(self.tally.votes(), before)
+            )
+        except Malformed as exc:
+            self.stats.sync_errors += 1
+            self._penalise(peer, exc)
+            return 0
+        except (net.BreakerNetError, trio.TooSlowError) as exc:
+            self.stats.sync_errors += 1
+            log.debug("anti-entropy failed", extra=kv(peer=str(peer), error=str(exc)))
+            return 0
+        if differ:
+            self.stats.sync_mismatches += 1
+        repaired = 0
+        for vote in catchup_order(votes):
+            last = self.tally.last_epoch(vote.voter, vote.model)
+            if last is not None and last >= vote.epoch:
+                continue  # known here: skip the signature check
+            try:
+                self.accept(vote, max_age_ms=None)
+            except VoteRejected as exc:
+                if exc.peer_fault:
+                    self._penalise(peer, exc)
+                continue
+            repaired += 1
+        if repaired:
+            self.stats.repaired += repaired
+            log.info("votes repaired by anti-entropy", extra=kv(peer=str(peer), votes=repaired))
+        return differ
+
     # ------------------------------------------------------------ views
 
     def mesh_peers(self) -> int:
@@ -471,8 +590,13 @@ class BreakerService:
             "caught_up": self.stats.caught_up,
             "catchup_errors": self.stats.catchup_errors,
             "blacklisted": self.stats.blacklisted,
+            "repaired": self.stats.repaired,
+            "syncs": self.stats.syncs,
+            "sync_mismatches": self.stats.sync_mismatches,
+            "sync_errors": self.stats.sync_errors,
             "mesh_peers": self.mesh_peers(),
             "topic_peers": self.topic_peers(),
+            **(self.recorder.statistics() if self.recorder is not None else {}),
         }
 
 

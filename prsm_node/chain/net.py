@@ -229,7 +229,7 @@ class ChainNet:
             for peer in self._sync_sources():
                 try:
                     progressed = await self._sync_from(peer)
-                except (OSError, FrameError, m.MessageError, DiscoveryError, trio.TooSlowError) as exc:
+                except (OSError, IOException, FrameError, m.MessageError, DiscoveryError, trio.TooSlowError) as exc:
                     self.sync_errors += 1
                     self._preferred = None if self._preferred == peer else self._preferred
                     log.debug("sync failed", extra=kv(peer=str(peer), error=str(exc)))

@@ -21,6 +21,8 @@ from typing import Any
 
 import msgpack
 
+from ..breaker.exceptions import BreakerError
+from ..breaker.votes import MAX_VOTE_SIZE, decode_vote, encode_vote, vote_problem
 from ..strict_msgpack import unpack_strict
 from .exceptions import AmountOutOfRange, LedgerDecodeError, MalformedTx, UnknownKind
 from .types import (
@@ -31,12 +33,14 @@ from .types import (
     SIGNATURE_SIZE,
     Account,
     Body,
+    BreakerVote,
     Receipt,
     Settle,
     Stake,
     Transfer,
     Tx,
     Unstake,
+    VoteRecord,
 )
 
 MAX_TX_SIZE = 64 * 1024
@@ -57,6 +61,7 @@ class Kind(enum.IntEnum):
     STAKE = 2
     UNSTAKE = 3
     SETTLE = 4
+    BREAKER_VOTE = 5
 
 
 # ------------------------------------------------------------ object checks
@@ -137,6 +142,10 @@ def validate_tx(tx: Tx, *, signed: bool = True) -> None:
             raise MalformedTx(f"a Settle carries a tuple of 1..{MAX_RECEIPTS} receipts")
         for r in body.receipts:
             validate_receipt(r)
+    elif isinstance(body, BreakerVote):
+        problem = vote_problem(body.vote)
+        if problem:
+            raise MalformedTx(f"breaker vote: {problem}")
     else:
         raise MalformedTx(f"unknown transaction body {type(body).__name__}")
     if signed:
@@ -165,6 +174,8 @@ def _body_array(body: Body) -> list[Any]:
         return [Kind.STAKE.value, _amount(body.amount)]
     if isinstance(body, Unstake):
         return [Kind.UNSTAKE.value, _amount(body.amount)]
+    if isinstance(body, BreakerVote):
+        return [Kind.BREAKER_VOTE.value, encode_vote(body.vote)]
     return [Kind.SETTLE.value, [[*_receipt_fields(r), r.signature] for r in body.receipts]]
 
 
@@ -249,6 +260,11 @@ def encode_account(a: Account) -> bytes:
     return data
 
 
+def encode_vote_record(r: VoteRecord) -> bytes:
+    """``[vote: bin, height: uint]``: a recorded breaker vote (storage and the state hash)."""
+    return _pack([encode_vote(r.vote), r.height])
+
+
 # ------------------------------------------------------------ decode
 
 
@@ -321,6 +337,14 @@ def _parse_body(value: Any) -> Body:
             got = _describe_wire(items)
             raise LedgerDecodeError(f"settle receipts must be an array of 1..{MAX_RECEIPTS}, got {got}")
         return Settle(tuple(_parse_receipt(r, f"receipt {i}") for i, r in enumerate(items)))
+    if tag == Kind.BREAKER_VOTE:
+        data = _array(value, 2, "breaker vote body")[1]
+        if type(data) is not bytes or len(data) > MAX_VOTE_SIZE:
+            raise LedgerDecodeError(f"breaker vote must be bin of at most {MAX_VOTE_SIZE} bytes")
+        try:
+            return BreakerVote(decode_vote(data))
+        except BreakerError as exc:
+            raise LedgerDecodeError(f"breaker vote: {exc}") from None
     raise UnknownKind(f"unknown transaction kind {tag}")
 
 
@@ -368,3 +392,17 @@ def decode_account(data: bytes) -> Account:
     a = Account(_amt(f[0], "balance"), _uint(f[1], "nonce"), _amt(f[2], "stake"), tuple(unbonding))
     _require_canonical(data, encode_account(a), "account")
     return a
+
+
+def decode_vote_record(data: bytes) -> VoteRecord:
+    """Parse a recorded breaker vote (for storage); any defect raises LedgerDecodeError."""
+    f = _array(_unpack(data, MAX_VOTE_SIZE + 16, "vote record"), 2, "vote record")
+    if type(f[0]) is not bytes:
+        raise LedgerDecodeError("a vote record's vote must be bin")
+    try:
+        vote = decode_vote(f[0])
+    except BreakerError as exc:
+        raise LedgerDecodeError(f"vote record: {exc}") from None
+    r = VoteRecord(vote, _uint(f[1], "vote record height"))
+    _require_canonical(data, encode_vote_record(r), "vote record")
+    return r

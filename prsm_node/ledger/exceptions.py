@@ -125,9 +125,17 @@ class InsufficientFunds(TxRejected):
 
 
 class InsufficientStake(TxRejected):
-    """Raised when an Unstake asks for more than the sender has staked."""
+    """Raised when an Unstake asks for more than the sender has staked, or a BreakerVote's
+    voter has no stake."""
 
     code = "insufficient_stake"
+
+
+class StaleVote(TxRejected):
+    """Raised when a BreakerVote's epoch is not above the epoch the ledger recorded for the
+    same (model, voter): a replay, or a duplicate submitted by another validator."""
+
+    code = "stale_vote"
 
 
 class ReceiptAlreadySettled(TxRejected):

@@ -8,6 +8,11 @@ never replaced; a duplicate is dropped. The pool is bounded in total and per sen
 full, a tx with a higher fee evicts the lowest-fee tx that ends some sender's queue (never
 one in the middle, which would strand its successors).
 
+A BreakerVote is also deduplicated by its vote: while a tx recording voter V's vote on model
+M with epoch e is pending, another one for (M, V) with an epoch <= e is a duplicate (several
+validators submit the same gossiped vote). After a block, a pending BreakerVote whose vote the
+ledger has recorded (or superseded) meanwhile is dropped with its sender's later txs.
+
 Not thread-safe and not async: the ledger service calls it from the event loop only, between
 blocks (the state must be at a checkpoint).
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ..breaker.votes import verify_vote
 from .codec import encode_tx, tx_hash
 from .exceptions import (
     AmountOutOfRange,
@@ -33,8 +39,8 @@ from .exceptions import (
     WrongChain,
 )
 from .signing import verify_tx_signature
-from .state import LedgerState
-from .types import MAX_NONCE, Settle, Stake, Transfer, Tx, Unstake
+from .state import LedgerState, vote_key
+from .types import MAX_NONCE, BreakerVote, Settle, Stake, Transfer, Tx, Unstake
 
 DEFAULT_MAX_TXS = 10_000
 DEFAULT_MAX_PER_SENDER = 64
@@ -60,6 +66,7 @@ class Mempool:
         self.max_per_sender = max_per_sender
         self._txs: dict[bytes, Pending] = {}  # by hash, in arrival order
         self._by_sender: dict[bytes, dict[int, bytes]] = {}  # sender -> nonce -> hash, ascending
+        self._votes: dict[bytes, dict[bytes, int]] = {}  # model || voter -> pending tx hash -> epoch
         self.admitted = 0
         self.rejected = 0
         self.evicted = 0
@@ -122,6 +129,10 @@ class Mempool:
         ahead = [self._txs[h].tx for h in queue.values()]
         if isinstance(tx.body, Settle) or any(isinstance(t.body, Settle) for t in ahead):
             self._check_after_queue(tx, ahead, verify=not verified)  # receipts move others' funds: full rules
+            if type(tx.body) is BreakerVote:
+                self._check_vote_pending(tx.body)
+        elif type(tx.body) is BreakerVote:
+            self._check_vote(tx, tx.body, ahead, verified)
         else:
             self._check_simple(tx, ahead)
             if not verified and not verify_tx_signature(tx):
@@ -138,8 +149,40 @@ class Mempool:
         entry = Pending(tx, digest, encoded, now)
         self._txs[digest] = entry
         self._by_sender.setdefault(tx.sender, {})[tx.nonce] = digest
+        if type(tx.body) is BreakerVote:
+            v = tx.body.vote
+            self._votes.setdefault(vote_key(v.model, v.voter), {})[digest] = v.epoch
         self.admitted += 1
         return entry
+
+    def _check_vote_pending(self, body: BreakerVote) -> None:
+        v = body.vote
+        pending = self._votes.get(vote_key(v.model, v.voter))
+        if pending and max(pending.values()) >= v.epoch:
+            raise DuplicateTx(
+                f"a tx recording the vote of {v.voter.hex()} on model {v.model.hex()} with epoch "
+                f"{max(pending.values())} is pending"
+            )
+
+    def _check_vote(self, tx: Tx, body: BreakerVote, ahead: list[Tx], verified: bool) -> None:
+        """A BreakerVote against the committed state (the voter's stake, the recorded epoch)
+        and the pending votes; the sender's balance after its pending txs covers the fee."""
+        who = f"tx from {tx.sender.hex()} nonce {tx.nonce}"
+        if tx.nonce == MAX_NONCE:
+            raise MalformedTx(f"{who}: account nonce space exhausted")
+        if tx.fee < self._state.params.min_fee:
+            raise FeeTooLow(f"{who}: fee {tx.fee} is below the minimum fee {self._state.params.min_fee}")
+        self._state.check_vote_body(body, who)
+        self._check_vote_pending(body)
+        balance = self._state.account(tx.sender).balance
+        for t in ahead:
+            balance -= t.fee
+            if isinstance(t.body, Transfer | Stake):
+                balance -= t.body.amount
+        if balance < tx.fee:
+            raise InsufficientFunds(f"{who}: balance {balance} (after its pending txs) does not cover fee {tx.fee}")
+        if not verified and not (verify_tx_signature(tx) and verify_vote(body.vote)):
+            raise BadSignature(f"{who}: a signature does not verify")
 
     def _check_simple(self, tx: Tx, ahead: list[Tx]) -> None:
         """The rules of a transfer, stake or unstake against the committed account less what
@@ -202,6 +245,24 @@ class Mempool:
         del queue[entry.tx.nonce]
         if not queue:
             del self._by_sender[entry.tx.sender]
+        if type(entry.tx.body) is BreakerVote:
+            v = entry.tx.body.vote
+            key = vote_key(v.model, v.voter)
+            pending = self._votes[key]
+            del pending[digest]
+            if not pending:
+                del self._votes[key]
+
+    def _stale_votes(self) -> list[bytes]:
+        """Pending BreakerVotes whose vote the ledger has recorded or superseded since."""
+        out = []
+        for pending in self._votes.values():
+            for digest in pending:
+                v = self._txs[digest].tx.body.vote  # type: ignore[union-attr]
+                record = self._state.vote_record(v.model, v.voter)
+                if record is not None and record.vote.epoch >= v.epoch:
+                    out.append(digest)
+        return out
 
     # ------------------------------------------------------------ blocks
 
@@ -216,9 +277,17 @@ class Mempool:
 
     def reconcile(self, senders: Iterable[bytes] | None = None) -> int:
         """After the state moved on (a block): drop every pending tx of ``senders`` (all when
-        None) that no longer fits: nonces now used, and any tx behind a gap. Returns the
-        number dropped."""
+        None) that no longer fits: nonces now used, and any tx behind a gap; and every pending
+        BreakerVote the ledger has recorded or superseded meanwhile (with its sender's later
+        txs). Returns the number dropped."""
         dropped = 0
+        if self._votes:
+            stale = self._stale_votes()
+            if stale:
+                senders = None if senders is None else {*senders, *(self._txs[d].tx.sender for d in stale)}
+                for digest in stale:
+                    self._remove(digest)
+                dropped += len(stale)
         for sender in list(self._by_sender if senders is None else senders):
             queue = self._by_sender.get(sender)
             if not queue:

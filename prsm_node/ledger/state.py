@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from ..breaker.votes import verify_vote
 from ..genesis import Genesis
 from . import statehash
 from .codec import is_validated, validate_tx
@@ -32,12 +33,26 @@ from .exceptions import (
     MalformedTx,
     ReceiptAlreadySettled,
     ReceiptPayeeMismatch,
+    StaleVote,
     SupplyViolation,
     WrongChain,
 )
 from .params import LedgerParams, genesis_balances, genesis_chain_id
 from .signing import verify_receipt_signature, verify_tx_signature
-from .types import ACCOUNT_SIZE, MAX_AMOUNT, MAX_NONCE, Account, Receipt, Settle, Stake, Transfer, Tx, Unstake
+from .types import (
+    ACCOUNT_SIZE,
+    MAX_AMOUNT,
+    MAX_NONCE,
+    Account,
+    BreakerVote,
+    Receipt,
+    Settle,
+    Stake,
+    Transfer,
+    Tx,
+    Unstake,
+    VoteRecord,
+)
 
 EMPTY = Account()
 
@@ -53,6 +68,11 @@ def receipt_key(payer: bytes, receipt_id: bytes) -> bytes:
     return payer + receipt_id
 
 
+def vote_key(model: bytes, voter: bytes) -> bytes:
+    """The key of a recorded breaker vote: ``model || voter`` (64 bytes)."""
+    return model + voter
+
+
 @dataclass(frozen=True)
 class StateChanges:
     """What changed since the last checkpoint: a storage batch."""
@@ -62,6 +82,7 @@ class StateChanges:
     accounts: dict[bytes, Account]  # the current value of every touched account; empty = delete
     settled: frozenset[bytes]  # receipt keys settled since the checkpoint
     accumulator: int
+    votes: dict[bytes, VoteRecord] = field(default_factory=dict)  # breaker votes recorded since
 
 
 @dataclass(frozen=True)
@@ -111,6 +132,7 @@ class LedgerState:
         height: int = 0,
         genesis_supply: int | None = None,
         minted: int = 0,
+        votes: dict[bytes, VoteRecord] | None = None,
     ) -> None:
         """Build a state from its parts (genesis, or a snapshot loaded from storage).
 
@@ -132,6 +154,11 @@ class LedgerState:
         for key in self._settled:
             if type(key) is not bytes or len(key) != 2 * ACCOUNT_SIZE:
                 raise LedgerError(f"settled receipt key {key!r} is not payer || receipt_id (64 bytes)")
+        self._votes: dict[bytes, VoteRecord] = {}
+        for key, record in (votes or {}).items():
+            if key != vote_key(record.vote.model, record.vote.voter) or not 0 < record.height <= height:
+                raise LedgerError(f"breaker vote record {key.hex()} is under the wrong key or height")
+            self._votes[key] = record
         self._height = height
         self._minted = minted
         held = sum(a.total for a in self._accounts.values())
@@ -140,7 +167,7 @@ class LedgerState:
             raise SupplyViolation(f"accounts hold {held}, over 2**128-1")
         self._held = held
         self.check_supply()  # before hashing: a negative amount has no encoding
-        self._acc = statehash.from_scratch(self._accounts, self._settled)
+        self._acc = statehash.from_scratch(self._accounts, self._settled, self._votes)
         # Accounts changed since the accumulator was last brought up to date, with their value
         # then: the accumulator is updated once per account per block, not once per tx.
         self._dirty: dict[bytes, Account] = {}
@@ -149,6 +176,7 @@ class LedgerState:
             self._index(key, a, add=True)
         self._journal_accounts: dict[bytes, Account] = {}
         self._journal_settled: set[bytes] = set()
+        self._journal_votes: dict[bytes, VoteRecord | None] = {}  # key -> record before the checkpoint
         self._checkpoint = (self._height, self._minted)
 
     @classmethod
@@ -198,6 +226,16 @@ class LedgerState:
     def is_settled(self, payer: bytes, receipt_id: bytes) -> bool:
         return receipt_key(payer, receipt_id) in self._settled
 
+    def vote_record(self, model: bytes, voter: bytes) -> VoteRecord | None:
+        """The latest breaker vote of ``voter`` on ``model`` recorded by a block, if any."""
+        return self._votes.get(vote_key(model, voter))
+
+    def vote_records(self, model: bytes | None = None) -> Iterator[VoteRecord]:
+        """Every recorded breaker vote (of ``model``, or all), in ``model || voter`` order."""
+        keys = sorted(k for k in self._votes if model is None or k[:32] == model)
+        for key in keys:
+            yield self._votes[key]
+
     @property
     def unbonding_pending(self) -> bool:
         """True while some stake is unbonding: blocks must go on for it to be released."""
@@ -211,7 +249,8 @@ class LedgerState:
 
     def recompute_state_hash(self) -> bytes:
         """The same hash computed from scratch over the whole state. O(accounts + receipts)."""
-        return statehash.report(self.chain_id, self._height, statehash.from_scratch(self._accounts, self._settled))
+        acc = statehash.from_scratch(self._accounts, self._settled, self._votes)
+        return statehash.report(self.chain_id, self._height, acc)
 
     def check_block_supply(self) -> None:
         """The per-block supply check, O(accounts changed since the checkpoint): the running
@@ -256,11 +295,13 @@ class LedgerState:
         ``verify=False`` skips the tx and receipt signature checks (a caller that has
         verified them already, e.g. in the mempool); every other rule still applies.
         """
-        touched, receipts = self._execute(tx, proposer, height, verify)
+        touched, receipts, record = self._execute(tx, proposer, height, verify)
         for key, value in touched.items():
             self._put(key, value)
         for key in receipts:
             self._settle_key(key)
+        if record is not None:
+            self._record_vote(record)
 
     def end_block(self, height: int, *, proposer: bytes) -> BlockEnd:
         """Close block ``height``: release unbonding due at it, mint the block reward to the
@@ -292,12 +333,14 @@ class LedgerState:
             accounts={k: self.account(k) for k in self._journal_accounts},
             settled=frozenset(self._journal_settled),
             accumulator=self._acc,
+            votes={k: self._votes[k] for k in self._journal_votes if k in self._votes},
         )
 
     def checkpoint(self) -> None:
         """Make everything so far final: forget the undo journal."""
         self._journal_accounts.clear()
         self._journal_settled.clear()
+        self._journal_votes.clear()
         self._checkpoint = (self._height, self._minted)
 
     def revert_to_checkpoint(self) -> None:
@@ -307,6 +350,8 @@ class LedgerState:
         for key in self._journal_settled:
             self._settled.discard(key)
             self._acc = (self._acc - statehash.receipt_term(key)) & statehash.ACC_MASK
+        for key, before in self._journal_votes.items():
+            self._set_vote(key, before)
         self._height, self._minted = self._checkpoint
         self.checkpoint()
 
@@ -318,8 +363,11 @@ class LedgerState:
         if height != self._height + 1:
             raise BlockContextError(f"height {height} is not the next block (the ledger is at {self._height})")
 
-    def _execute(self, tx: Tx, proposer: bytes, height: int, verify: bool) -> tuple[dict[bytes, Account], list[bytes]]:
-        """Run ``tx`` on a working copy; return (touched accounts, new receipt keys).
+    def _execute(
+        self, tx: Tx, proposer: bytes, height: int, verify: bool
+    ) -> tuple[dict[bytes, Account], list[bytes], VoteRecord | None]:
+        """Run ``tx`` on a working copy; return (touched accounts, new receipt keys, the
+        breaker vote to record).
 
         Cheap checks come first and signatures last, so junk costs no Ed25519 verify.
         """
@@ -337,9 +385,10 @@ class LedgerState:
         if fee < self.params.min_fee:
             raise FeeTooLow(f"{_who(tx)}: fee {fee} is below the minimum fee {self.params.min_fee}")
         if type(body) is Transfer:
-            return self._transfer(tx, body, start, proposer, verify), []
+            return self._transfer(tx, body, start, proposer, verify), [], None
         work = _Work(self)
         receipts: list[Receipt] = []
+        record: VoteRecord | None = None
         if isinstance(body, Transfer | Stake | Unstake):
             if body.amount <= 0:
                 raise AmountOutOfRange(f"{_who(tx)}: {type(body).__name__.lower()} amount must be positive, got 0")
@@ -364,6 +413,9 @@ class LedgerState:
             else:
                 entries.append((body.amount, release))
             work.put(sender, dataclasses.replace(start, stake=start.stake - body.amount, unbonding=tuple(entries)))
+        elif isinstance(body, BreakerVote):
+            self.check_vote_body(body, _who(tx))
+            record = VoteRecord(body.vote, height)
         else:
             receipts = self._settle(work, tx, body, _who(tx))
         # The fee is charged after the body, so a payee may pay a Settle's fee from what it settles.
@@ -378,7 +430,25 @@ class LedgerState:
                 if not verify_receipt_signature(r):
                     rid, payer = r.receipt_id.hex(), r.payer.hex()
                     raise BadSignature(f"{_who(tx)}: receipt {rid} is not signed by its payer {payer}")
-        return work.touched, [receipt_key(r.payer, r.receipt_id) for r in receipts]
+            if record is not None and not verify_vote(record.vote):
+                voter = record.vote.voter.hex()
+                raise BadSignature(f"{_who(tx)}: the breaker vote is not signed by its voter {voter}")
+        return work.touched, [receipt_key(r.payer, r.receipt_id) for r in receipts], record
+
+    def check_vote_body(self, body: BreakerVote, who: str) -> None:
+        """The rules of a BreakerVote against this state (not the signatures): the vote is for
+        this chain, its voter has stake, and its epoch is above the recorded one."""
+        vote = body.vote
+        if vote.chain_id != self.chain_id:
+            raise WrongChain(f"{who}: breaker vote for chain {vote.chain_id!r}, this ledger is {self.chain_id!r}")
+        if self.account(vote.voter).stake <= 0:
+            raise InsufficientStake(f"{who}: breaker voter {vote.voter.hex()} has no stake")
+        last = self._votes.get(vote_key(vote.model, vote.voter))
+        if last is not None and vote.epoch <= last.vote.epoch:
+            raise StaleVote(
+                f"{who}: breaker vote of {vote.voter.hex()} on model {vote.model.hex()} has epoch {vote.epoch},"
+                f" the ledger recorded epoch {last.vote.epoch}"
+            )
 
     def _transfer(
         self, tx: Tx, body: Transfer, start: Account, proposer: bytes, verify: bool
@@ -449,6 +519,23 @@ class LedgerState:
                 acc += statehash.account_term(key, after) - statehash.account_term(key, before)
         self._acc = acc & statehash.ACC_MASK
         self._dirty.clear()
+
+    def _record_vote(self, record: VoteRecord) -> None:
+        key = vote_key(record.vote.model, record.vote.voter)
+        if key not in self._journal_votes:
+            self._journal_votes[key] = self._votes.get(key)
+        self._set_vote(key, record)
+
+    def _set_vote(self, key: bytes, record: VoteRecord | None) -> None:
+        old = self._votes.get(key)
+        acc = self._acc
+        if old is not None:
+            acc -= statehash.vote_term(key, old)
+            del self._votes[key]
+        if record is not None:
+            acc += statehash.vote_term(key, record)
+            self._votes[key] = record
+        self._acc = acc & statehash.ACC_MASK
 
     def _settle_key(self, key: bytes) -> None:
         self._settled.add(key)

@@ -15,14 +15,15 @@ import hashlib
 
 import msgpack
 
-from .codec import encode_account
-from .types import Account
+from .codec import encode_account, encode_vote_record
+from .types import Account, VoteRecord
 
 ACC_BITS = 16384
 ACC_BYTES = ACC_BITS // 8
 ACC_MASK = (1 << ACC_BITS) - 1
 ACCOUNT_TAG = b"prsm-acct-v1"
 RECEIPT_TAG = b"prsm-rcpt-v1"
+VOTE_TAG = b"prsm-bvote-v1"
 STATE_TAG = "prsm-state-v1"
 
 
@@ -49,17 +50,29 @@ def receipt_term(receipt_key: bytes, *, cached: bool = True) -> int:
     return _cached_term(preimage) if cached else _term(preimage)
 
 
+def vote_term(key: bytes, record: VoteRecord) -> int:
+    """The term of a recorded breaker vote; ``key`` is ``model || voter`` (64 bytes). Not
+    cached: a record is replaced at most once per vote."""
+    return _term(VOTE_TAG + key + encode_vote_record(record))
+
+
 def report(chain_id: str, height: int, accumulator: int) -> bytes:
     """The 32-byte state hash: SHA-256 of msgpack ``["prsm-state-v1", chain_id, height, acc]``."""
     payload = msgpack.packb([STATE_TAG, chain_id, height, accumulator.to_bytes(ACC_BYTES, "little")])
     return hashlib.sha256(payload).digest()
 
 
-def from_scratch(accounts: dict[bytes, Account], settled: set[bytes] | frozenset[bytes]) -> int:
+def from_scratch(
+    accounts: dict[bytes, Account],
+    settled: set[bytes] | frozenset[bytes],
+    votes: dict[bytes, VoteRecord] | None = None,
+) -> int:
     """The accumulator recomputed over a whole state (tests, audits, loading a snapshot)."""
     acc = 0
     for account, state in accounts.items():
         acc += account_term(account, state, cached=False)
     for key in settled:
         acc += receipt_term(key, cached=False)
+    for key, record in (votes or {}).items():
+        acc += vote_term(key, record)
     return acc & ACC_MASK

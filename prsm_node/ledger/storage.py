@@ -17,7 +17,9 @@ so they sort numerically, indexes 4-byte big-endian)::
     b/<height>           encode_block
     c/<height>           encode_certificate
     t/<tx hash>          height || index
-    h/<account><height><index>   tx hash (history: sender, recipient, receipt payers)
+    h/<account><height><index>   tx hash (history: sender, recipient, receipt payers, voter)
+    v/<model><voter>     encode_vote_record (the latest breaker vote recorded per model and voter)
+    vh/<model><height><index>    tx hash (history of the breaker votes on a model)
 """
 
 from __future__ import annotations
@@ -42,11 +44,11 @@ from .block import (
     encode_block,
     encode_certificate,
 )
-from .codec import AMOUNT_SIZE, decode_account, encode_account, tx_hash
+from .codec import AMOUNT_SIZE, decode_account, decode_vote_record, encode_account, encode_vote_record, tx_hash
 from .exceptions import LedgerDecodeError, LedgerError
 from .params import LedgerParams, genesis_balances
 from .state import LedgerState, StateChanges
-from .types import Settle, Transfer, Tx
+from .types import BreakerVote, Settle, Transfer, Tx
 
 META_GENESIS = b"m/genesis"
 META_HEIGHT = b"m/height"
@@ -66,12 +68,14 @@ def genesis_id(genesis: Genesis) -> bytes:
 
 def touched_accounts(tx: Tx) -> list[bytes]:
     """Accounts whose history lists this tx: the sender, a transfer's recipient, the payers
-    of a settlement's receipts (each once, sender first)."""
+    of a settlement's receipts, the voter of a breaker vote (each once, sender first)."""
     out = [tx.sender]
     if isinstance(tx.body, Transfer):
         out.append(tx.body.to)
     elif isinstance(tx.body, Settle):
         out.extend(r.payer for r in tx.body.receipts)
+    elif isinstance(tx.body, BreakerVote):
+        out.append(tx.body.vote.voter)
     return list(dict.fromkeys(out))
 
 
@@ -117,6 +121,7 @@ class LedgerStore:
             minted = int.from_bytes(self._get(META_MINTED), "big")
             accounts = {k[2:]: decode_account(v) for k, v in self._ns.scan(b"a/")}
             settled = [k[2:] for k, _ in self._ns.scan(b"r/")]
+            votes = {k[2:]: decode_vote_record(v) for k, v in self._ns.scan(b"v/")}
             supply = sum(genesis_balances(self._genesis).values())
             state = LedgerState(
                 self._genesis.chain_id,
@@ -126,6 +131,7 @@ class LedgerStore:
                 height=height,
                 genesis_supply=supply,
                 minted=minted,
+                votes=votes,
             )
         except (LedgerError, ValueError) as exc:
             raise StoreError(f"the stored ledger is corrupt: {exc}") from None
@@ -170,6 +176,8 @@ class LedgerStore:
                 batch.put(b"t/" + digest, where)
                 for who in touched_accounts(tx):
                     batch.put(b"h/" + who + where, digest)
+                if isinstance(tx.body, BreakerVote):
+                    batch.put(b"vh/" + tx.body.vote.model + where, digest)
             for key, account in changes.accounts.items():
                 if account.is_empty:
                     batch.delete(b"a/" + key)
@@ -177,6 +185,8 @@ class LedgerStore:
                     batch.put(b"a/" + key, encode_account(account))
             for key in changes.settled:
                 batch.put(b"r/" + key, b"")
+            for key, record in changes.votes.items():
+                batch.put(b"v/" + key, encode_vote_record(record))
             batch.put(META_HEIGHT, h)
             batch.put(META_MINTED, changes.minted.to_bytes(AMOUNT_SIZE, "big"))
             batch.put(META_ACC, changes.accumulator.to_bytes(statehash.ACC_BYTES, "little"))
@@ -229,6 +239,15 @@ class LedgerStore:
             else:
                 start = prefix + _h(before.height) + (before.index - 1).to_bytes(4, "big")
         for count, (key, digest) in enumerate(self._ns.scan(prefix, reverse=True, start=start)):
+            if count >= limit:
+                return
+            rest = key[len(prefix) :]
+            yield TxLocation(int.from_bytes(rest[:8], "big"), int.from_bytes(rest[8:], "big")), digest
+
+    def vote_history(self, model: bytes, *, limit: int) -> Iterator[tuple[TxLocation, bytes]]:
+        """The committed BreakerVote txs on ``model``, oldest first: (where, tx hash)."""
+        prefix = b"vh/" + model
+        for count, (key, digest) in enumerate(self._ns.scan(prefix)):
             if count >= limit:
                 return
             rest = key[len(prefix) :]

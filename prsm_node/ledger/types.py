@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import TypeAlias
 
+from ..breaker.votes import Vote
 from .exceptions import AmountOutOfRange, InvalidAmountString
 
 DECIMALS = 18
@@ -88,7 +89,26 @@ class Settle:
     receipts: tuple[Receipt, ...]
 
 
-Body: TypeAlias = Transfer | Stake | Unstake | Settle
+@dataclass(frozen=True)
+class BreakerVote:
+    """Records a signed circuit-breaker vote (protocols/breaker.md) in the ledger: the latest
+    vote of each (model, voter) becomes part of the state, so the history of halts is
+    consensus-ordered. Any account may submit it (validators do, for the votes they see);
+    it moves no value beyond the fee. The vote carries its own voter signature."""
+
+    vote: Vote
+
+
+@dataclass(frozen=True)
+class VoteRecord:
+    """The ledger's record of the latest vote of one voter on one model, and the height of
+    the block that recorded it."""
+
+    vote: Vote
+    height: int
+
+
+Body: TypeAlias = Transfer | Stake | Unstake | Settle | BreakerVote
 
 
 @dataclass(frozen=True)

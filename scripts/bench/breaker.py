@@ -1,13 +1,20 @@
 """Circuit breaker on N real daemon processes (a devnet on 127.0.0.1, one machine).
 
+- **footprint**: RSS of every node process, whether any mapped torch, and the CPU all the
+  nodes use together while idle (no votes moving) over ``--idle-s`` seconds.
 - **halt latency**: every node stakes the same amount; for each trial a fresh model gets
   ceil(N/3) - 1 halt votes (under the 1/3 threshold), then one more vote reaches it. The
   latency is from that vote's timestamp (the voter's clock) to the moment the *last* node
   applied the halt (``halted_since_ms`` from ``breaker.wait_state``, each node's clock: all
   on one machine, so one clock). p50/p99 over the trials. Target: p99 < 2 s.
 - **burst delivery**: 1,000 votes across 100 models, cast at once from every node (N x
-  1000/N distinct voter/model pairs); the delivery ratio is the smallest fraction of them any
-  node ends up counting, within the wait. Target: 100%.
+  1000/N distinct voter/model pairs, each node over one control connection); the delivery
+  ratio is the smallest fraction of them any node counts within ``--burst-wait`` seconds,
+  with the time until every node counted every vote, how many votes anti-entropy repaired,
+  and when the validator's ledger had recorded them all. Target: 100%.
+
+Bounded: every control call has a timeout, the whole run has ``--deadline``; the devnet and
+every node process are stopped on exit, on error and on SIGTERM/SIGINT (SIGKILL after 60 s).
 
     python scripts/bench/breaker.py [--nodes 50] [--trials 20] [--burst 1000] [--models 100]
 """
@@ -16,13 +23,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
 import os
 import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -32,7 +36,7 @@ from typing import Any
 
 from prsm_node.control.client import ControlClient
 
-CLI = [sys.executable, "-m", "prsm_node"]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def call(home: str, method: str, **params: Any) -> Any:
@@ -46,25 +50,118 @@ def model_id(tag: str) -> str:
     return hashlib.sha256(tag.encode()).hexdigest()
 
 
-def start_devnet(directory: Path, nodes: int) -> tuple[subprocess.Popen[str], list[str]]:
-    proc = subprocess.Popen(
-        [*CLI, "devnet", "--nodes", str(nodes), "--dir", str(directory), "--json", "--ready-timeout", "600"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    out: list[str] = []
-    reader = threading.Thread(target=lambda: out.append(proc.stdout.readline()), daemon=True)  # type: ignore[union-attr]
-    reader.start()
-    reader.join(660)
-    if not out or not out[0]:
-        proc.kill()
-        raise SystemExit(f"devnet did not start: {proc.stderr.read() if proc.stderr else ''}")
-    info = json.loads(out[0])
-    print(f"devnet of {nodes} ready in {info['ready_s']} s", flush=True)
-    return proc, [n["home"] for n in info["nodes"]]
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Devnet:
+    """The nodes of a devnet, forked by this process in waves and always stopped.
+
+    ``prsm-node devnet`` starts every node at once, and 49 nodes dialling one bootstrap peer
+    on a saturated 2-core machine left some with an empty routing table; here each wave of
+    ``wave`` nodes joins before the next starts. Nodes are this process's children: on exit,
+    error or signal each gets SIGTERM, then SIGKILL after 30 s (prsm_node.devnet.stop_all).
+    """
+
+    def __init__(self, directory: Path, nodes: int, wave: int = 10) -> None:
+        self.directory = directory
+        self.nodes = nodes
+        self.wave = wave
+        self.pids: list[int] = []
+        self.homes: list[str] = []
+        self._by_index: dict[int, int] = {}
+
+    def __enter__(self) -> Devnet:
+        import prsm_node.node  # noqa: F401  warm the import once; every fork inherits it
+        from prsm_node import devnet
+
+        started = time.monotonic()
+        try:
+            members = devnet.create(self.directory, self.nodes)
+            self.homes = [m.home for m in members]
+            peers_txt = self.directory / devnet.NETWORK_DIR / "peers.txt"
+            for first in range(0, self.nodes, self.wave):
+                batch = members[first : first + self.wave]
+                if first:  # spread the joins over nodes already up, not node0 alone
+                    joined = [m.addr for m in members[:first]][:: max(1, first // 8)]
+                    peers_txt.write_text("# bootstrap peers of this devnet\n" + "\n".join(joined) + "\n")
+                for m in batch:
+                    self._by_index[m.index] = devnet.spawn(m)
+                    self.pids.append(self._by_index[m.index])
+                devnet.wait_ready(batch, table_size=min(first or 1, 4) if first else 0, timeout=300)
+            devnet.wait_ready(members, table_size=min(self.nodes - 1, 4), timeout=300)
+        except BaseException:
+            self.__exit__()
+            raise
+        print(f"devnet of {self.nodes} ready in {time.monotonic() - started:.1f} s (waves of {self.wave})",
+              flush=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from prsm_node import devnet
+
+        # A second signal must not interrupt the cleanup.
+        old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            codes = devnet.stop_all(self._by_index, timeout=30.0)
+            killed = sum(1 for c in codes.values() if c == -signal.SIGKILL)
+        except (ChildProcessError, OSError) as err:  # already reaped or gone: SIGKILL what is left below
+            print(f"stopping the nodes: {err!r}", flush=True)
+            codes, killed = {}, 0
+        finally:
+            for pid in self.pids:
+                if alive(pid):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+        left = [p for p in self.pids if alive(p)]
+        print(f"devnet stopped: {len(codes)} nodes, {killed} needed SIGKILL, {len(left)} left", flush=True)
 
 
 def each(pool: ThreadPoolExecutor, homes: list[str], method: str, **params: Any) -> list[Any]:
     return list(pool.map(lambda h: call(h, method, **params), homes))
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
+def has_torch(pid: int) -> bool:
+    return "torch" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def footprint(pids: list[int], idle_s: float) -> None:
+    rss = [rss_mb(p) for p in pids]
+    torch = sum(1 for p in pids if has_torch(p))
+    before = sum(cpu_s(p) for p in pids)
+    t0 = time.monotonic()
+    time.sleep(idle_s)  # a measurement window, not a wait for a condition
+    used = sum(cpu_s(p) for p in pids) - before
+    wall = time.monotonic() - t0
+    print(
+        f"footprint: RSS per node median {statistics.median(rss):.0f} MB, max {max(rss):.0f} MB, total "
+        f"{sum(rss) / 1024:.2f} GB; {torch} node(s) mapped torch; idle CPU of all {len(pids)} nodes "
+        f"{100 * used / wall:.1f}% of one core ({1000 * used / wall / len(pids):.1f} ms/s per node) "
+        f"over {wall:.0f} s; load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -73,29 +170,39 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--burst", type=int, default=1000)
     ap.add_argument("--models", type=int, default=100)
+    ap.add_argument("--burst-wait", type=float, default=120.0, help="seconds to wait for full delivery")
+    ap.add_argument("--idle-s", type=float, default=10.0, help="seconds of idle CPU measurement")
+    ap.add_argument("--wave", type=int, default=10, help="nodes started together")
+    ap.add_argument("--deadline", type=float, default=1800.0, help="seconds for the whole run")
     args = ap.parse_args()
-    n = args.nodes
-    with tempfile.TemporaryDirectory(prefix="prsm-bb-") as tmp:
-        proc, homes = start_devnet(Path(tmp) / "dn", n)
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    alarm = threading.Timer(args.deadline, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    alarm.daemon = True
+    alarm.start()
+    with tempfile.TemporaryDirectory(prefix="prsm-bb-") as tmp, Devnet(Path(tmp) / "dn", args.nodes, args.wave) as dn:
+        # Not a `with`: its exit would wait for control calls in flight before the nodes stop.
+        pool = ThreadPoolExecutor(max_workers=min(64, 2 * args.nodes))
         try:
-            with ThreadPoolExecutor(max_workers=min(64, 2 * n)) as pool:
-                run(pool, homes, args)
+            run(pool, dn, args)
         finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            pool.shutdown(wait=False, cancel_futures=True)
+    alarm.cancel()
 
 
-def run(pool: ThreadPoolExecutor, homes: list[str], args: argparse.Namespace) -> None:
+def run(pool: ThreadPoolExecutor, dn: Devnet, args: argparse.Namespace) -> None:
+    homes = dn.homes
     n = len(homes)
     started = time.monotonic()
-    staked = each(pool, homes, "ledger.stake", amount="100", timeout=300.0)
+    staked = each(pool, homes, "ledger.stake", amount="100", timeout=600.0)
     height = max(s["height"] for s in staked)
     each(pool, homes, "ledger.wait_height", height=height, timeout=300.0)
-    each(pool, homes, "breaker.wait_mesh", peers=1, timeout=300.0)
+    each(pool, homes, "breaker.wait_mesh", peers=4, timeout=300.0)
     print(f"staked and meshed in {time.monotonic() - started:.1f} s (height {height})", flush=True)
+    footprint(dn.pids, args.idle_s)
 
     need = math.ceil(n / 3)  # equal stakes: ceil(N/3) voters reach 1/3
     counted = 0
@@ -103,47 +210,84 @@ def run(pool: ThreadPoolExecutor, homes: list[str], args: argparse.Namespace) ->
     for t in range(args.trials):
         model = model_id(f"trial-{t}")
         voters = [(t * need + i) % n for i in range(need)]
-        for v in voters[:-1]:
-            call(homes[v], "breaker.vote", model=model, action="halt", reason="bench: under")
+        list(pool.map(lambda v, m=model: call(homes[v], "breaker.vote", model=m, action="halt", reason="bench: under"),
+                      voters[:-1]))
         counted += need - 1
         each(pool, homes, "breaker.wait_votes", count=counted, timeout=120.0)
         final = call(homes[voters[-1]], "breaker.vote", model=model, action="halt", reason="bench: quorum")
         counted += 1
         states = each(pool, homes, "breaker.wait_state", model=model, state="halted", timeout=120.0)
-        last = max(s["halted_since_ms"] for s in states)
-        latencies.append((last - final["timestamp_ms"]) / 1000)
-        print(f"trial {t + 1:>2}: halted on all {n} nodes {latencies[-1] * 1000:.0f} ms after the quorum vote",
+        since = [s["halted_since_ms"] for s in states]
+        latencies.append((max(since) - final["timestamp_ms"]) / 1000)
+        slow = since.index(max(since))
+        print(f"trial {t + 1:>2}: halted on all {n} nodes {latencies[-1] * 1000:.0f} ms after the quorum vote "
+              f"(median node {(statistics.median(since) - final['timestamp_ms']):.0f} ms; last: node{slow})",
               flush=True)
     latencies.sort()
     p50 = statistics.median(latencies)
     p99 = latencies[min(len(latencies) - 1, math.ceil(0.99 * len(latencies)) - 1)]
     print(f"halt latency to every node: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, "
           f"max {latencies[-1] * 1000:.0f} ms over {len(latencies)} trials (target p99 < 2000 ms)", flush=True)
+    burst(pool, dn, args, counted)
 
-    # Burst: N x (burst / N) distinct (voter, model) pairs, all at once.
+
+def burst(pool: ThreadPoolExecutor, dn: Devnet, args: argparse.Namespace, counted: int) -> None:
+    homes = dn.homes
+    n = len(homes)
+    before = each(pool, homes, "breaker.status")
+    recorded_before = call(homes[0], "breaker.wait_recorded", count=0, timeout=10.0)["recorded"]
     per_node = args.burst // n
-    burst = per_node * n
+    if per_node > args.models:
+        raise SystemExit(f"--burst {args.burst} over {n} nodes is {per_node} votes each: more than --models")
+    total = per_node * n
     models = [model_id(f"burst-{m}") for m in range(args.models)]
-    jobs = [(i, models[(i * per_node + j) % len(models)]) for i in range(n) for j in range(per_node)]
+
+    def cast(i: int) -> None:
+        with ControlClient(Path(homes[i]) / "control.sock", timeout=60) as client:
+            for j in range(per_node):
+                model = models[(i * per_node + j) % len(models)]
+                client.call("breaker.vote", {"model": model, "action": "halt", "reason": "bench: burst"})
+
     t0 = time.monotonic()
-    list(pool.map(lambda job: call(homes[job[0]], "breaker.vote", model=job[1], action="halt", reason="bench: burst"),
-                  jobs))
+    list(pool.map(cast, range(n)))
     cast_s = time.monotonic() - t0
-    target = counted + burst
-    deadline = 120.0
+    target = counted + total
+    done_at: list[float] = [0.0] * n
 
-    def counted_on(home: str) -> int:
+    def counted_on(i: int) -> int:
         try:
-            return int(call(home, "breaker.wait_votes", count=target, timeout=deadline)["votes"])
+            votes = int(call(homes[i], "breaker.wait_votes", count=target, timeout=args.burst_wait)["votes"])
+            done_at[i] = time.monotonic() - t0
+            return votes
         except Exception:  # a timeout: report how many it has
-            return int(call(home, "breaker.status")["statistics"]["votes"])
+            return int(call(homes[i], "breaker.status")["statistics"]["votes"])
 
-    got = list(pool.map(counted_on, homes))
+    got = list(pool.map(counted_on, range(n)))
     all_s = time.monotonic() - t0
-    ratio = min((g - counted) / burst for g in got)
+    ratio = min((g - counted) / total for g in got)
     complete = sum(1 for g in got if g >= target)
-    print(f"burst: {burst} votes on {len(models)} models cast in {cast_s:.1f} s; every vote on {complete}/{n} "
-          f"nodes after {all_s:.1f} s; delivery ratio (worst node) {ratio * 100:.2f}% (target 100%)", flush=True)
+    after = each(pool, homes, "breaker.status")
+
+    def delta(key: str) -> int:
+        return sum(a["statistics"][key] - b["statistics"][key] for a, b in zip(after, before, strict=True))
+
+    rejected: dict[str, int] = {}
+    for a, b in zip(after, before, strict=True):
+        for code, c in a["statistics"]["rejected"].items():
+            rejected[code] = rejected.get(code, 0) + c - b["statistics"]["rejected"].get(code, 0)
+    print(f"burst: {total} votes on {len(models)} models cast in {cast_s:.1f} s; every vote on {complete}/{n} "
+          f"nodes, the last {max(done_at):.1f} s after the burst began ({all_s:.1f} s to collect); delivery "
+          f"ratio (worst node) {ratio * 100:.2f}% (target 100%)", flush=True)
+    print(f"  of the {total * (n - 1)} deliveries to other nodes: {delta('repaired')} by anti-entropy, "
+          f"{delta('caught_up')} by catch-up, the rest by gossip; {delta('sync_mismatches')} digest "
+          f"mismatches in {delta('syncs')} exchanges; rejections {rejected}", flush=True)
+    t1 = time.monotonic()
+    try:
+        rec = call(homes[0], "breaker.wait_recorded", count=recorded_before + total, timeout=300.0)
+        print(f"ledger: all {total} burst votes recorded by the validator at height {rec['height']}, "
+              f"{time.monotonic() - t0:.1f} s after the burst began", flush=True)
+    except Exception as exc:  # report and go on: the figures above stand
+        print(f"ledger: not every burst vote recorded after {time.monotonic() - t1:.0f} s: {exc}", flush=True)
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end", flush=True)
 
 
