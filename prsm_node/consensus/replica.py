@@ -98,6 +98,9 @@ from .records import (
 from .viewchange import NewViewPlan, check_new_view, check_view_change, plan_new_view
 
 ValidateBatch = Callable[[int, Batch], bool]
+ROUND_TIMEOUT_FACTOR = 4.0  # the request timer is at least this many recent commit rounds
+RETRANSMIT_REQUESTS = 64  # most REQUESTs a backup retransmits to the primary per status interval
+
 _M = TypeVar("_M", Request, PrePrepare, Prepare, Commit, Checkpoint, ViewChange, NewView, Status, Committed)
 
 
@@ -146,16 +149,22 @@ class Replica:
         self._vc_current: dict[bytes, ViewChange] = {}
         self._vc_future: dict[bytes, ViewChange] = {}
         self._outstanding: dict[bytes, tuple[bytes, float]] = {}
+        self._resent: dict[bytes, float] = {}  # request digest -> when last retransmitted
         self._committed_requests: dict[bytes, int] = {}
         self._reported: set[tuple[int, bytes, int, int]] = set()
         self._failed_vcs = 0
         self._deadline: float | None = None
+        self._now = now
+        self._accepted_at: dict[int, float] = {}  # seq -> when its PRE-PREPARE was accepted here
+        self._round_time = 0.0  # moving average of PRE-PREPARE accepted -> batch delivered
+        self._last_progress = now  # when a batch was last delivered
         self._next_status = now + params.status_interval
         self._status_once = False
         self._fetch: FetchState | None = None
         self._next_seq = 1
         self._progress = False
         self._out = Step()
+        self._now = now
 
     # ======================================================== queries
 
@@ -223,20 +232,24 @@ class Replica:
         """Handle a decoded message (``receive`` without the decoding)."""
         self.vs.check(m)
         self._out = Step()
+        self._now = now
         if m.sender != self.me or isinstance(m, NewView):
             self._dispatch(m, now)
         return self._finish(now)
 
-    def submit(self, request: bytes, now: float) -> Step:
+    def submit(self, request: bytes, now: float, *, forward: bool = True) -> Step:
         """A validated request from the mempool: remember it until it commits (its timer may
-        lead to a view change) and, on a backup, forward it to the primary."""
+        lead to a view change) and, on a backup, forward it to the primary (``forward=False``
+        when the host has sent it to the primary already; it is still retransmitted to the
+        primary if it waits half the view-change timeout)."""
         if type(request) is not bytes or not 1 <= len(request) <= MAX_REQUEST_SIZE:
             raise HostError(f"a request is 1..{MAX_REQUEST_SIZE} bytes")
         self._out = Step()
+        self._now = now
         digest = request_digest(request)
         if digest not in self._committed_requests and digest not in self._outstanding:
             self._outstanding[digest] = (request, now)
-            if not self.is_primary:
+            if forward and not self.is_primary:
                 self._send(self._sign(Request(self.me, request)), self.primary)
         return self._finish(now)
 
@@ -256,7 +269,9 @@ class Replica:
         except InvalidBatch as exc:
             raise ProposalRefused(str(exc)) from None
         self._out = Step()
+        self._now = now
         seq, digest = self._next_seq, batch_digest(self.vs.chain_id, batch)
+        self._accepted_at[seq] = now
         self._next_seq += 1
         pp = self._sign(PrePrepare(self.me, self.view, seq, digest, batch))
         self._votes[(Kind.PRE_PREPARE, self.view, seq)] = digest
@@ -273,6 +288,7 @@ class Replica:
             raise HostError(f"executed({seq}) out of turn: last executed {self.last_executed}, "
                             f"last delivered {self.last_delivered}")
         self._out = Step()
+        self._now = now
         self.last_executed = seq
         if seq % self.params.checkpoint_interval == 0:
             self._own_checkpoints[seq] = state_digest
@@ -288,6 +304,7 @@ class Replica:
         """The host now holds the state at ``seq`` asked for by the last FetchState. A result
         for an older FetchState is ignored (an empty Step)."""
         self._out = Step()
+        self._now = now
         if self._fetch is not None and (seq, state_digest) == (self._fetch.seq, self._fetch.state_digest):
             self._fetch = None
             self.last_executed = self.last_delivered = seq
@@ -299,6 +316,7 @@ class Replica:
     def tick(self, now: float) -> Step:
         """Timers: the view-change timeout, then STATUS and retransmissions."""
         self._out = Step()
+        self._now = now
         if self._deadline is not None and now >= self._deadline:
             self._deadline = None
             self._start_view_change(self.view + 1, now)
@@ -434,6 +452,7 @@ class Replica:
             slot.rejected = True
             return
         self._keep_batch(pp.seq, pp.digest, pp.batch)
+        self._accepted_at[pp.seq] = self._now
         self._vote(Kind.PREPARE, slot, pp.seq, pp.digest)
         self._check_prepared(pp.seq, slot)
 
@@ -508,6 +527,12 @@ class Replica:
                 return
             self.last_delivered = seq
             self._progress = True
+            accepted = self._accepted_at.pop(seq, None)
+            if accepted is not None:
+                took = max(self._now - accepted, 0.0)
+                self._round_time = took if not self._round_time else 0.75 * self._round_time + 0.25 * took
+            for old in [s for s in self._accepted_at if s <= seq]:
+                del self._accepted_at[old]
             self._out.committed.append(CommittedBatch(seq, batch, cert))
             for request in batch:
                 digest = request_digest(request)
@@ -751,11 +776,33 @@ class Replica:
         if not self.active:
             self._send(self._vc_current[self.me])
         elif not self.is_primary and self._outstanding:
-            busy = self._in_flight()
-            old = now - self.params.view_change_timeout / 2
-            stale = [r for d, (r, since) in self._outstanding.items() if since <= old and d not in busy]
-            for request in stale[: self.params.max_batch_requests]:
-                self._send(self._sign(Request(self.me, request)), self.primary)
+            self._retransmit_requests(now)
+
+    def _retransmit_requests(self, now: float) -> None:
+        """Requests not in a proposal that the primary may lack: those waiting half the
+        view-change timeout when nothing was delivered for that long, or waiting four request
+        timeouts while batches commit (a long queue under load is not a lost request). Oldest
+        first, each at most once per timeout, and at most RETRANSMIT_REQUESTS per status
+        interval, so that a backlog never turns into a storm of signed REQUESTs."""
+        timeout = self.params.view_change_timeout
+        old = now - timeout / 2
+        if self._last_progress > old:
+            old = now - 4 * self._request_timeout()
+        self._resent = {d: t for d, t in self._resent.items() if d in self._outstanding and t > now - timeout}
+        busy: set[bytes] | None = None
+        sent = 0
+        for digest, (request, since) in self._outstanding.items():  # in arrival order
+            if since > old or sent >= RETRANSMIT_REQUESTS:
+                break
+            if digest in self._resent:
+                continue
+            if busy is None:
+                busy = self._in_flight()
+            if digest in busy:
+                continue
+            self._send(self._sign(Request(self.me, request)), self.primary)
+            self._resent[digest] = now
+            sent += 1
 
     def _on_status(self, st: Status) -> None:
         peer = st.sender
@@ -831,9 +878,19 @@ class Replica:
     def _send(self, m: Message, to: bytes | None = None) -> None:
         self._out.messages.append(Outgoing(to, encode_trusted(m)))
 
+    def _request_timeout(self) -> float:
+        """How long what waits may wait for progress before this replica votes for a view
+        change: the view-change timeout (doubled per failed view change), but at least
+        ROUND_TIMEOUT_FACTOR times the recent commit round time, so that a loaded network
+        whose rounds have grown slow is not taken for a faulty primary (capped at the
+        maximum timeout: a primary cannot stretch it without bound)."""
+        base = self.params.timeout(self._failed_vcs)
+        return max(base, min(ROUND_TIMEOUT_FACTOR * self._round_time, self.params.max_view_change_timeout))
+
     def _finish(self, now: float) -> Step:
         if self._progress:
             self._progress = False
+            self._last_progress = now
             if self.active:
                 self._failed_vcs = 0
                 self._deadline = None  # restart the timer for what is still waiting
@@ -844,6 +901,6 @@ class Replica:
             if self._fetch is not None or not waiting:
                 self._deadline = None
             elif self._deadline is None:
-                self._deadline = now + self.params.timeout(self._failed_vcs)
+                self._deadline = now + self._request_timeout()
         out, self._out = self._out, Step()
         return out
