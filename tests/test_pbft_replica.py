@@ -296,6 +296,41 @@ def test_backups_retransmit_few_requests_and_only_when_the_primary_stalls() -> N
     assert not [m for m in step.messages if decode(m.data).kind == Kind.REQUEST]
 
 
+def test_a_view_change_no_quorum_joins_follows_a_higher_view_after_a_timeout() -> None:
+    """Replicas split across views (a VIEW-CHANGE lost, a restart) meet again: one stuck
+    without a quorum follows the smallest higher view another validator wants."""
+    c = Cluster()
+    r = c.replicas[1]
+    r.submit(b"stuck", 0.0)
+    r.tick(r._deadline)  # request timer: VIEW-CHANGE for view 1, nobody joins
+    assert (r.view, r.active) == (1, False)
+    vc2 = sign_as(ViewChange(c.keys[0], 2, 0, GENESIS_STATE_DIGEST, (), ()), 0)
+    r.receive(encode(vc2), 1.5)
+    assert r.view == 1  # one is not f + 1
+    assert r._deadline is not None
+    step = r.tick(r._deadline)
+    assert (r.view, r.active) == (2, False)
+    assert [decode(m.data).kind for m in step.messages if decode(m.data).kind == Kind.VIEW_CHANGE]
+    # and a replica further on resends the VIEW-CHANGE a laggard may lack for its view
+    vc1_from_r = r._own_vcs[1]
+    lagging = sign_as(ViewChange(c.keys[3], 1, 0, GENESIS_STATE_DIGEST, (), ()), 3)
+    step = r.receive(encode(lagging), 2.0)
+    assert [m.data for m in step.messages if m.to == c.keys[3]] == [encode(vc1_from_r)]
+
+
+def test_a_round_under_way_extends_the_request_timer() -> None:
+    c = Cluster()
+    r = c.replicas[2]
+    c.submit_all(b"r1")
+    c.queue.clear()  # the backups' REQUESTs to the primary
+    first = r._deadline
+    assert first == P.view_change_timeout
+    c.now = 0.9
+    c.propose(0, b"r1")
+    c.deliver_all(limit=3)  # only the PRE-PREPAREs
+    assert r._deadline is not None and r._deadline > first  # the next seq was pre-prepared
+
+
 def test_f_plus_one_view_changes_pull_a_replica_to_the_smallest_higher_view() -> None:
     c = Cluster()
     r = c.replicas[0]

@@ -312,7 +312,7 @@ class ConsensusService:
         self._proposed = (r.view, seq)
         self._next_propose_at = trio.current_time() + self.chain.cfg.block_interval
         self.batches_proposed += 1
-        log.debug("batch proposed", extra=kv(view=r.view, seq=seq, txs=len(txs)))
+        log.info("batch proposed", extra=kv(view=r.view, seq=seq, txs=len(txs)))
         await self._handle(step)
 
     # ------------------------------------------------------------ state transfer
