@@ -40,6 +40,7 @@ REQUEST_TIMEOUT = 10.0
 SYNC_WAIT_MS = 10_000
 SYNC_BATCH = 64
 SYNC_BACKOFF_MAX = 10.0
+CONSENSUS_SYNC_POLL = 1.0  # seconds between a PBFT validator's catch-up polls while in step
 REBROADCAST_BATCH = 256
 MAX_FORWARD_QUEUE = 65536  # txs waiting on one validator link
 
@@ -252,6 +253,7 @@ class ChainNet:
         backoff = 0.5
         while True:
             progressed = False
+            height_before = self.chain.tip.height
             for peer in self._sync_sources():
                 try:
                     progressed = await self._sync_from(peer)
@@ -269,7 +271,9 @@ class ChainNet:
                 if progressed:
                     self._preferred = peer
                     break  # else: a source that claims more blocks than it sends; try the next
-            if progressed:
+            if progressed and self.chain.consensus_running and self.chain.tip.height == height_before:
+                await trio.sleep(CONSENSUS_SYNC_POLL)  # in step with the others: poll again later
+            elif progressed:
                 backoff = 0.5
             else:
                 await trio.sleep(backoff * random.uniform(0.75, 1.25))
@@ -279,7 +283,10 @@ class ChainNet:
         """One long-poll round with ``peer``; True when at least one block was applied or the
         peer confirmed we are at its tip."""
         start = self.chain.tip.height + 1
-        body = m.encode_get_blocks(start, SYNC_BATCH, SYNC_WAIT_MS)
+        # A validator whose consensus runs gets each block from PBFT; it only polls, to catch
+        # up when it fell behind (a long-poll would fetch, decode and drop every block again).
+        wait_ms = 0 if self.chain.consensus_running else SYNC_WAIT_MS
+        body = m.encode_get_blocks(start, SYNC_BATCH, wait_ms)
         data = await self._request(peer, SYNC, body, m.MAX_SYNC_REPLY, REQUEST_TIMEOUT + SYNC_WAIT_MS / 1000)
         reply = m.decode_blocks_reply(data)
         if isinstance(reply, m.ErrorReply):
