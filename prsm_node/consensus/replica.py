@@ -933,6 +933,8 @@ class Replica:
         return max(base, min(ROUND_TIMEOUT_FACTOR * self._round_time, self.params.max_view_change_timeout))
 
     def _finish(self, now: float) -> Step:
+        if self._commits.get(self.last_delivered + 1) is not None:
+            self._try_deliver()  # a batch may have arrived (PRE-PREPARE, NEW-VIEW) after its certificate
         if self._progress:
             self._progress = False
             self._last_progress = now
