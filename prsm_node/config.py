@@ -234,7 +234,7 @@ class AgentsSection:
 
 @dataclass
 class ControlSection:
-    max_request_bytes: int = _doc("Largest control request line accepted, in bytes.", default=65536)
+    max_request_bytes: int = _doc("Largest control request line accepted, in bytes.", default=1048576)
 
     def validate(self) -> None:
         _positive("control", "max_request_bytes", self.max_request_bytes)

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "protocols" / "tx-vectors.json"
 LEDGER = ROOT / "protocols" / "ledger-vectors.json"
 
-SUBMIT, WAIT, GET_BLOCKS = 1, 2, 3
+SUBMIT, WAIT, GET_BLOCKS, SUBMIT_MANY = 1, 2, 3, 4
 OK, ERROR = 0, 1
 
 
@@ -80,6 +80,12 @@ def vectors() -> dict[str, Any]:
                 [OK, digest, 1, block_hash],
             ),
             message(
+                "submit_many",
+                {"type": SUBMIT_MANY, "txs": [tx.hex(), tx.hex()]},
+                [SUBMIT_MANY, [tx, tx]],
+            ),
+            message("submit_many_ok", {"type": OK, "codes": [None, "duplicate"]}, [OK, [None, "duplicate"]]),
+            message(
                 "wait_error_not_found",
                 {"type": ERROR, "code": "not_found", "message": late},
                 [ERROR, "not_found", late],
@@ -108,6 +114,9 @@ def vectors() -> dict[str, Any]:
             {"name": "wait_short_hash", "hex": pack([WAIT, digest[:31], 5000]).hex()},
             {"name": "wait_timeout_over_max", "hex": pack([WAIT, digest, 30001]).hex()},
             {"name": "unknown_type", "hex": pack([9, tx]).hex()},
+            {"name": "submit_many_empty", "hex": pack([SUBMIT_MANY, []]).hex()},
+            {"name": "submit_many_not_a_list", "hex": pack([SUBMIT_MANY, tx]).hex()},
+            {"name": "submit_many_tx_as_str", "hex": pack([SUBMIT_MANY, ["not bytes"]]).hex()},
             {"name": "map", "hex": pack({"type": SUBMIT}).hex()},
             {"name": "trailing_byte", "hex": (pack([WAIT, digest, 5000]) + b"\x00").hex()},
         ],

@@ -51,6 +51,10 @@ def _encode(v: dict[str, Any]) -> bytes:
         return m.encode_submit(_hex(f["tx"]))
     if name == "submit_ok":
         return m.encode_submitted(_hex(f["tx_hash"]))
+    if name == "submit_many":
+        return m.encode_submit_many([_hex(t) for t in f["txs"]])
+    if name == "submit_many_ok":
+        return m.encode_submitted_many(f["codes"])
     if name == "wait":
         return m.encode_wait(_hex(f["tx_hash"]), f["timeout_ms"])
     if name == "wait_committed":
@@ -93,6 +97,10 @@ def test_tx_requests_decode() -> None:
     assert submit == m.Submit(_hex(VECTORS["tx"]["hex"]))
     wait = m.decode_tx_request(_hex(TX_MESSAGES["wait"]["hex"]))
     assert wait == m.Wait(_hex(VECTORS["tx"]["hash"]), 5000)
+    many = m.decode_tx_request(_hex(TX_MESSAGES["submit_many"]["hex"]))
+    assert many == m.SubmitMany((_hex(VECTORS["tx"]["hex"]),) * 2)
+    codes = m.decode_submit_many_reply(_hex(TX_MESSAGES["submit_many_ok"]["hex"]), 2)
+    assert codes == [None, "duplicate"]
 
 
 def test_tx_replies_decode() -> None:

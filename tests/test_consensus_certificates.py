@@ -4,6 +4,7 @@ certificate is rejected and leaves the ledger as it was; the true block is accep
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import trio
 
 from prsm_node.chain.service import ChainService
 from prsm_node.config import LedgerSection
-from prsm_node.consensus.blocks import encode_meta, execute_batch, rebuild_batch
+from prsm_node.consensus.blocks import BadBatch, check_batch, encode_meta, execute_batch, rebuild_batch
 from prsm_node.consensus.messages import Commit, KeySigner, batch_digest, signing_payload
 from prsm_node.genesis import Validator, development_genesis
 from prsm_node.keys import NodeKey
@@ -26,7 +27,7 @@ from prsm_node.ledger.block import (
     encode_certificate,
     tx_root,
 )
-from prsm_node.ledger.codec import encode_tx, tx_hash
+from prsm_node.ledger.codec import decode_tx, encode_tx, tx_hash
 from prsm_node.ledger.signing import sign_tx
 from prsm_node.ledger.state import LedgerState
 from prsm_node.ledger.types import Transfer
@@ -124,3 +125,34 @@ def tx_hash_of(encoded: bytes) -> bytes:
 
     return tx_hash(decode_tx(encoded))
 
+
+
+def test_known_txs_skip_decoding_and_verification_but_give_the_same_block() -> None:
+    """A backup takes txs its mempool checked already by the hash of their bytes; an unknown
+    tx is still decoded and verified, and execution is the same either way."""
+    genesis = _genesis()
+    cid = genesis.chain_id
+    vals = frozenset(VALIDATORS)
+    good = [_transfer(cid, n, 5) for n in range(3)]
+    forged = bytearray(good[1])
+    forged[-1] ^= 1  # the signature's last byte
+    batch = (encode_meta(VALIDATORS[0], 1_700_000_000_000), *good)
+    decoded = {hashlib.sha256(raw).digest(): decode_tx(raw) for raw in good}
+    check_batch(cid, vals, batch, known=decoded.get)
+    bad = (batch[0], good[0], bytes(forged))
+    with pytest.raises(BadBatch, match="signature"):
+        check_batch(cid, vals, bad, known=decoded.get)
+    with pytest.raises(BadBatch, match="twice"):
+        check_batch(cid, vals, (batch[0], good[0], good[0]), known=decoded.get)
+    plain = execute_batch(
+        LedgerState.from_genesis(genesis), batch, prev_hash=ZERO_HASH, prev_time_ms=0, null_proposer=VALIDATORS[0]
+    )
+    fast = execute_batch(
+        LedgerState.from_genesis(genesis),
+        batch,
+        prev_hash=ZERO_HASH,
+        prev_time_ms=0,
+        null_proposer=VALIDATORS[0],
+        known=decoded.get,
+    )
+    assert fast.block == plain.block and fast.skipped == plain.skipped == ()

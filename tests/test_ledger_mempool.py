@@ -23,7 +23,7 @@ from prsm_node.ledger import (
 from prsm_node.ledger.block import ZERO_HASH, make_block
 from prsm_node.ledger.exceptions import DuplicateTx, MempoolFull, TooManyPending
 from prsm_node.ledger.mempool import Mempool
-from prsm_node.ledger.types import Tx
+from prsm_node.ledger.types import Tx, Unstake
 
 CHAIN = "prsm-test-mempool"
 KEYS = [nacl.signing.SigningKey(bytes([i + 1]) * 32) for i in range(5)]
@@ -153,6 +153,14 @@ def test_pending_txs_always_apply_in_order(plan) -> None:  # type: ignore[no-unt
             base = state.account(sender).nonce
             assert nonces == list(range(base, base + len(nonces)))
             assert len(nonces) <= 6
+        # the running per-sender totals that make admission O(1) match a recount
+        recount: dict[bytes, list[int]] = {}
+        for p in pool.pending():
+            t = recount.setdefault(p.tx.sender, [0, 0, 0])
+            body = p.tx.body
+            t[0] += p.tx.fee + (body.amount if isinstance(body, Transfer | Stake) else 0)
+            t[1] += body.amount if isinstance(body, Stake) else -body.amount if isinstance(body, Unstake) else 0
+        assert pool._queued == recount
     before = state.state_hash()
     _, included, dropped = make_block(state, pool.select(10**6), proposer=PROPOSER, prev_hash=ZERO_HASH, time_ms=0)
     assert dropped == [] and len(included) == len(pool)

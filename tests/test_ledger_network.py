@@ -4,6 +4,7 @@ clear error code, and the node goes on serving."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import msgpack
@@ -73,7 +74,7 @@ async def test_tx_protocol_rejects_bad_input_clearly_and_accepts_a_good_tx(short
         # An oversized frame is refused before it is read; the node serves the next stream.
         with trio.fail_after(10):
             stream = await bob.host.new_stream(alice.host.get_id(), [TX])
-            await stream.write(encode_uvarint(m.MAX_TX_REQUEST + 1) + b"\x00" * 100)
+            await stream.write(encode_uvarint(m.MAX_TX_REQUESTS + 1) + b"\x00" * 100)
             with pytest.raises((StreamReset, StreamEOF, FrameError)):
                 await read_frame(stream, m.MAX_REPLY)
 
@@ -98,3 +99,39 @@ async def test_tx_protocol_rejects_bad_input_clearly_and_accepts_a_good_tx(short
             assert isinstance(err, m.ErrorReply) and err.code == code
         assert alice.chain is not None and alice.chain.tip.height == 1
         assert (await alice._status({}))["height"] == 1
+
+
+async def test_submit_many_answers_each_tx_and_refuses_a_bad_batch(short_tmp: Path) -> None:
+    async with running_nodes(short_tmp, ["alice", "bob"]) as nodes:
+        alice, bob = nodes["alice"], nodes["bob"]
+        chain = alice.genesis.chain_id
+        owner = alice.key.signing_key
+        good = [
+            encode_tx(sign_tx(owner, chain_id=chain, nonce=n, fee=0, body=Transfer(b"\x01" * 32, 10**18)))
+            for n in range(3)
+        ]
+        forged = msgpack.packb([*tx_fields(good[1])[:5], bytes(64)])
+        gap = encode_tx(sign_tx(owner, chain_id=chain, nonce=7, fee=0, body=Transfer(b"\x01" * 32, 1)))
+        batch = [good[0], b"junk", good[0], forged, good[1], good[2], gap]
+        reply = m.decode_submit_many_reply(await ask(bob, alice, TX, m.encode_submit_many(batch), m.MAX_MANY_REPLY), 7)
+        assert reply == [None, "malformed", "duplicate", "bad_signature", None, None, "bad_nonce"]
+        assert alice.chain is not None
+        for tx in good:
+            assert alice.chain.mempool.get(hashlib.sha256(tx).digest()) is not None or alice.chain.locate(
+                hashlib.sha256(tx).digest()
+            )
+
+        # An empty or oversized batch is malformed as a whole; the node serves the next stream.
+        for body in (m.encode_submit_many([]), m.encode_submit_many([good[0]] * (m.MAX_SUBMIT_MANY + 1))):
+            err = m.decode_submit_many_reply(await ask(bob, alice, TX, body, m.MAX_MANY_REPLY), 0)
+            assert isinstance(err, m.ErrorReply) and err.code == "malformed"
+        with trio.fail_after(10):
+            await alice.chain.wait_height(1)
+
+        # The control method: the same answers, per tx, as hashes or codes.
+        methods = alice.control._methods
+        out = await methods["ledger.submit_many"]({"txs": [good[0].hex(), "zz", gap.hex()]})
+        assert out["accepted"] == 0
+        assert [r.get("code") for r in out["results"]] == ["bad_nonce", "invalid_params", "bad_nonce"]
+        with pytest.raises(Exception, match="1..1024"):
+            await methods["ledger.submit_many"]({"txs": []})

@@ -31,6 +31,7 @@ from prsm_node.consensus import (
 )
 from prsm_node.consensus.certs import GENESIS_STATE_DIGEST
 from prsm_node.consensus.messages import Status
+from prsm_node.consensus.replica import RETRANSMIT_REQUESTS, ROUND_TIMEOUT_FACTOR
 from prsm_node.consensus.sim import TEST_CHAIN_ID, Cluster, make_validators, sign_as
 from prsm_node.consensus.viewchange import check_new_view, plan_new_view
 
@@ -244,6 +245,90 @@ def test_progress_resets_the_timeout() -> None:
     c.deliver_all()
     assert [b for _, b in c.delivered[2]] == [(b"r1",)]
     assert c.replicas[2]._failed_vcs == 0 and c.replicas[2]._deadline is None
+
+
+def test_slow_rounds_stretch_the_request_timer_up_to_the_cap() -> None:
+    """A loaded network whose rounds take longer than the base timeout is not taken for a
+    faulty primary: the request timer is at least ROUND_TIMEOUT_FACTOR recent rounds."""
+    c = Cluster()
+    r = c.replicas[2]
+    now = 0.0
+    for k in range(6):  # every round takes 1.5 s (the base timeout is 1 s)
+        c.propose(0, b"slow-%d" % k)
+        c.deliver_all(limit=3)  # the PRE-PREPAREs arrive at once; the rest 1.5 s later
+        now += 1.5
+        c.now = now
+        c.deliver_all()
+    assert r.last_delivered == 6 and r.view == 0
+    assert r._round_time == pytest.approx(1.5)
+    c.submit_all(b"waiting")
+    assert r._deadline == pytest.approx(now + ROUND_TIMEOUT_FACTOR * 1.5)
+    assert r._request_timeout() == pytest.approx(6.0)
+    r._round_time = 1000.0  # a primary cannot stretch it past the maximum timeout
+    assert r._request_timeout() == P.max_view_change_timeout
+
+
+def test_backups_retransmit_few_requests_and_only_when_the_primary_stalls() -> None:
+    c = Cluster()
+    r = c.replicas[1]
+    for k in range(200):
+        r.submit(b"req-%d" % k, 0.0, forward=False)
+    assert not r.submit(b"req-x", 0.0, forward=False).messages  # the host forwarded it already
+    # Nothing delivered for half the timeout: the oldest few, at most RETRANSMIT_REQUESTS a tick.
+    step = r.tick(0.6)
+    requests = [m for m in step.messages if decode(m.data).kind == Kind.REQUEST]
+    assert len(requests) == RETRANSMIT_REQUESTS
+    assert [decode(m.data).request for m in requests][:2] == [b"req-0", b"req-1"]
+    step = r.tick(0.6 + P.status_interval)
+    again = [decode(m.data).request for m in step.messages if decode(m.data).kind == Kind.REQUEST]
+    assert again[0] == b"req-%d" % RETRANSMIT_REQUESTS  # each at most once per timeout
+    # While batches commit, a long queue is not a lost request: nothing is retransmitted.
+    c2 = Cluster()
+    b = c2.replicas[1]
+    for k in range(50):
+        b.submit(b"q-%d" % k, 0.0, forward=False)
+    c2.now = 0.55
+    c2.submit_all(b"moving")
+    c2.propose(0, b"moving")
+    c2.deliver_all()
+    assert b.last_delivered == 1
+    step = b.tick(0.8)
+    assert not [m for m in step.messages if decode(m.data).kind == Kind.REQUEST]
+
+
+def test_a_view_change_no_quorum_joins_follows_a_higher_view_after_a_timeout() -> None:
+    """Replicas split across views (a VIEW-CHANGE lost, a restart) meet again: one stuck
+    without a quorum follows the smallest higher view another validator wants."""
+    c = Cluster()
+    r = c.replicas[1]
+    r.submit(b"stuck", 0.0)
+    r.tick(r._deadline)  # request timer: VIEW-CHANGE for view 1, nobody joins
+    assert (r.view, r.active) == (1, False)
+    vc2 = sign_as(ViewChange(c.keys[0], 2, 0, GENESIS_STATE_DIGEST, (), ()), 0)
+    r.receive(encode(vc2), 1.5)
+    assert r.view == 1  # one is not f + 1
+    assert r._deadline is not None
+    step = r.tick(r._deadline)
+    assert (r.view, r.active) == (2, False)
+    assert [decode(m.data).kind for m in step.messages if decode(m.data).kind == Kind.VIEW_CHANGE]
+    # and a replica further on resends the VIEW-CHANGE a laggard may lack for its view
+    vc1_from_r = r._own_vcs[1]
+    lagging = sign_as(ViewChange(c.keys[3], 1, 0, GENESIS_STATE_DIGEST, (), ()), 3)
+    step = r.receive(encode(lagging), 2.0)
+    assert [m.data for m in step.messages if m.to == c.keys[3]] == [encode(vc1_from_r)]
+
+
+def test_a_round_under_way_extends_the_request_timer() -> None:
+    c = Cluster()
+    r = c.replicas[2]
+    c.submit_all(b"r1")
+    c.queue.clear()  # the backups' REQUESTs to the primary
+    first = r._deadline
+    assert first == P.view_change_timeout
+    c.now = 0.9
+    c.propose(0, b"r1")
+    c.deliver_all(limit=3)  # only the PRE-PREPAREs
+    assert r._deadline is not None and r._deadline > first  # the next seq was pre-prepared
 
 
 def test_f_plus_one_view_changes_pull_a_replica_to_the_smallest_higher_view() -> None:

@@ -17,8 +17,10 @@ from ..exceptions import StoreError
 from ..ledger.block import Block
 from ..ledger.codec import decode_tx, tx_hash
 from ..ledger.exceptions import InvalidAmountString, LedgerDecodeError, LedgerError, TxRejected
+from ..ledger.mempool import Pending
 from ..ledger.storage import TxLocation
 from ..ledger.types import Account, Body, Settle, Stake, Transfer, Tx, Unstake, format_amount, parse_amount
+from .messages import MAX_SUBMIT_MANY
 from .net import ChainNet
 from .service import ChainService
 
@@ -114,6 +116,7 @@ class LedgerMethods:
             "stake",
             "unstake",
             "submit",
+            "submit_many",
             "tx",
             "block",
             "history",
@@ -166,6 +169,30 @@ class LedgerMethods:
         except LedgerDecodeError as exc:
             raise RequestError(exc.code, str(exc)) from None
         return await self._submit(tx, params)
+
+    async def submit_many(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Many txs signed elsewhere (hex), admitted in order with one batched signature check;
+        never waits for commits. Per tx: its hash, or the error code and message that refused it."""
+        texts = param(params, "txs", list)
+        if not 1 <= len(texts) <= MAX_SUBMIT_MANY:
+            raise RequestError("invalid_params", f"txs must hold 1..{MAX_SUBMIT_MANY} transactions")
+        results: list[dict[str, Any] | None] = [None] * len(texts)
+        txs: list[Tx] = []
+        where: list[int] = []
+        for i, text in enumerate(texts):
+            try:
+                txs.append(decode_tx(bytes.fromhex(text) if type(text) is str else b""))
+                where.append(i)
+            except ValueError:
+                results[i] = {"code": "invalid_params", "error": f"txs[{i}] is not hex of an encoded transaction"}
+            except LedgerDecodeError as exc:
+                results[i] = {"code": exc.code, "error": str(exc)}
+        for i, result in zip(where, await self.net.submit_many(txs), strict=True):
+            if isinstance(result, Pending):
+                results[i] = {"hash": result.hash.hex()}
+            else:
+                results[i] = {"code": result.code, "error": str(result)}
+        return {"accepted": sum(1 for r in results if r is not None and "hash" in r), "results": results}
 
     async def _submit(
         self, tx: Tx | None, params: dict[str, Any], *, body: Body | None = None, fee: int = 0

@@ -1,9 +1,9 @@
 """Messages of ``/prsm/tx/1.0.0`` and ``/prsm/sync/1.0.0`` (protocols/tx.md, protocols/sync.md).
 
 Each frame (prsm_node.wire framing) is one msgpack array whose first element is its type.
-Requests: ``[SUBMIT, tx]``, ``[WAIT, tx_hash, timeout_ms]``, ``[GET_BLOCKS, from, max, wait_ms]``.
-Replies: ``[OK, ...]`` or ``[ERROR, code, message]``. Decoding is strict: a wrong shape is a
-``MessageError`` (the peer gets a ``malformed`` error, and the stream is closed).
+Requests: ``[SUBMIT, tx]``, ``[WAIT, tx_hash, timeout_ms]``, ``[SUBMIT_MANY, [tx, ...]]``,
+``[GET_BLOCKS, from, max, wait_ms]``. Replies: ``[OK, ...]`` or ``[ERROR, code, message]``.
+Decoding is strict: a wrong shape is a ``MessageError`` (the peer gets a ``malformed`` error, and the stream is closed).
 """
 
 from __future__ import annotations
@@ -23,12 +23,18 @@ SYNC_PROTOCOL = "/prsm/sync/1.0.0"
 SUBMIT = 1
 WAIT = 2
 GET_BLOCKS = 3
+SUBMIT_MANY = 4
 OK = 0
 ERROR = 1
 
 MAX_TX_REQUEST = MAX_TX_SIZE + 64
 MAX_SYNC_REQUEST = 64
 MAX_REPLY = 1024
+MAX_SUBMIT_MANY = 1024  # txs in one SUBMIT_MANY
+MAX_SUBMIT_MANY_BYTES = 1024 * 1024  # sum of their encodings
+MAX_TX_REQUESTS = MAX_SUBMIT_MANY_BYTES + 16 * 1024  # a SUBMIT_MANY frame, with its msgpack overhead
+MAX_MANY_REPLY = MAX_SUBMIT_MANY * 68 + 64  # one nil or error code (<= 64 bytes) per tx
+MAX_CODE = 64
 MAX_SYNC_REPLY = 2 * MAX_BLOCK_SIZE + 64 * 1024
 MAX_WAIT_MS = 30_000
 MAX_BLOCKS_PER_REPLY = 64
@@ -42,6 +48,11 @@ class MessageError(Exception):
 @dataclass(frozen=True)
 class Submit:
     tx: bytes
+
+
+@dataclass(frozen=True)
+class SubmitMany:
+    txs: tuple[bytes, ...]
 
 
 @dataclass(frozen=True)
@@ -93,6 +104,10 @@ def encode_submit(tx: bytes) -> bytes:
     return _pack([SUBMIT, tx])
 
 
+def encode_submit_many(txs: list[bytes]) -> bytes:
+    return _pack([SUBMIT_MANY, txs])
+
+
 def encode_wait(tx_hash: bytes, timeout_ms: int) -> bytes:
     return _pack([WAIT, tx_hash, timeout_ms])
 
@@ -101,10 +116,17 @@ def encode_get_blocks(start: int, count: int, wait_ms: int) -> bytes:
     return _pack([GET_BLOCKS, start, count, wait_ms])
 
 
-def decode_tx_request(data: bytes) -> Submit | Wait:
-    f = _unpack(data, MAX_TX_REQUEST)
+def decode_tx_request(data: bytes) -> Submit | Wait | SubmitMany:
+    f = _unpack(data, MAX_TX_REQUESTS)
     if f[0] == SUBMIT and len(f) == 2:
         return Submit(_bytes(f[1], "tx"))
+    if f[0] == SUBMIT_MANY and len(f) == 2:
+        if type(f[1]) is not list or not 1 <= len(f[1]) <= MAX_SUBMIT_MANY:
+            raise MessageError(f"SUBMIT_MANY holds an array of 1..{MAX_SUBMIT_MANY} txs")
+        txs = tuple(_bytes(tx, f"tx {i}") for i, tx in enumerate(f[1]))
+        if sum(len(tx) for tx in txs) > MAX_SUBMIT_MANY_BYTES:
+            raise MessageError(f"the txs of a SUBMIT_MANY total more than {MAX_SUBMIT_MANY_BYTES} bytes")
+        return SubmitMany(txs)
     if f[0] == WAIT and len(f) == 3:
         return Wait(_bytes(f[1], "tx hash", 32), _uint(f[2], "timeout_ms", MAX_WAIT_MS))
     raise MessageError(f"unknown request type {f[0]} (or wrong length {len(f)})")
@@ -137,6 +159,11 @@ def encode_submitted(tx_hash: bytes) -> bytes:
     return _pack([OK, tx_hash])
 
 
+def encode_submitted_many(codes: list[str | None]) -> bytes:
+    """One entry per tx, in order: nil when admitted, else the error code that refused it."""
+    return _pack([OK, [None if c is None else _cut(c, MAX_CODE) for c in codes]])
+
+
 def encode_committed(tx_hash: bytes, height: int, block_hash: bytes) -> bytes:
     return _pack([OK, tx_hash, height, block_hash])
 
@@ -161,6 +188,19 @@ def decode_submit_reply(data: bytes) -> bytes | ErrorReply:
     if f[0] == OK and len(f) == 2:
         return _bytes(f[1], "tx hash", 32)
     raise MessageError("a submit reply is [0, tx_hash] or an error")
+
+
+def decode_submit_many_reply(data: bytes, count: int) -> list[str | None] | ErrorReply:
+    f = _unpack(data, MAX_MANY_REPLY)
+    err = _error(f)
+    if err is not None:
+        return err
+    if f[0] != OK or len(f) != 2 or type(f[1]) is not list or len(f[1]) != count:
+        raise MessageError(f"a SUBMIT_MANY reply is [0, [nil | code, ...]] with {count} entries, or an error")
+    for c in f[1]:
+        if c is not None and (type(c) is not str or len(c.encode()) > MAX_CODE):
+            raise MessageError("a SUBMIT_MANY reply entry is nil or an error code")
+    return list(f[1])
 
 
 def decode_wait_reply(data: bytes) -> tuple[bytes, int, bytes] | ErrorReply:

@@ -5,6 +5,7 @@ follower's sync loop. See protocols/tx.md and protocols/sync.md.
 
 from __future__ import annotations
 
+import collections
 import logging
 import random
 import time
@@ -21,7 +22,7 @@ from ..exceptions import DiscoveryError
 from ..kad.service import Kademlia
 from ..ledger.block import BlockRejected
 from ..ledger.codec import decode_tx
-from ..ledger.exceptions import DuplicateTx, LedgerDecodeError, TxRejected
+from ..ledger.exceptions import BadNonce, DuplicateTx, LedgerDecodeError, TxRejected
 from ..ledger.mempool import Pending
 from ..ledger.types import Body, Tx
 from ..logs import kv
@@ -39,7 +40,9 @@ REQUEST_TIMEOUT = 10.0
 SYNC_WAIT_MS = 10_000
 SYNC_BATCH = 64
 SYNC_BACKOFF_MAX = 10.0
+CONSENSUS_SYNC_POLL = 1.0  # seconds between a PBFT validator's catch-up polls while in step
 REBROADCAST_BATCH = 256
+MAX_FORWARD_QUEUE = 65536  # txs waiting on one validator link
 
 
 class ChainNet:
@@ -78,31 +81,35 @@ class ChainNet:
         (unless one of them sent it): each must time the request, so that a primary that
         ignores it is replaced."""
         entry = await self.chain.submit(tx, body=body, fee=fee)
-        if not self.chain.solo and not (self.chain.is_validator and from_validator):
-            self._nursery.start_soon(self._forward, entry)
+        if self._forwards(from_validator):
+            self._forward([entry])
         return entry
 
-    async def _forward(self, entry: Pending) -> None:
-        """To every validator at once: one that is down must not delay the others."""
-        async with trio.open_nursery() as nursery:
-            for account, peer in self.chain.validator_peers.items():
-                if account != self.chain.account:
-                    nursery.start_soon(self._forward_to, peer, entry)
+    async def submit_many(self, txs: list[Tx], *, from_validator: bool = False) -> list[Pending | TxRejected]:
+        """Admit many txs at once (``ChainService.submit_many``) and forward those admitted
+        like ``submit``. Returns, per tx, its mempool entry or why it was refused."""
+        results = await self.chain.submit_many(txs)
+        admitted = [r for r in results if isinstance(r, Pending)]
+        if admitted and self._forwards(from_validator):
+            self._forward(admitted)
+        return results
 
-    async def _forward_to(self, peer: str, entry: Pending) -> None:
-        try:
-            await self._send_submit(ID.from_base58(peer), entry.encoded)
-            self.txs_forwarded += 1
-        except (OSError, FrameError, m.MessageError, DiscoveryError, trio.TooSlowError) as exc:
-            log.info("forward failed", extra=kv(peer=peer, tx=entry.hash.hex()[:16], error=str(exc)))
+    def _forwards(self, from_validator: bool) -> bool:
+        return not self.chain.solo and not (self.chain.is_validator and from_validator)
 
-    async def _send_submit(self, peer: ID, encoded: bytes) -> None:
+    def _forward(self, entries: list[Pending]) -> None:
+        """Queue the txs on the link to every other validator; each link sends its queue in
+        SUBMIT_MANY batches from its own task, so a validator that is down delays no one."""
+        for account, peer in self.chain.validator_peers.items():
+            if account != self.chain.account:
+                self._link(ID.from_base58(peer)).enqueue([e.encoded for e in entries])
+
+    def _link(self, peer: ID) -> _TxLink:
         link = self._links.get(peer)
         if link is None:
             link = self._links[peer] = _TxLink(self, peer)
-        reply = m.decode_submit_reply(await link.request(m.encode_submit(encoded)))
-        if isinstance(reply, m.ErrorReply) and reply.code != DuplicateTx.code:
-            log.info("validator refused a tx", extra=kv(peer=str(peer), code=reply.code, error=reply.message))
+            self._nursery.start_soon(link.run)
+        return link
 
     async def _open(self, peer: ID, protocol: TProtocol) -> INetStream:
         if peer not in self.host.get_network().connections:
@@ -134,8 +141,9 @@ class ChainNet:
         while True:
             await trio.sleep(interval)
             old = time.monotonic() - interval
-            for entry in [p for p in self.chain.mempool.pending() if p.received <= old][:REBROADCAST_BATCH]:
-                await self._forward(entry)
+            due = [p for p in self.chain.mempool.pending() if p.received <= old][:REBROADCAST_BATCH]
+            if due:
+                self._forward(due)
 
     # ------------------------------------------------------------ serving /prsm/tx
 
@@ -144,7 +152,7 @@ class ChainNet:
         for _ in range(MAX_REQUESTS_PER_STREAM):
             try:
                 with trio.fail_after(INBOUND_IDLE_TIMEOUT):
-                    body = await read_frame(stream, m.MAX_TX_REQUEST)
+                    body = await read_frame(stream, m.MAX_TX_REQUESTS)
             except StreamEOF:
                 return
             try:
@@ -155,6 +163,8 @@ class ChainNet:
                 return
             if isinstance(request, m.Submit):
                 await write_frame(stream, await self._answer_submit(request.tx, peer))
+            elif isinstance(request, m.SubmitMany):
+                await write_frame(stream, await self._answer_submit_many(request.txs, peer))
             else:
                 await write_frame(stream, await self._answer_wait(request))
 
@@ -166,6 +176,23 @@ class ChainNet:
             log.debug("tx refused", extra=kv(peer=str(peer), code=exc.code, error=str(exc)))
             return m.encode_error(exc.code, str(exc))
         return m.encode_submitted(entry.hash)
+
+    async def _answer_submit_many(self, items: tuple[bytes, ...], peer: ID) -> bytes:
+        self.txs_received += len(items)
+        codes: list[str | None] = [None] * len(items)
+        txs: list[Tx] = []
+        where: list[int] = []
+        for i, data in enumerate(items):
+            try:
+                txs.append(decode_tx(data))
+                where.append(i)
+            except LedgerDecodeError as exc:
+                codes[i] = exc.code
+        results = await self.submit_many(txs, from_validator=str(peer) in self._validator_ids)
+        for i, result in zip(where, results, strict=True):
+            if not isinstance(result, Pending):
+                codes[i] = result.code
+        return m.encode_submitted_many(codes)
 
     async def _answer_wait(self, request: m.Wait) -> bytes:
         with trio.move_on_after(request.timeout_ms / 1000):
@@ -226,6 +253,7 @@ class ChainNet:
         backoff = 0.5
         while True:
             progressed = False
+            height_before = self.chain.tip.height
             for peer in self._sync_sources():
                 try:
                     progressed = await self._sync_from(peer)
@@ -243,7 +271,9 @@ class ChainNet:
                 if progressed:
                     self._preferred = peer
                     break  # else: a source that claims more blocks than it sends; try the next
-            if progressed:
+            if progressed and self.chain.consensus_running and self.chain.tip.height == height_before:
+                await trio.sleep(CONSENSUS_SYNC_POLL)  # in step with the others: poll again later
+            elif progressed:
                 backoff = 0.5
             else:
                 await trio.sleep(backoff * random.uniform(0.75, 1.25))
@@ -253,7 +283,10 @@ class ChainNet:
         """One long-poll round with ``peer``; True when at least one block was applied or the
         peer confirmed we are at its tip."""
         start = self.chain.tip.height + 1
-        body = m.encode_get_blocks(start, SYNC_BATCH, SYNC_WAIT_MS)
+        # A validator whose consensus runs gets each block from PBFT; it only polls, to catch
+        # up when it fell behind (a long-poll would fetch, decode and drop every block again).
+        wait_ms = 0 if self.chain.consensus_running else SYNC_WAIT_MS
+        body = m.encode_get_blocks(start, SYNC_BATCH, wait_ms)
         data = await self._request(peer, SYNC, body, m.MAX_SYNC_REPLY, REQUEST_TIMEOUT + SYNC_WAIT_MS / 1000)
         reply = m.decode_blocks_reply(data)
         if isinstance(reply, m.ErrorReply):
@@ -273,9 +306,12 @@ class ChainNet:
 
 class _TxLink:
     """One reused ``/prsm/tx/1.0.0`` stream to a validator for forwarded txs: opening a stream
-    costs two multistream round trips (~5 ms), far more than a SUBMIT. Requests on it take
-    turns; a stream that the peer closed (request limit, idle timeout, restart) is replaced
-    once, transparently."""
+    costs two multistream round trips (~5 ms), far more than a request. Txs to forward queue
+    here and go out in SUBMIT_MANY batches from the link's own task: a batch takes whatever
+    queued while the previous one was in flight, so under load batches grow and each costs
+    one round trip. A stream that the peer closed (request limit, idle timeout, restart) is
+    replaced once, transparently; a batch that still fails is dropped (logged): followers
+    rebroadcast, and a validator's replica retransmits requests the primary seems to lack."""
 
     def __init__(self, net: ChainNet, peer: ID) -> None:
         self._net = net
@@ -283,6 +319,51 @@ class _TxLink:
         self._stream: INetStream | None = None
         self._used = 0
         self._lock = trio.Lock()
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._wake = trio.Event()
+        self.dropped = 0
+
+    def enqueue(self, encoded: list[bytes]) -> None:
+        self._queue.extend(encoded)
+        overflow = len(self._queue) - MAX_FORWARD_QUEUE
+        if overflow > 0:
+            for _ in range(overflow):
+                self._queue.popleft()
+            self.dropped += overflow
+            log.warning("forward queue full: oldest txs dropped", extra=kv(peer=str(self._peer), dropped=overflow))
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            while self._queue:
+                batch: list[bytes] = []
+                size = 0
+                while self._queue and len(batch) < m.MAX_SUBMIT_MANY:
+                    if size + len(self._queue[0]) > m.MAX_SUBMIT_MANY_BYTES:
+                        break
+                    size += len(self._queue[0])
+                    batch.append(self._queue.popleft())
+                await self._send(batch)
+
+    async def _send(self, batch: list[bytes]) -> None:
+        net = self._net
+        try:
+            reply = m.decode_submit_many_reply(await self.request(m.encode_submit_many(batch)), len(batch))
+        except (OSError, FrameError, m.MessageError, DiscoveryError, trio.TooSlowError) as exc:
+            self.dropped += len(batch)
+            log.info("forward failed", extra=kv(peer=str(self._peer), txs=len(batch), error=str(exc)))
+            return
+        if isinstance(reply, m.ErrorReply):
+            self.dropped += len(batch)
+            log.info("validator refused a batch", extra=kv(peer=str(self._peer), code=reply.code, error=reply.message))
+            return
+        net.txs_forwarded += len(batch)
+        # duplicate / bad_nonce: it had the tx already, or committed it meanwhile
+        refused = collections.Counter(c for c in reply if c not in (None, DuplicateTx.code, BadNonce.code))
+        if refused:
+            log.info("validator refused txs", extra=kv(peer=str(self._peer), codes=dict(refused)))
 
     async def request(self, body: bytes) -> bytes:
         async with self._lock:
@@ -294,7 +375,7 @@ class _TxLink:
                         self._used = 0
                     try:
                         await write_frame(self._stream, body)
-                        reply = await read_frame(self._stream, m.MAX_REPLY)
+                        reply = await read_frame(self._stream, m.MAX_MANY_REPLY)
                     except (StreamEOF, FrameError, OSError, IOException) as exc:
                         await self._drop()
                         if attempt:

@@ -48,7 +48,15 @@ from ..ledger.block import (
     verify_certificate,
 )
 from ..ledger.codec import encode_tx, tx_hash
-from ..ledger.exceptions import BadSignature, LedgerDecodeError, SupplyViolation
+from ..ledger.exceptions import (
+    BadNonce,
+    BadSignature,
+    DuplicateTx,
+    LedgerDecodeError,
+    MalformedTx,
+    SupplyViolation,
+    TxRejected,
+)
 from ..ledger.mempool import Mempool, Pending
 from ..ledger.signing import sign_tx
 from ..ledger.state import LedgerState
@@ -95,8 +103,8 @@ class ChainService:
         except ConfigurationError:
             self.validator_set = None  # 2 or 3 validators: PBFT needs at least 4
         self.consensus_running = False
-        # Set by the consensus service: called with every tx this node admits to its mempool.
-        self.on_admitted: Callable[[Pending], None] | None = None
+        # Set by the consensus service: called with the txs this node admits to its mempool.
+        self.on_admitted: Callable[[list[Pending]], None] | None = None
         self._state: LedgerState | None = None
         self._mempool: Mempool | None = None
         self.tip = Tip(0, bytes(32), 0)
@@ -161,11 +169,61 @@ class ChainService:
                 nonce = self.mempool.next_nonce(self.account)
                 tx = sign_tx(self.key.signing_key, chain_id=self.state.chain_id, nonce=nonce, fee=fee, body=body)
             entry = self.mempool.add(tx, now=time.monotonic(), verified=True)
+        self._admitted([entry])
+        return entry
+
+    async def submit_many(self, txs: Sequence[Tx]) -> list[Pending | TxRejected]:
+        """Admit many signed txs, in order: one batched signature check (on the verifier's
+        worker process when there are enough) and one turn of the lock for all of them.
+        Returns, per tx, its mempool entry or the TxRejected that refused it. Txs that are
+        pending already, or whose nonce is used, are refused before their signature check."""
+        out: list[Pending | TxRejected] = [DuplicateTx("unchecked")] * len(txs)
+        todo: list[int] = []
+        for i, tx in enumerate(txs):
+            try:
+                encode_tx(tx)
+                if tx_hash(tx) in self.mempool:
+                    raise DuplicateTx(f"tx {tx_hash(tx).hex()} is already pending")
+                used = self.state.account(tx.sender).nonce
+                if tx.nonce < used:
+                    raise BadNonce(tx.sender, used, tx.nonce)
+            except TxRejected as exc:
+                out[i] = exc
+                continue
+            except LedgerDecodeError as exc:
+                out[i] = MalformedTx(str(exc))
+                continue
+            todo.append(i)
+        oks = await self.verifier.verify_many([txs[i] for i in todo])
+        admitted: list[Pending] = []
+        async with self._lock:
+            now = time.monotonic()
+            for i, ok in zip(todo, oks, strict=True):
+                tx = txs[i]
+                if not ok:
+                    out[i] = BadSignature(f"tx from {tx.sender.hex()} nonce {tx.nonce}: a signature does not verify")
+                    continue
+                try:
+                    entry = self.mempool.add(tx, now=now, verified=True)
+                except TxRejected as exc:
+                    out[i] = exc
+                    continue
+                out[i] = entry
+                admitted.append(entry)
+        if admitted:
+            self._admitted(admitted)
+        return out
+
+    def _admitted(self, entries: list[Pending]) -> None:
         if self.on_admitted is not None:
-            self.on_admitted(entry)
+            self.on_admitted(entries)
         self._new_tx.set()
         self._new_tx = trio.Event()
-        return entry
+
+    def known_tx(self, digest: bytes) -> Tx | None:
+        """The decoded tx of this hash if the mempool holds it (admitted: canonical, checked)."""
+        entry = self.mempool.get(digest)
+        return entry.tx if entry is not None else None
 
     def locate(self, digest: bytes) -> Committed | None:
         where = self.ledger.locate(digest)
@@ -249,6 +307,8 @@ class ChainService:
                 except (BlockRejected, LedgerDecodeError) as exc:
                     error = exc
                     break
+                if block.height <= self.tip.height:  # consensus got there first: no checks
+                    continue
                 verdict = _Verdict()
                 nursery.start_soon(self._check_signatures, txs, verdict)
                 checked.append((block, txs, cert, verdict))
@@ -368,6 +428,7 @@ class ChainService:
                     prev_hash=self.tip.hash,
                     prev_time_ms=self.tip.time_ms,
                     null_proposer=self.validator_order[0],
+                    known=self.known_tx,
                 )
             except BaseException:
                 self.state.revert_to_checkpoint()

@@ -40,12 +40,14 @@ def signatures_valid(tx: Tx) -> bool:
 
 
 class _Request:
-    __slots__ = ("tx", "done", "ok")
+    """One caller's txs (one, or a whole submission) and, once checked, a verdict per tx."""
 
-    def __init__(self, tx: Tx) -> None:
-        self.tx = tx
+    __slots__ = ("txs", "done", "ok")
+
+    def __init__(self, txs: list[Tx]) -> None:
+        self.txs = txs
         self.done = trio.Event()
-        self.ok = False
+        self.ok: list[bool] = []
 
 
 class SignatureVerifier:
@@ -71,16 +73,22 @@ class SignatureVerifier:
                     while self._queue:
                         # One batch at a time: submissions that arrive meanwhile make the next
                         # batch larger, which is what keeps the per-batch overhead small.
-                        batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                        take, size = 0, 0
+                        while take < len(self._queue) and (not take or size + len(self._queue[take].txs) <= MAX_BATCH):
+                            size += len(self._queue[take].txs)
+                            take += 1
+                        batch, self._queue = self._queue[:take], self._queue[take:]
                         await self._answer(batch)
         finally:
             with trio.CancelScope(shield=True):
                 await self.aclose()
 
     async def _answer(self, batch: list[_Request]) -> None:
-        results = await self._check([r.tx for r in batch])
-        for request, ok in zip(batch, results, strict=True):
-            request.ok = ok
+        results = await self._check_batch([tx for r in batch for tx in r.txs])
+        at = 0
+        for request in batch:
+            request.ok = results[at : at + len(request.txs)]
+            at += len(request.txs)
             request.done.set()
         self.batches += 1
 
@@ -91,18 +99,25 @@ class SignatureVerifier:
 
     async def verify(self, tx: Tx) -> bool:
         """True when every signature in ``tx`` verifies."""
-        request = _Request(tx)
+        return (await self.verify_many([tx]))[0]
+
+    async def first_invalid(self, txs: list[Tx]) -> int | None:
+        """The index of the first tx whose signatures fail, or None (a block's txs; checked
+        at once, beside the queue, so a synced block's check pipelines with the next one's)."""
+        results = await self._check_batch(txs)
+        return next((i for i, ok in enumerate(results) if not ok), None)
+
+    async def verify_many(self, txs: list[Tx]) -> list[bool]:
+        """Per tx, True when every signature in it verifies; checked as one batch."""
+        if not txs:
+            return []
+        request = _Request(list(txs))  # queued: concurrent submissions batch up
         self._queue.append(request)
         self._wake.set()
         await request.done.wait()
         return request.ok
 
-    async def first_invalid(self, txs: list[Tx]) -> int | None:
-        """The index of the first tx whose signatures fail, or None (a block's txs)."""
-        results = await self._check(txs)
-        return next((i for i, ok in enumerate(results) if not ok), None)
-
-    async def _check(self, txs: list[Tx]) -> list[bool]:
+    async def _check_batch(self, txs: list[Tx]) -> list[bool]:
         per_tx = [triples_of(tx) for tx in txs]
         triples = [t for ts in per_tx for t in ts]
         results = await self._verify(triples)
@@ -174,7 +189,7 @@ class _Worker:
 
     async def verify(self, triples: list[Triple]) -> list[bool]:
         assert self._process.stdin is not None
-        body = msgpack.packb([list(t) for t in triples])
+        body = msgpack.packb(triples)  # tuples pack as arrays
         entry = _Pending(len(triples))
         async with self._send_lock:
             if self._failed is not None:

@@ -11,6 +11,7 @@ batch and the chain before it. The checkpoint digest a replica reports is that b
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ import msgpack
 
 from ..chain.verifier import signatures_valid
 from ..ledger.block import MAX_BLOCK_TXS, Block, make_block
-from ..ledger.codec import decode_tx, tx_hash
+from ..ledger.codec import decode_tx
 from ..ledger.exceptions import LedgerDecodeError
 from ..ledger.state import LedgerState
 from ..ledger.types import Tx
@@ -54,16 +55,25 @@ def decode_meta(data: bytes) -> tuple[bytes, int]:
     return value[1], value[2]
 
 
+Known = Callable[[bytes], "Tx | None"]
+"""A tx this node checked already (its mempool), by the SHA-256 of its encoding, or None."""
+
+
+def _unknown(digest: bytes) -> Tx | None:
+    return None
+
+
 def check_batch(
     chain_id: str,
     validators: frozenset[bytes],
     batch: Sequence[bytes],
     *,
-    known_valid: Callable[[bytes], bool] = lambda digest: False,
+    known: Known = _unknown,
 ) -> None:
     """What a backup checks before it accepts a PRE-PREPARE (BadBatch on any defect): the
     meta names a validator; every tx decodes canonically, is for this chain, appears once,
-    and its signatures verify (skipped for txs ``known_valid`` by hash, e.g. in the mempool).
+    and its signatures verify. A tx ``known`` by the hash of its bytes (in the mempool:
+    decoded, canonical and verified on admission) is not decoded or verified again.
     Nothing here depends on the ledger state, so every honest replica agrees."""
     if not batch:
         return
@@ -74,17 +84,20 @@ def check_batch(
         raise BadBatch(f"a batch holds at most {MAX_BLOCK_TXS} txs")
     seen: set[bytes] = set()
     for i, raw in enumerate(batch[1:]):
+        digest = hashlib.sha256(raw).digest()  # = tx_hash of the decoded tx
+        if digest in seen:
+            raise BadBatch(f"batch tx {i} appears twice")
+        seen.add(digest)
+        tx = known(digest)
+        if tx is not None and tx.chain_id == chain_id:
+            continue
         try:
             tx = decode_tx(raw)
         except LedgerDecodeError as exc:
             raise BadBatch(f"batch tx {i}: {exc}") from None
         if tx.chain_id != chain_id:
             raise BadBatch(f"batch tx {i} is for chain {tx.chain_id!r}")
-        digest = tx_hash(tx)
-        if digest in seen:
-            raise BadBatch(f"batch tx {i} appears twice")
-        seen.add(digest)
-        if not known_valid(digest) and not signatures_valid(tx):
+        if not signatures_valid(tx):
             raise BadBatch(f"batch tx {i}: a signature does not verify")
 
 
@@ -97,11 +110,18 @@ class Executed:
 
 
 def execute_batch(
-    state: LedgerState, batch: Sequence[bytes], *, prev_hash: bytes, prev_time_ms: int, null_proposer: bytes
+    state: LedgerState,
+    batch: Sequence[bytes],
+    *,
+    prev_hash: bytes,
+    prev_time_ms: int,
+    null_proposer: bytes,
+    known: Known = _unknown,
 ) -> Executed:
     """Apply ``batch`` on ``state`` as the next block; ``state`` is left with the block
     applied (not checkpointed: the caller commits or reverts). Deterministic: a tx that does
-    not decode or does not apply is skipped, listed in ``skipped`` (batch tx index, bytes)."""
+    not decode or does not apply is skipped, listed in ``skipped`` (batch tx index, bytes).
+    A tx ``known`` by the hash of its bytes is taken as decoded already (the same value)."""
     if batch:
         try:
             proposer, time_ms = decode_meta(batch[0])
@@ -113,8 +133,9 @@ def execute_batch(
     decoded: list[tuple[int, Tx]] = []
     skipped: list[tuple[int, bytes]] = []
     for i, data in enumerate(raw):
+        found = known(hashlib.sha256(data).digest()) if known is not _unknown else None
         try:
-            tx = decode_tx(data)
+            tx = found if found is not None else decode_tx(data)
         except LedgerDecodeError:
             skipped.append((i, data))
             continue

@@ -98,6 +98,10 @@ from .records import (
 from .viewchange import NewViewPlan, check_new_view, check_view_change, plan_new_view
 
 ValidateBatch = Callable[[int, Batch], bool]
+OWN_VIEW_CHANGES_KEPT = 4  # past views whose VIEW-CHANGE a replica still resends to laggards
+ROUND_TIMEOUT_FACTOR = 4.0  # the request timer is at least this many recent commit rounds
+RETRANSMIT_REQUESTS = 64  # most REQUESTs a backup retransmits to the primary per status interval
+
 _M = TypeVar("_M", Request, PrePrepare, Prepare, Commit, Checkpoint, ViewChange, NewView, Status, Committed)
 
 
@@ -146,16 +150,27 @@ class Replica:
         self._vc_current: dict[bytes, ViewChange] = {}
         self._vc_future: dict[bytes, ViewChange] = {}
         self._outstanding: dict[bytes, tuple[bytes, float]] = {}
+        self._resent: dict[bytes, float] = {}  # request digest -> when last retransmitted
         self._committed_requests: dict[bytes, int] = {}
         self._reported: set[tuple[int, bytes, int, int]] = set()
         self._failed_vcs = 0
         self._deadline: float | None = None
+        self._now = now
+        self._round_time = 0.0  # moving average of the time between deliveries while waiting
+        self._last_progress = now  # when a batch was last delivered
+        self._armed_at = now  # when the request timer was last started
+        self._phase_progress = False  # the next seq to deliver moved a phase on in this step
+        self._own_vcs: dict[int, ViewChange] = {}  # the VIEW-CHANGEs we sent, for recent views
+        self._vc_quorum = False  # a quorum of VIEW-CHANGEs for the view we are changing to
+        self._committed_at: dict[int, float] = {}  # seq -> when its commit certificate formed here
+        self._committed_msgs: dict[int, Committed] = {}  # seq -> our signed COMMITTED (for laggards)
         self._next_status = now + params.status_interval
         self._status_once = False
         self._fetch: FetchState | None = None
         self._next_seq = 1
         self._progress = False
         self._out = Step()
+        self._now = now
 
     # ======================================================== queries
 
@@ -223,20 +238,24 @@ class Replica:
         """Handle a decoded message (``receive`` without the decoding)."""
         self.vs.check(m)
         self._out = Step()
+        self._now = now
         if m.sender != self.me or isinstance(m, NewView):
             self._dispatch(m, now)
         return self._finish(now)
 
-    def submit(self, request: bytes, now: float) -> Step:
+    def submit(self, request: bytes, now: float, *, forward: bool = True) -> Step:
         """A validated request from the mempool: remember it until it commits (its timer may
-        lead to a view change) and, on a backup, forward it to the primary."""
+        lead to a view change) and, on a backup, forward it to the primary (``forward=False``
+        when the host has sent it to the primary already; it is still retransmitted to the
+        primary if it waits half the view-change timeout)."""
         if type(request) is not bytes or not 1 <= len(request) <= MAX_REQUEST_SIZE:
             raise HostError(f"a request is 1..{MAX_REQUEST_SIZE} bytes")
         self._out = Step()
+        self._now = now
         digest = request_digest(request)
         if digest not in self._committed_requests and digest not in self._outstanding:
             self._outstanding[digest] = (request, now)
-            if not self.is_primary:
+            if forward and not self.is_primary:
                 self._send(self._sign(Request(self.me, request)), self.primary)
         return self._finish(now)
 
@@ -256,6 +275,7 @@ class Replica:
         except InvalidBatch as exc:
             raise ProposalRefused(str(exc)) from None
         self._out = Step()
+        self._now = now
         seq, digest = self._next_seq, batch_digest(self.vs.chain_id, batch)
         self._next_seq += 1
         pp = self._sign(PrePrepare(self.me, self.view, seq, digest, batch))
@@ -273,6 +293,7 @@ class Replica:
             raise HostError(f"executed({seq}) out of turn: last executed {self.last_executed}, "
                             f"last delivered {self.last_delivered}")
         self._out = Step()
+        self._now = now
         self.last_executed = seq
         if seq % self.params.checkpoint_interval == 0:
             self._own_checkpoints[seq] = state_digest
@@ -288,20 +309,26 @@ class Replica:
         """The host now holds the state at ``seq`` asked for by the last FetchState. A result
         for an older FetchState is ignored (an empty Step)."""
         self._out = Step()
+        self._now = now
         if self._fetch is not None and (seq, state_digest) == (self._fetch.seq, self._fetch.state_digest):
             self._fetch = None
             self.last_executed = self.last_delivered = seq
             self._own_checkpoints[seq] = state_digest
             self._commits = {s: c for s, c in self._commits.items() if s > seq}
+            self._committed_at = {s: t for s, t in self._committed_at.items() if s > seq}
             self._try_deliver()
         return self._finish(now)
 
     def tick(self, now: float) -> Step:
         """Timers: the view-change timeout, then STATUS and retransmissions."""
         self._out = Step()
+        self._now = now
         if self._deadline is not None and now >= self._deadline:
             self._deadline = None
-            self._start_view_change(self.view + 1, now)
+            if self.active or self._vc_quorum:
+                self._start_view_change(self.view + 1, now)
+            else:
+                self._unstick(now)
         if now >= self._next_status:
             self._next_status = now + self.params.status_interval
             self._retransmit(now)
@@ -364,9 +391,10 @@ class Replica:
         if not active:
             # The VIEW-CHANGE messages it had collected are lost: start the timer now rather
             # than wait for a quorum that the others, already further on, may never resend.
-            r._vc_current[r.me] = r._make_view_change()
+            r._vc_current[r.me] = r._own_vcs[view] = r._make_view_change()
             r._failed_vcs = 1
             r._deadline = now + params.timeout(r._failed_vcs)
+            r._vc_quorum = True  # on expiry, move on to the next view (as after a quorum)
         r._status_once = True
         r._out = Step()
         if not r._can_reach(r.stable_seq):
@@ -434,6 +462,7 @@ class Replica:
             slot.rejected = True
             return
         self._keep_batch(pp.seq, pp.digest, pp.batch)
+        self._phase_progress |= pp.seq == self.last_delivered + 1
         self._vote(Kind.PREPARE, slot, pp.seq, pp.digest)
         self._check_prepared(pp.seq, slot)
 
@@ -476,6 +505,7 @@ class Replica:
         if len(matching) < need:
             return
         slot.prepared = True
+        self._phase_progress |= seq == self.last_delivered + 1
         sigs = sorted_sigs((p.sender, p.signature) for p in matching)[:need]
         cert = PreparedCert(slot.view, seq, pp.digest, pp.signature, sigs)
         self._prepared[seq] = cert
@@ -496,6 +526,7 @@ class Replica:
 
     def _commit(self, cert: CommitCertificate) -> None:
         self._commits[cert.seq] = cert
+        self._committed_at[cert.seq] = self._now
         self._out.records.append(CommitRecord(cert))
         self._try_deliver()
 
@@ -508,6 +539,9 @@ class Replica:
                 return
             self.last_delivered = seq
             self._progress = True
+            if self._deadline is not None and self.active:  # something waited for this
+                took = max(self._now - max(self._last_progress, self._armed_at), 0.0)
+                self._round_time = took if not self._round_time else 0.75 * self._round_time + 0.25 * took
             self._out.committed.append(CommittedBatch(seq, batch, cert))
             for request in batch:
                 digest = request_digest(request)
@@ -611,6 +645,8 @@ class Replica:
         self._commits = {
             s: c for s, c in self._commits.items() if s > seq or (keep_undelivered and s > self.last_delivered)
         }
+        self._committed_at = {s: t for s, t in self._committed_at.items() if s in self._commits}
+        self._committed_msgs = {s: x for s, x in self._committed_msgs.items() if s > seq}
         self._checkpoints = {s: g for s, g in self._checkpoints.items() if s > seq}
         self._own_checkpoints = {s: d for s, d in self._own_checkpoints.items() if s >= seq}
         self._votes = {key: d for key, d in self._votes.items() if key[2] > seq}
@@ -631,14 +667,29 @@ class Replica:
             ViewChange(self.me, self.view, self.stable_seq, self.stable_digest, self.stable_cert, prepared)
         )
 
+    def _unstick(self, now: float) -> None:
+        """A view change that no quorum joined within a timeout: replicas ended up in
+        different views (lost VIEW-CHANGEs, a restart). Follow the smallest higher view some
+        validator wants, where the others may be waiting; else keep waiting (and resending)."""
+        higher = [x.view for x in self._vc_future.values() if x.view > self.view]
+        if higher:
+            self._start_view_change(min(higher), now)
+        else:
+            self._deadline = now + self.params.timeout(self._failed_vcs)
+
     def _start_view_change(self, view: int, now: float) -> None:
         self.view, self.active, self._new_view = view, False, None
         self._failed_vcs += 1
-        self._deadline = None
+        # Until a quorum wants this view too, this timer only decides when to look for the
+        # others in a higher view (``_unstick``); with a quorum it restarts for the NEW-VIEW.
+        self._deadline = now + self.params.timeout(self._failed_vcs)
+        self._vc_quorum = False
         self._out.records.append(ViewRecord(view, False))
         self._slots = {}
         self._votes = {key: d for key, d in self._votes.items() if key[1] >= view}
         vc = self._make_view_change()
+        self._own_vcs = {v: x for v, x in self._own_vcs.items() if v >= view - OWN_VIEW_CHANGES_KEPT}
+        self._own_vcs[view] = vc
         self._vc_current = {s: x for s, x in self._vc_future.items() if x.view == view}
         self._vc_current[self.me] = vc
         self._vc_future = {s: x for s, x in self._vc_future.items() if x.view > view}
@@ -653,6 +704,11 @@ class Replica:
         if vc.view < self.view or (vc.view == self.view and self.active):
             if self.active and self._new_view is not None:
                 self._send(self._new_view, vc.sender)  # it lags: show it the view we are in
+            elif vc.view in self._own_vcs:
+                # We moved on from that view change (our timer expired after a quorum) but it
+                # may lack our VIEW-CHANGE for it (lost): without it, it can neither complete
+                # that view nor, by the f + 1 rule alone, follow us.
+                self._send(self._own_vcs[vc.view], vc.sender)
             return
         if vc.view == self.view:
             self._vc_current[vc.sender] = vc
@@ -670,7 +726,8 @@ class Replica:
     def _check_view_change_quorum(self, now: float) -> None:
         if self.active or len(self._vc_current) < self.vs.quorum:
             return
-        if self._deadline is None:
+        if not self._vc_quorum:  # a quorum for this view: the new primary gets a full timeout
+            self._vc_quorum = True
             self._deadline = now + self.params.timeout(self._failed_vcs)
         if self.is_primary and self._new_view is None:
             self._send_new_view(now)
@@ -751,11 +808,33 @@ class Replica:
         if not self.active:
             self._send(self._vc_current[self.me])
         elif not self.is_primary and self._outstanding:
-            busy = self._in_flight()
-            old = now - self.params.view_change_timeout / 2
-            stale = [r for d, (r, since) in self._outstanding.items() if since <= old and d not in busy]
-            for request in stale[: self.params.max_batch_requests]:
-                self._send(self._sign(Request(self.me, request)), self.primary)
+            self._retransmit_requests(now)
+
+    def _retransmit_requests(self, now: float) -> None:
+        """Requests not in a proposal that the primary may lack: those waiting half the
+        view-change timeout when nothing was delivered for that long, or waiting four request
+        timeouts while batches commit (a long queue under load is not a lost request). Oldest
+        first, each at most once per timeout, and at most RETRANSMIT_REQUESTS per status
+        interval, so that a backlog never turns into a storm of signed REQUESTs."""
+        timeout = self.params.view_change_timeout
+        old = now - timeout / 2
+        if self._last_progress > old:
+            old = now - 4 * self._request_timeout()
+        self._resent = {d: t for d, t in self._resent.items() if d in self._outstanding and t > now - timeout}
+        busy: set[bytes] | None = None
+        sent = 0
+        for digest, (request, since) in self._outstanding.items():  # in arrival order
+            if since > old or sent >= RETRANSMIT_REQUESTS:
+                break
+            if digest in self._resent:
+                continue
+            if busy is None:
+                busy = self._in_flight()
+            if digest in busy:
+                continue
+            self._send(self._sign(Request(self.me, request)), self.primary)
+            self._resent[digest] = now
+            sent += 1
 
     def _on_status(self, st: Status) -> None:
         peer = st.sender
@@ -773,12 +852,15 @@ class Replica:
         same_view = self.active and st.view == self.view and st.has_view
         start = max(st.last_executed, self.stable_seq) + 1
         sent_blocks = 0
+        recent = self._now - self.params.status_interval
         for seq in range(start, self.high_watermark + 1):
             cert = self._commits.get(seq)
             if cert is not None and cert.digest in self._batches:
-                if sent_blocks < self.params.checkpoint_interval:
+                # Not for a seq that committed here just now: the peer is most likely
+                # committing it too (a COMMITTED carries the whole batch).
+                if sent_blocks < self.params.checkpoint_interval and self._committed_at.get(seq, 0.0) <= recent:
                     sent_blocks += 1
-                    self._send(self._sign(Committed(self.me, self._batches[cert.digest], cert)), peer)
+                    self._send(self._committed_message(seq, cert), peer)
                 continue
             slot = self._slots.get(seq)
             if not same_view or slot is None:
@@ -789,6 +871,15 @@ class Replica:
             for vote in (slot.prepares.get(self.me), slot.commits.get(self.me)):
                 if vote is not None:
                     self._send(vote, peer)
+
+    def _committed_message(self, seq: int, cert: CommitCertificate) -> Committed:
+        """Our COMMITTED for ``seq``, signed once however often a laggard asks."""
+        cached = self._committed_msgs.get(seq)
+        if cached is None or cached.certificate != cert:
+            cached = self._committed_msgs[seq] = self._sign(Committed(self.me, self._batches[cert.digest], cert))
+            for old in [s for s in self._committed_msgs if s <= self.stable_seq]:
+                del self._committed_msgs[old]
+        return cached
 
     def _on_committed(self, m: Committed) -> None:
         cert = m.certificate
@@ -831,9 +922,22 @@ class Replica:
     def _send(self, m: Message, to: bytes | None = None) -> None:
         self._out.messages.append(Outgoing(to, encode_trusted(m)))
 
+    def _request_timeout(self) -> float:
+        """How long what waits may wait for progress before this replica votes for a view
+        change: the view-change timeout (doubled per failed view change), but at least
+        ROUND_TIMEOUT_FACTOR times the recent round time (between two deliveries while
+        something waited), so that a loaded network whose rounds have grown slow is not taken
+        for a faulty primary (capped at the maximum timeout: a primary cannot stretch it
+        without bound)."""
+        base = self.params.timeout(self._failed_vcs)
+        return max(base, min(ROUND_TIMEOUT_FACTOR * self._round_time, self.params.max_view_change_timeout))
+
     def _finish(self, now: float) -> Step:
+        if self._commits.get(self.last_delivered + 1) is not None:
+            self._try_deliver()  # a batch may have arrived (PRE-PREPARE, NEW-VIEW) after its certificate
         if self._progress:
             self._progress = False
+            self._last_progress = now
             if self.active:
                 self._failed_vcs = 0
                 self._deadline = None  # restart the timer for what is still waiting
@@ -844,6 +948,12 @@ class Replica:
             if self._fetch is not None or not waiting:
                 self._deadline = None
             elif self._deadline is None:
-                self._deadline = now + self.params.timeout(self._failed_vcs)
+                self._deadline = now + self._request_timeout()
+                self._armed_at = now
+            elif self._phase_progress:
+                # The next seq was pre-prepared or prepared: the primary did its part, the
+                # round is under way. At most twice per seq, so a primary cannot stall forever.
+                self._deadline = max(self._deadline, now + self._request_timeout())
+        self._phase_progress = False
         out, self._out = self._out, Step()
         return out

@@ -9,7 +9,8 @@ LevelDB batch) before its messages leave; committed batches become blocks throug
 ``ChainService.commit_batch``, and the block hash is reported back as the checkpoint digest.
 
 The primary proposes a batch (``blocks.encode_meta`` + txs of a block made from the mempool)
-whenever txs wait, at most one batch in flight and one per ``[ledger].block_interval``.
+whenever txs wait, at most one batch in flight, and one per ``[ledger].block_interval`` unless
+``EAGER_BATCH`` txs wait (then at once).
 A lagging replica's state transfer is the chain's own sync loop (``/prsm/sync/1.0.0``, which
 validators run too): it waits until the ledger holds the certified checkpoint's block.
 """
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 
 INBOX_SIZE = 4096
 META_RESERVE = 256  # bytes of a batch's size budget kept for its meta request
+EAGER_BATCH = 256  # txs waiting that make the primary propose without waiting for block_interval
 
 
 class ConsensusService:
@@ -77,6 +79,7 @@ class ConsensusService:
         self._inbox_send, self._inbox_recv = trio.open_memory_channel[tuple[Any, ...]](INBOX_SIZE)
         self._submitted: set[bytes] = set()
         self._proposed: tuple[int, int] = (-1, 0)  # (view, seq) of this node's last proposal
+        self._view_seen: tuple[int, bool] = (0, True)
         self._next_propose_at = 0.0
         self._fetch_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
@@ -134,8 +137,7 @@ class ConsensusService:
             self.chain.consensus_running = True
             try:
                 await self._handle(first)
-                for entry in list(self.chain.mempool.pending()):
-                    self._on_admitted(entry)
+                self._on_admitted(list(self.chain.mempool.pending()))
                 task_status.started()
                 await self._drive()
             finally:
@@ -149,7 +151,7 @@ class ConsensusService:
         while True:
             deadline = r.next_wakeup()
             if self._want_proposal():
-                deadline = min(deadline, self._next_propose_at)
+                deadline = min(deadline, self._propose_at())
             item: tuple[Any, ...] | None = None
             with trio.move_on_at(deadline):
                 item = await self._inbox_recv.receive()
@@ -158,7 +160,7 @@ class ConsensusService:
                 await self._dispatch(item, now)
             if now >= r.next_wakeup():
                 await self._handle(r.tick(now))
-            if self._want_proposal() and trio.current_time() >= self._next_propose_at:
+            if self._want_proposal() and trio.current_time() >= self._propose_at():
                 await self._propose()
 
     async def _dispatch(self, item: tuple[Any, ...], now: float) -> None:
@@ -174,13 +176,15 @@ class ConsensusService:
                 return
             await self._handle(step)
         elif kind == "submit":
-            _, data, digest = item
-            try:
-                step = r.submit(data, now)
-            except HostError as exc:
-                log.debug("request refused by the replica", extra=kv(error=str(exc)))
-                return
-            self._submitted.add(digest)
+            # The chain's tx links have sent these to every validator, the primary included.
+            step = Step()
+            for data, digest in item[1]:
+                try:
+                    step.extend(r.submit(data, now, forward=False))
+                except HostError as exc:
+                    log.debug("request refused by the replica", extra=kv(error=str(exc)))
+                    continue
+                self._submitted.add(digest)
             await self._handle(step)
         elif kind == "transferred":
             _, seq, digest = item
@@ -194,6 +198,8 @@ class ConsensusService:
     async def _handle(self, step: Step) -> None:
         """Handle a Step, and the Steps that executing its batches produce, in order."""
         r = self._replica
+        if (r.view, r.active) != self._view_seen:
+            self._log_view()
         queue = [step]
         while queue:
             s = queue.pop(0)
@@ -219,6 +225,17 @@ class ConsensusService:
                 assert self._nursery is not None
                 self._nursery.start_soon(self._admit, request)
 
+    def _log_view(self) -> None:
+        r = self._replica
+        self._view_seen = (r.view, r.active)
+        if r.active:
+            log.info("view active", extra=kv(view=r.view, primary=r.primary.hex()[:16], height=self.chain.tip.height))
+        else:
+            log.warning(
+                "view change: requests waited too long, or a quorum moved on",
+                extra=kv(to_view=r.view, outstanding=r.statistics().get("outstanding"), height=self.chain.tip.height),
+            )
+
     def _send(self, step: Step) -> None:
         assert self.net is not None
         for out in step.messages:
@@ -236,11 +253,13 @@ class ConsensusService:
 
     # ------------------------------------------------------------ requests and proposals
 
-    def _on_admitted(self, entry: Pending) -> None:
+    def _on_admitted(self, entries: list[Pending]) -> None:
+        if not entries:
+            return
         try:
-            self._inbox_send.send_nowait(("submit", entry.encoded, entry.hash))
+            self._inbox_send.send_nowait(("submit", [(e.encoded, e.hash) for e in entries]))
         except trio.WouldBlock:
-            self.inbox_dropped += 1
+            self.inbox_dropped += len(entries)
 
     async def _admit(self, request: bytes) -> None:
         """A request another validator forwarded: into the mempool, and so to the replica."""
@@ -250,9 +269,8 @@ class ConsensusService:
             log.debug("forwarded request refused", extra=kv(error=str(exc)))
 
     def _validate(self, seq: int, batch: Batch) -> bool:
-        mempool = self.chain.mempool
         try:
-            check_batch(self.chain.genesis.chain_id, self.chain.validators, batch, known_valid=mempool.__contains__)
+            check_batch(self.chain.genesis.chain_id, self.chain.validators, batch, known=self.chain.known_tx)
         except BadBatch as exc:
             log.warning("batch refused", extra=kv(seq=seq, error=str(exc)))
             return False
@@ -266,6 +284,14 @@ class ConsensusService:
         if view == r.view and r.last_executed < seq:
             return False  # one batch of ours in flight at a time
         return bool(len(self.chain.mempool)) or self.chain.state.unbonding_pending
+
+    def _propose_at(self) -> float:
+        """When the next proposal may go: ``[ledger].block_interval`` after the last one, or
+        at once when enough txs wait to fill a good part of a batch (under load, batches go
+        back to back, as fast as they commit)."""
+        if len(self.chain.mempool) >= min(EAGER_BATCH, self.params.max_batch_requests - 1):
+            return 0.0
+        return self._next_propose_at
 
     async def _propose(self) -> None:
         r = self._replica
@@ -286,7 +312,7 @@ class ConsensusService:
         self._proposed = (r.view, seq)
         self._next_propose_at = trio.current_time() + self.chain.cfg.block_interval
         self.batches_proposed += 1
-        log.debug("batch proposed", extra=kv(view=r.view, seq=seq, txs=len(txs)))
+        log.info("batch proposed", extra=kv(view=r.view, seq=seq, txs=len(txs)))
         await self._handle(step)
 
     # ------------------------------------------------------------ state transfer

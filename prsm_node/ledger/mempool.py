@@ -67,6 +67,9 @@ class Mempool:
         self._txs: dict[bytes, Pending] = {}  # by hash, in arrival order
         self._by_sender: dict[bytes, dict[int, bytes]] = {}  # sender -> nonce -> hash, ascending
         self._votes: dict[bytes, dict[bytes, int]] = {}  # model || voter -> pending tx hash -> epoch
+        # sender -> [balance its pending txs spend (fees, transfer and stake amounts), their
+        # stake change, how many are settlements]: admission costs O(1), not O(queue)
+        self._queued: dict[bytes, list[int]] = {}
         self.admitted = 0
         self.rejected = 0
         self.evicted = 0
@@ -126,20 +129,22 @@ class Mempool:
             raise BadNonce(tx.sender, base + len(queue), tx.nonce)
         if len(queue) >= self.max_per_sender:
             raise TooManyPending(f"account {tx.sender.hex()} already has {len(queue)} pending txs (the limit)")
-        ahead = [self._txs[h].tx for h in queue.values()]
-        if isinstance(tx.body, Settle) or any(isinstance(t.body, Settle) for t in ahead):
+        queued = self._queued.get(tx.sender)
+        if isinstance(tx.body, Settle) or (queued is not None and queued[2]):
+            ahead = [self._txs[h].tx for h in queue.values()]
             self._check_after_queue(tx, ahead, verify=not verified)  # receipts move others' funds: full rules
             if type(tx.body) is BreakerVote:
                 self._check_vote_pending(tx.body)
         elif type(tx.body) is BreakerVote:
-            self._check_vote(tx, tx.body, ahead, verified)
+            self._check_vote(tx, tx.body, queued, verified)
         else:
-            self._check_simple(tx, ahead)
+            self._check_simple(tx, queued)
             if not verified and not verify_tx_signature(tx):
                 raise BadSignature(f"tx from {tx.sender.hex()} nonce {tx.nonce}: signature does not verify")
         victim = None
         if len(self._txs) >= self.max_txs:
-            victim = self._eviction_candidate(exclude=tx.sender)
+            # a tx at the minimum fee cannot beat anyone's: refuse it without the O(senders) scan
+            victim = self._eviction_candidate(exclude=tx.sender) if tx.fee > self._state.params.min_fee else None
             if victim is None or victim.tx.fee >= tx.fee:
                 floor = victim.tx.fee if victim else 0
                 raise MempoolFull(f"the mempool holds {len(self._txs)} txs; only a fee above {floor} gets in now")
@@ -152,6 +157,7 @@ class Mempool:
         if type(tx.body) is BreakerVote:
             v = tx.body.vote
             self._votes.setdefault(vote_key(v.model, v.voter), {})[digest] = v.epoch
+        self._count(tx, 1)
         self.admitted += 1
         return entry
 
@@ -164,7 +170,7 @@ class Mempool:
                 f"{max(pending.values())} is pending"
             )
 
-    def _check_vote(self, tx: Tx, body: BreakerVote, ahead: list[Tx], verified: bool) -> None:
+    def _check_vote(self, tx: Tx, body: BreakerVote, queued: list[int] | None, verified: bool) -> None:
         """A BreakerVote against the committed state (the voter's stake, the recorded epoch)
         and the pending votes; the sender's balance after its pending txs covers the fee."""
         who = f"tx from {tx.sender.hex()} nonce {tx.nonce}"
@@ -174,17 +180,30 @@ class Mempool:
             raise FeeTooLow(f"{who}: fee {tx.fee} is below the minimum fee {self._state.params.min_fee}")
         self._state.check_vote_body(body, who)
         self._check_vote_pending(body)
-        balance = self._state.account(tx.sender).balance
-        for t in ahead:
-            balance -= t.fee
-            if isinstance(t.body, Transfer | Stake):
-                balance -= t.body.amount
+        balance = self._state.account(tx.sender).balance - (queued[0] if queued is not None else 0)
         if balance < tx.fee:
             raise InsufficientFunds(f"{who}: balance {balance} (after its pending txs) does not cover fee {tx.fee}")
         if not verified and not (verify_tx_signature(tx) and verify_vote(body.vote)):
             raise BadSignature(f"{who}: a signature does not verify")
 
-    def _check_simple(self, tx: Tx, ahead: list[Tx]) -> None:
+    def _count(self, tx: Tx, sign: int) -> None:
+        """Add (sign 1) or take away (-1) ``tx``'s share of its sender's queued totals."""
+        spent, stake, settles = tx.fee, 0, 0
+        body = tx.body
+        if isinstance(body, Transfer | Stake):
+            spent += body.amount
+        if isinstance(body, Stake):
+            stake = body.amount
+        elif isinstance(body, Unstake):
+            stake = -body.amount
+        elif isinstance(body, Settle):
+            settles = 1
+        totals = self._queued.setdefault(tx.sender, [0, 0, 0])
+        totals[0] += sign * spent
+        totals[1] += sign * stake
+        totals[2] += sign * settles
+
+    def _check_simple(self, tx: Tx, queued: list[int] | None) -> None:
         """The rules of a transfer, stake or unstake against the committed account less what
         the sender's pending txs spend, at a fraction of the cost of ``state.check`` after the
         queue. What pending txs would credit the sender (a transfer to itself) is not counted,
@@ -200,15 +219,10 @@ class Mempool:
         if body.amount <= 0:
             raise AmountOutOfRange(f"{who}: {type(body).__name__.lower()} amount must be positive, got 0")
         balance, stake = account.balance, account.stake
-        for t in ahead:
-            balance -= t.fee
-            if isinstance(t.body, Transfer | Stake):
-                balance -= t.body.amount
-            if isinstance(t.body, Stake):
-                stake += t.body.amount
-            elif isinstance(t.body, Unstake):
-                stake -= t.body.amount
-        pending = " (after its pending txs)" if ahead else ""
+        if queued is not None:
+            balance -= queued[0]
+            stake += queued[1]
+        pending = " (after its pending txs)" if tx.sender in self._by_sender else ""
         if isinstance(body, Unstake):
             if stake < body.amount:
                 raise InsufficientStake(f"{who}: stake {stake}{pending} does not cover unstake {body.amount}")
@@ -243,8 +257,10 @@ class Mempool:
         entry = self._txs.pop(digest)
         queue = self._by_sender[entry.tx.sender]
         del queue[entry.tx.nonce]
+        self._count(entry.tx, -1)
         if not queue:
             del self._by_sender[entry.tx.sender]
+            del self._queued[entry.tx.sender]
         if type(entry.tx.body) is BreakerVote:
             v = entry.tx.body.vote
             key = vote_key(v.model, v.voter)

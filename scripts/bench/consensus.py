@@ -17,8 +17,8 @@ load is signed here and submitted as raw txs (``ledger.submit``) over the contro
    runs; time to the first commit in the new view, beside ``[consensus].view_change_timeout``
    (target: within 2x).
 
-    python scripts/bench/consensus.py [--rates 60,120,240] [--seconds 8] [--accounts 40]
-    # full size: --rates 100,200,400,800 --seconds 20 --accounts 200 --verify 5000
+    python scripts/bench/consensus.py [--rates 1000,2000,4000,6000] [--seconds 8] [--accounts 400]
+    # full size: --rates 1000,2000,3000,4000,5000,6000 --seconds 20 --accounts 800 --verify 5000
 """
 
 from __future__ import annotations
@@ -108,6 +108,13 @@ class Accounts:
         self.nonce.append(nonce)
         return len(self.keys) - 1
 
+    def resync(self, sock: str, indexes: list[int]) -> None:
+        """Each account's next nonce from the ledger (after refusals left gaps)."""
+        with ControlClient(Path(sock), timeout=30) as c:
+            for i in indexes:
+                account = bytes(self.keys[i].verify_key).hex()
+                self.nonce[i] = c.call("ledger.balance", {"account": account})["next_nonce"]
+
     def sign(self, i: int, to: bytes, amount: int) -> str:
         tx = sign_tx(self.keys[i], chain_id=self.chain_id, nonce=self.nonce[i], fee=0, body=Transfer(to, amount))
         self.nonce[i] += 1
@@ -125,6 +132,14 @@ def wait_committed(sock: str, hashes: list[str], timeout: float) -> int:
     return len(hashes) - len(left)
 
 
+def drain(sock: str, seconds: float) -> None:
+    """Wait (at most ``seconds``) until the node's mempool is empty."""
+    deadline = time.monotonic() + seconds
+    with ControlClient(Path(sock), timeout=30) as c:
+        while c.call("ledger.status")["mempool_size"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
 def _status(c: ControlClient, h: str) -> str:
     try:
         return c.call("ledger.tx", {"hash": h})["status"]
@@ -140,36 +155,54 @@ def open_loop(
     *,
     wait: bool = False,
     reply_timeout: float = 30.0,
+    batch: int = 1,
 ) -> tuple[float, float, list[float], int]:
     """Offer ``txs`` (account index, hex) at ``rate``/s; tx i is due at start + i/rate and goes
     from the thread owning its account (so one account's nonces stay in order) to that thread's
-    node. Returns (start, end of submission, reply latencies, errors)."""
+    node. With ``batch`` > 1 a thread sends every tx that is due (at most ``batch``) in one
+    ``ledger.submit_many``, as a client library with a queue would. Returns (start, end of
+    submission, reply latencies, errors)."""
     start = time.monotonic() + 0.2
     lat: list[float] = []
     errors = [0]
     lock = threading.Lock()
 
+    def fail(exc: Exception | str, count: int = 1) -> None:
+        with lock:
+            errors[0] += count
+            if errors[0] == count:
+                print(f"  first error: {exc}", flush=True)
+
     def worker(t: int) -> None:
         mine = [(i, h) for i, (acct, h) in enumerate(txs) if acct % threads == t]
         with ControlClient(Path(targets[t % len(targets)]), timeout=reply_timeout + 5) as c:
-            for i, h in mine:
-                due = start + i / rate
+            k = 0
+            while k < len(mine):
+                due = start + mine[k][0] / rate
                 now = time.monotonic()
                 if due > now:
                     time.sleep(due - now)
+                now = time.monotonic()
+                group = [mine[k][1]]
+                k += 1
+                while batch > 1 and k < len(mine) and len(group) < batch and start + mine[k][0] / rate <= now:
+                    group.append(mine[k][1])
+                    k += 1
                 t0 = time.monotonic()
                 try:
-                    c.call("ledger.submit", {"tx": h, "wait": wait, "timeout": reply_timeout})
+                    if len(group) == 1 and batch == 1:
+                        c.call("ledger.submit", {"tx": group[0], "wait": wait, "timeout": reply_timeout})
+                    else:
+                        reply = c.call("ledger.submit_many", {"txs": group})
+                        refused = [r for r in reply["results"] if "hash" not in r]
+                        if refused:
+                            fail(f"{refused[0]['code']}: {refused[0]['error']}", len(refused))
                     with lock:
                         lat.append(time.monotonic() - t0)
                 except ControlError as exc:
-                    with lock:
-                        errors[0] += 1
-                        if errors[0] == 1:
-                            print(f"  first error: {exc}", flush=True)
+                    fail(exc, len(group))
                 except OSError:  # the node went away (view-change run): stop this thread
-                    with lock:
-                        errors[0] += 1
+                    fail("node gone", len(group))
                     return
 
     ws = [threading.Thread(target=worker, args=(t,), daemon=True) for t in range(threads)]
@@ -211,11 +244,12 @@ def pct(xs: list[float], q: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--validators", type=int, default=4)
-    ap.add_argument("--nodes", type=int, default=5, help="validators + followers")
+    ap.add_argument("--nodes", type=int, default=4, help="validators + followers")
     ap.add_argument("--verify", type=int, default=3000, help="signed transfers timed for one verification")
-    ap.add_argument("--accounts", type=int, default=40, help="extra funded accounts that send the load")
+    ap.add_argument("--accounts", type=int, default=400, help="extra funded accounts that send the load")
     ap.add_argument("--threads", type=int, default=4, help="submitting threads (one node each)")
-    ap.add_argument("--rates", default="60,120,240", help="offered txs/s, comma separated")
+    ap.add_argument("--rates", default="1000,2000,4000,6000", help="offered txs/s, comma separated")
+    ap.add_argument("--batch", type=int, default=256, help="most txs per ledger.submit_many (1: ledger.submit)")
     ap.add_argument("--seconds", type=float, default=8.0, help="seconds of load per offered rate")
     ap.add_argument("--drain", type=float, default=15.0, help="most seconds to wait for the backlog to commit")
     ap.add_argument("--latency-txs", type=int, default=40)
@@ -223,6 +257,7 @@ def main() -> None:
     ap.add_argument("--via", choices=["validators", "follower"], default="validators")
     ap.add_argument("--ready-timeout", type=float, default=120.0)
     ap.add_argument("--skip-view-change", action="store_true")
+    ap.add_argument("--keep", metavar="DIR", help="run the devnet in DIR and keep its logs (else a temp dir)")
     args = ap.parse_args()
     cores = os.cpu_count() or 1
 
@@ -231,7 +266,9 @@ def main() -> None:
     print(f"verification: {per * 1e6:.1f} us/sig ({one_core:,.0f}/s on one core, {args.verify} sigs)")
     print(f"ceiling: {cores} cores / ({args.validators} x one verification) = {ceiling:,.0f} tx/s")
 
-    with tempfile.TemporaryDirectory(prefix="prsm-bench-consensus-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="prsm-bench-consensus-") as tmp_dir:
+        tmp = args.keep or tmp_dir
+        Path(tmp).mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
         net = Devnet(Path(tmp), args.validators, args.nodes, args.ready_timeout)
         try:
@@ -255,13 +292,15 @@ def main() -> None:
                 (node_idx[j % len(node_idx)], acc.sign(node_idx[j % len(node_idx)], bytes(k.verify_key), 10**21))
                 for j, k in enumerate(load_keys)
             ]
-            hashes = []
+            # in rounds of at most 32 txs per sender (the mempool holds 64 per sender)
+            step = 32 * len(node_idx)
             with ControlClient(Path(targets[0]), timeout=30) as c:
-                for _, h in funding:
-                    hashes.append(c.call("ledger.submit", {"tx": h, "wait": False})["hash"])
-            ok = wait_committed(socks[0], hashes, 60)
-            if ok != len(hashes):
-                raise SystemExit(f"only {ok}/{len(hashes)} funding transfers committed")
+                for lo in range(0, len(funding), step):
+                    reply = c.call("ledger.submit_many", {"txs": [h for _, h in funding[lo : lo + step]]})
+                    hashes = [r["hash"] for r in reply["results"] if "hash" in r]
+                    ok = wait_committed(socks[0], hashes, 60)
+                    if ok != len(funding[lo : lo + step]):
+                        raise SystemExit(f"only {ok}/{len(funding[lo : lo + step])} funding transfers committed")
             load_idx = [acc.add(k, 0) for k in load_keys]
             print(f"funded {k_acc} load accounts")
             sinks = [bytes(k.verify_key) for k in load_keys]
@@ -280,7 +319,9 @@ def main() -> None:
                 h0 = call(vsocks[0], "ledger.status")["height"]
                 sampler = HeightSampler(vsocks[0])
                 sampler.start()
-                start, end, lat, errors = open_loop(targets, txs, rate, args.threads, reply_timeout=10)
+                start, end, lat, errors = open_loop(
+                    targets, txs, rate, args.threads, reply_timeout=10, batch=args.batch
+                )
                 # drain: until the ledger holds every accepted tx, or --drain seconds
                 counts: dict[int, int] = {}
                 want = m - errors
@@ -313,7 +354,9 @@ def main() -> None:
             print(f"best sustained commit rate: {best:.1f} tx/s = {100 * best / ceiling:.1f}% of the "
                   f"{ceiling:,.0f} tx/s ceiling (target >= 60%)")  # fmt: skip
 
-            # latency below saturation
+            # latency below saturation, from the nonces the ledger holds (refused txs left gaps)
+            drain(vsocks[0], args.drain)
+            acc.resync(vsocks[0], load_idx)
             txs = []
             for i in range(args.latency_txs):
                 a = i % k_acc
@@ -337,6 +380,7 @@ def view_change(args: argparse.Namespace, net: Devnet, node_keys: list[NodeKey],
     old_view, primary = st["view"], st["primary"]
     p = next(i for i, k in enumerate(node_keys) if k.account.hex() == primary)
     survivors = [s for i, s in enumerate(vsocks) if i != p]
+    acc.resync(survivors[0], load_idx)
     # a light load keeps txs waiting so the new primary has something to commit
     txs = []
     for i in range(int(4 * 30)):
