@@ -178,7 +178,7 @@ class ChainService:
         Returns, per tx, its mempool entry or the TxRejected that refused it. Txs that are
         pending already, or whose nonce is used, are refused before their signature check."""
         out: list[Pending | TxRejected] = [DuplicateTx("unchecked")] * len(txs)
-        todo: list[int] = []
+        to_check: list[int] = []
         for i, tx in enumerate(txs):
             try:
                 encode_tx(tx)
@@ -193,12 +193,12 @@ class ChainService:
             except LedgerDecodeError as exc:
                 out[i] = MalformedTx(str(exc))
                 continue
-            todo.append(i)
-        oks = await self.verifier.verify_many([txs[i] for i in todo])
+            to_check.append(i)
+        oks = await self.verifier.verify_many([txs[i] for i in to_check])
         admitted: list[Pending] = []
         async with self._lock:
             now = time.monotonic()
-            for i, ok in zip(todo, oks, strict=True):
+            for i, ok in zip(to_check, oks, strict=True):
                 tx = txs[i]
                 if not ok:
                     out[i] = BadSignature(f"tx from {tx.sender.hex()} nonce {tx.nonce}: a signature does not verify")
