@@ -8,15 +8,15 @@ a peer or a subscription is added; :func:`raise_pubsub_limits` sets them, once p
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 import trio
-from libp2p.abc import IHost
+from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
-from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 from libp2p.pubsub import pubsub as pubsub_module
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
@@ -24,8 +24,8 @@ from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.pubsub.rpc_queue import RpcQueue
 
-from ..wire import FrameError, read_frame, write_frame
-from .exceptions import BreakerError, Malformed
+from ..wire import read_frame, write_frame
+from .exceptions import BreakerError
 from .messages import (
     MAX_REPLY_SIZE,
     PROTOCOL_ID,
@@ -169,6 +169,25 @@ async def _close(stream: object) -> None:
             pass
 
 
+@contextlib.asynccontextmanager
+async def _catchup_stream(host: IHost, peer: ID, what: str) -> AsyncIterator[INetStream]:
+    """A ``/prsm/breaker/1.0.0`` stream to ``peer``, closed afterwards. Any failure on it
+    becomes a BreakerNetError naming ``what``; BreakerErrors raised inside (Malformed: the
+    peer's fault) pass through unchanged."""
+    try:
+        stream = await host.new_stream(peer, [CATCHUP])
+    except Exception as exc:  # py-libp2p raises many types, some grouped
+        raise BreakerNetError(f"cannot open {PROTOCOL_ID} to {peer}: {exc!r}") from None
+    try:
+        yield stream
+    except BreakerError:
+        raise
+    except Exception as exc:  # stream errors of py-libp2p have no common base we can name
+        raise BreakerNetError(f"{what} with {peer} failed: {exc!r}") from None
+    finally:
+        await _close(stream)
+
+
 async def sync_votes(
     host: IHost, peer: ID, before_ms: int, my_digest: Callable[[int], bytes]
 ) -> tuple[int, list[Vote]]:
@@ -177,11 +196,7 @@ async def sync_votes(
     Returns (the number of differing buckets, the votes fetched). Errors as fetch_votes."""
     out: list[Vote] = []
     with trio.fail_after(CATCHUP_TIMEOUT):
-        try:
-            stream = await host.new_stream(peer, [CATCHUP])
-        except Exception as exc:  # py-libp2p raises many types, some grouped
-            raise BreakerNetError(f"cannot open {PROTOCOL_ID} to {peer}: {exc!r}") from None
-        try:
+        async with _catchup_stream(host, peer, "anti-entropy") as stream:
             await write_frame(stream, encode_message(GetDigest(before_ms)))
             reply = decode_message(await read_frame(stream, MAX_REPLY_SIZE))
             if not isinstance(reply, Digest) or reply.before_ms != before_ms:
@@ -197,16 +212,6 @@ async def sync_votes(
                 out.extend(votes.votes)
                 request = next_bucket_request(request, votes)
                 pages += 1
-        except Malformed:
-            raise
-        except (StreamEOF, FrameError, OSError) as exc:
-            raise BreakerNetError(f"anti-entropy with {peer} failed: {exc!r}") from None
-        except Exception as exc:  # stream errors of py-libp2p have no common base we can name
-            if isinstance(exc, BreakerError):
-                raise
-            raise BreakerNetError(f"anti-entropy with {peer} failed: {exc!r}") from None
-        finally:
-            await _close(stream)
     return len(differ), out
 
 
@@ -217,11 +222,7 @@ async def fetch_votes(host: IHost, peer: ID, model: bytes = b"") -> list[Vote]:
     decode (its fault)."""
     out: list[Vote] = []
     with trio.fail_after(CATCHUP_TIMEOUT):
-        try:
-            stream = await host.new_stream(peer, [CATCHUP])
-        except Exception as exc:  # py-libp2p raises many types, some grouped
-            raise BreakerNetError(f"cannot open {PROTOCOL_ID} to {peer}: {exc!r}") from None
-        try:
+        async with _catchup_stream(host, peer, "catch-up") as stream:
             request: GetVotes | None = GetVotes(model=model)
             pages = 0
             while request is not None and pages < MAX_CATCHUP_PAGES:
@@ -232,18 +233,4 @@ async def fetch_votes(host: IHost, peer: ID, model: bytes = b"") -> list[Vote]:
                 out.extend(reply.votes)
                 request = next_request(request, reply)
                 pages += 1
-        except Malformed:
-            raise
-        except (StreamEOF, FrameError, OSError) as exc:
-            raise BreakerNetError(f"catch-up from {peer} failed: {exc!r}") from None
-        except Exception as exc:  # stream errors of py-libp2p have no common base we can name
-            if isinstance(exc, BreakerError):
-                raise
-            raise BreakerNetError(f"catch-up from {peer} failed: {exc!r}") from None
-        finally:
-            with trio.move_on_after(1):
-                try:
-                    await stream.close()
-                except Exception:  # the peer may be gone; nothing left to close
-                    pass
     return out

@@ -500,8 +500,22 @@ class BreakerService:
             self.stats.catchup_errors += 1
             log.debug("catch-up failed", extra=kv(peer=str(peer), error=str(exc)))
             return 0
+        counted = self._accept_from(peer, votes, skip_known=False)
+        self.stats.caught_up += counted
+        if counted:
+            log.info("caught up", extra=kv(peer=str(peer), votes=counted))
+        return counted
+
+    def _accept_from(self, peer: ID, votes: list[Vote], *, skip_known: bool) -> int:
+        """Count the votes ``peer`` sent, in catch-up order, each checked (no age limit); a
+        vote that is its fault gets it penalised. ``skip_known``: a vote no newer than the
+        voter's epoch here is passed over before its signature check. Returns how many counted."""
         counted = 0
         for vote in catchup_order(votes):
+            if skip_known:
+                last = self.tally.last_epoch(vote.voter, vote.model)
+                if last is not None and last >= vote.epoch:
+                    continue
             try:
                 self.accept(vote, max_age_ms=None)
             except VoteRejected as exc:
@@ -509,9 +523,6 @@ class BreakerService:
                     self._penalise(peer, exc)
                 continue
             counted += 1
-        self.stats.caught_up += counted
-        if counted:
-            log.info("caught up", extra=kv(peer=str(peer), votes=counted))
         return counted
 
     # ------------------------------------------------------------ anti-entropy
@@ -549,18 +560,7 @@ class BreakerService:
             return 0
         if differ:
             self.stats.sync_mismatches += 1
-        repaired = 0
-        for vote in catchup_order(votes):
-            last = self.tally.last_epoch(vote.voter, vote.model)
-            if last is not None and last >= vote.epoch:
-                continue  # known here: skip the signature check
-            try:
-                self.accept(vote, max_age_ms=None)
-            except VoteRejected as exc:
-                if exc.peer_fault:
-                    self._penalise(peer, exc)
-                continue
-            repaired += 1
+        repaired = self._accept_from(peer, votes, skip_known=True)
         if repaired:
             self.stats.repaired += repaired
             log.info("votes repaired by anti-entropy", extra=kv(peer=str(peer), votes=repaired))
