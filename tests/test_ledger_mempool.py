@@ -22,6 +22,7 @@ from prsm_node.ledger import (
 )
 from prsm_node.ledger.block import ZERO_HASH, make_block
 from prsm_node.ledger.exceptions import DuplicateTx, MempoolFull, TooManyPending
+from prsm_node.ledger.exceptions import TxRejected as TxRejectedBase
 from prsm_node.ledger.mempool import Mempool
 from prsm_node.ledger.types import Tx, Unstake
 
@@ -178,3 +179,66 @@ def test_eviction_never_takes_the_newcomers_own_last_tx() -> None:
     pool.add(tx(0, 1, fee=6))  # evicts sender 1's tx
     assert [p.tx.sender for p in pool.pending()] == [ACCTS[0], ACCTS[0]]
     assert pool.next_nonce(ACCTS[0]) == 2
+
+
+def forge(t: Tx) -> Tx:
+    return Tx(t.chain_id, t.sender, t.nonce, t.fee, t.body, bytes(64))
+
+
+batch_items = st.lists(
+    st.tuples(st.integers(0, 3), st.integers(-2, 4), st.integers(1, 400), st.integers(0, 2), st.booleans()),
+    max_size=30,
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(1, 50)), max_size=8), batch_items)
+def test_precheck_refuses_only_what_add_would_refuse(before, batch) -> None:  # type: ignore[no-untyped-def]
+    """A submission checked by ``precheck`` and then added in order ends as adding every tx
+    in order would (the same txs admitted, the same kind of refusal but for second copies),
+    whatever the mix of forged signatures, duplicates, stale, repeated and skipped nonces."""
+    state = fresh_state()
+    pools = [Mempool(state, max_per_sender=5), Mempool(state, max_per_sender=5)]
+    for sender, amount in before:
+        for pool in pools:
+            if len(pool._by_sender.get(ACCTS[sender], {})) < pool.max_per_sender:
+                pool.add(tx(sender, pool.next_nonce(ACCTS[sender]), amount=amount))
+    txs = []
+    for sender, offset, amount, fee, forged in batch:
+        t = tx(sender, max(0, pools[0].next_nonce(ACCTS[sender]) + offset), amount=amount, fee=fee)
+        txs.append(forge(t) if forged else t)
+        if offset == 4:
+            txs.append(txs[-1])  # the same tx twice in one submission
+
+    def outcome(pool: Mempool, t: Tx) -> str:
+        try:
+            pool.add(t)
+        except TxRejectedBase as exc:
+            return type(exc).__name__
+        return "admitted"
+
+    plain = [outcome(pools[0], t) for t in txs]
+    checked = [
+        type(refused).__name__ if refused is not None else outcome(pools[1], t)
+        for t, refused in zip(txs, pools[1].precheck(txs), strict=True)
+    ]
+    for i, (c, p) in enumerate(zip(checked, plain, strict=True)):
+        # A second copy of a tx in one submission is refused as a duplicate, even when the
+        # first copy then fails (its own reply says why); otherwise the very same refusal.
+        assert c == p or (c == "DuplicateTx" and p != "admitted" and txs[i] in txs[:i])
+    assert [p.hash for p in pools[1].pending()] == [p.hash for p in pools[0].pending()]
+
+
+def test_precheck_turns_a_full_mempool_and_nonce_gaps_away() -> None:
+    pool = Mempool(fresh_state(), max_txs=3)
+    pool.add(tx(0, 0))
+    refused = pool.precheck([tx(1, 0), tx(1, 1), tx(1, 3), tx(2, 0), tx(2, 1, fee=2), tx(0, 0)])
+    assert [type(r).__name__ if r else None for r in refused] == [
+        None,  # room for two more at the minimum fee
+        None,
+        "BadNonce",  # nonce 3 skips 2
+        "MempoolFull",  # the third newcomer at the minimum fee
+        "BadNonce",  # sender 2's nonce 0 was refused, so nonce 1 is a gap
+        "DuplicateTx",  # pending already
+    ]
+    assert "only a fee above 0" in str(refused[3])

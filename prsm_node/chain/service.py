@@ -49,7 +49,6 @@ from ..ledger.block import (
 )
 from ..ledger.codec import encode_tx, tx_hash
 from ..ledger.exceptions import (
-    BadNonce,
     BadSignature,
     DuplicateTx,
     LedgerDecodeError,
@@ -175,25 +174,28 @@ class ChainService:
     async def submit_many(self, txs: Sequence[Tx]) -> list[Pending | TxRejected]:
         """Admit many signed txs, in order: one batched signature check (on the verifier's
         worker process when there are enough) and one turn of the lock for all of them.
-        Returns, per tx, its mempool entry or the TxRejected that refused it. Txs that are
-        pending already, or whose nonce is used, are refused before their signature check."""
+        Returns, per tx, its mempool entry or the TxRejected that refused it. A tx the mempool
+        would refuse whatever its signature (pending already, a used or skipped nonce, a full
+        queue or mempool: ``Mempool.precheck``) is refused before its signature check, so
+        load beyond what the network commits costs little to turn away."""
         out: list[Pending | TxRejected] = [DuplicateTx("unchecked")] * len(txs)
         to_check: list[int] = []
+        decoded: list[int] = []
         for i, tx in enumerate(txs):
             try:
-                encode_tx(tx)
-                if tx_hash(tx) in self.mempool:
-                    raise DuplicateTx(f"tx {tx_hash(tx).hex()} is already pending")
-                used = self.state.account(tx.sender).nonce
-                if tx.nonce < used:
-                    raise BadNonce(tx.sender, used, tx.nonce)
+                encode_tx(tx)  # a malformed tx fails here
             except TxRejected as exc:
                 out[i] = exc
                 continue
             except LedgerDecodeError as exc:
                 out[i] = MalformedTx(str(exc))
                 continue
-            to_check.append(i)
+            decoded.append(i)
+        for i, refused in zip(decoded, self.mempool.precheck([txs[i] for i in decoded]), strict=True):
+            if refused is None:
+                to_check.append(i)
+            else:
+                out[i] = refused
         oks = await self.verifier.verify_many([txs[i] for i in to_check])
         admitted: list[Pending] = []
         async with self._lock:

@@ -19,7 +19,7 @@ blocks (the state must be at a checkpoint).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from ..breaker.votes import verify_vote
@@ -113,9 +113,41 @@ class Mempool:
             self.rejected += 1
             raise
 
-    def _add(self, tx: Tx, now: float, verified: bool) -> Pending:
-        encoded = encode_tx(tx)  # validates every field first
-        digest = tx_hash(tx)
+    def precheck(self, txs: Sequence[Tx]) -> list[TxRejected | None]:
+        """For a submission of ``txs`` (in order), the refusal ``add`` would give each tx
+        whatever its signature, or None: not pending already nor earlier in the submission,
+        this chain, a nonce the sender can use next, room in its queue, and room in the
+        mempool for a tx at the minimum fee. A caller runs this before paying for signature
+        checks, so that a flood of txs that cannot get in costs little to turn away; ``add``
+        still checks everything. Earlier txs of the submission may yet fail, so a nonce counts
+        as usable up to the sender's next one plus the nonces its earlier txs claimed."""
+        out: list[TxRejected | None] = []
+        ahead: dict[bytes, int] = {}  # sender -> nonces after its next one claimed so far
+        seen: set[bytes] = set()
+        floor = self._state.params.min_fee
+        passed = 0
+        for tx in txs:
+            digest = tx_hash(tx)
+            claimed = ahead.get(tx.sender, 0)
+            try:
+                if digest in seen:
+                    raise DuplicateTx(f"tx {digest.hex()} is already pending")
+                self._check_slot(tx, digest, claimed)
+                if len(self._txs) + passed >= self.max_txs and tx.fee <= floor:
+                    raise MempoolFull(
+                        f"the mempool holds {len(self._txs)} txs; only a fee above {floor} can get in now"
+                    )
+            except TxRejected as exc:
+                out.append(exc)
+                continue
+            out.append(None)
+            seen.add(digest)
+            passed += 1
+            if tx.nonce == self.next_nonce(tx.sender) + claimed:
+                ahead[tx.sender] = claimed + 1
+        return out
+
+    def _check_slot(self, tx: Tx, digest: bytes, ahead: int = 0) -> None:
         if digest in self._txs:
             raise DuplicateTx(f"tx {digest.hex()} is already pending")
         if tx.chain_id != self._state.chain_id:
@@ -125,10 +157,16 @@ class Mempool:
         if base <= tx.nonce < base + len(queue):
             other = queue[tx.nonce].hex()
             raise DuplicateTx(f"account {tx.sender.hex()} already has pending tx {other} with nonce {tx.nonce}")
-        if tx.nonce != base + len(queue):
-            raise BadNonce(tx.sender, base + len(queue), tx.nonce)
-        if len(queue) >= self.max_per_sender:
+        if not base + len(queue) <= tx.nonce <= base + len(queue) + ahead:
+            raise BadNonce(tx.sender, base + len(queue) + ahead, tx.nonce)
+        if tx.nonce - base >= self.max_per_sender:
             raise TooManyPending(f"account {tx.sender.hex()} already has {len(queue)} pending txs (the limit)")
+
+    def _add(self, tx: Tx, now: float, verified: bool) -> Pending:
+        encoded = encode_tx(tx)  # validates every field first
+        digest = tx_hash(tx)
+        self._check_slot(tx, digest)
+        queue = self._by_sender.get(tx.sender, {})
         queued = self._queued.get(tx.sender)
         if isinstance(tx.body, Settle) or (queued is not None and queued[2]):
             ahead = [self._txs[h].tx for h in queue.values()]
