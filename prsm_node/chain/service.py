@@ -191,7 +191,9 @@ class ChainService:
                 out[i] = MalformedTx(str(exc))
                 continue
             decoded.append(i)
-        for i, refused in zip(decoded, self.mempool.precheck([txs[i] for i in decoded]), strict=True):
+        async with self._lock:  # the mempool matches the state only between blocks
+            refusals = self.mempool.precheck([txs[i] for i in decoded])
+        for i, refused in zip(decoded, refusals, strict=True):
             if refused is None:
                 to_check.append(i)
             else:
