@@ -396,23 +396,18 @@ class ChainService:
     # ------------------------------------------------------------ PBFT hooks
 
     async def propose_txs(self, max_txs: int, max_bytes: int) -> list[bytes]:
-        """Encoded txs for the primary's next batch: those of a block made from the mempool
-        now (the state is reverted; the block is made for real when the batch commits)."""
+        """Encoded txs for the primary's next batch: the mempool's first, in its order. No
+        trial block is made: what the mempool holds applies, in order, as one block (its
+        admission rules guarantee it, and a hypothesis test checks it), and a tx that did not
+        would be skipped, the same way on every replica, when the batch commits."""
         async with self._lock:
-            state = self.state
-            txs = self.mempool.select(min(max_txs, self.cfg.max_block_txs))
-            try:
-                _, included, _ = make_block(state, txs, proposer=self.account, prev_hash=self.tip.hash, time_ms=0)
-            finally:
-                state.revert_to_checkpoint()
             out: list[bytes] = []
             size = 0
-            for tx in included:
-                data = encode_tx(tx)
-                if size + len(data) > max_bytes:
+            for entry in self.mempool.select_pending(min(max_txs, self.cfg.max_block_txs)):
+                if size + len(entry.encoded) > max_bytes:
                     break
-                out.append(data)
-                size += len(data)
+                out.append(entry.encoded)
+                size += len(entry.encoded)
             return out
 
     async def commit_batch(self, seq: int, batch: Sequence[bytes], cert: CommitCertificate) -> bytes:

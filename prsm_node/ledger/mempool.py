@@ -19,6 +19,7 @@ blocks (the state must be at a checkpoint).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -322,12 +323,11 @@ class Mempool:
 
     def select(self, limit: int) -> list[Tx]:
         """Up to ``limit`` txs for the next block, first come first served."""
-        out: list[Tx] = []
-        for entry in self._txs.values():
-            if len(out) >= limit:
-                break
-            out.append(entry.tx)
-        return out
+        return [entry.tx for entry in self.select_pending(limit)]
+
+    def select_pending(self, limit: int) -> list[Pending]:
+        """The entries of ``select``."""
+        return list(itertools.islice(self._txs.values(), limit))
 
     def reconcile(self, senders: Iterable[bytes] | None = None) -> int:
         """After the state moved on (a block): drop every pending tx of ``senders`` (all when
