@@ -108,6 +108,7 @@ class ChainService:
         self._mempool: Mempool | None = None
         self.tip = Tip(0, bytes(32), 0)
         self._lock = trio.Lock()
+        self._admission = trio.Lock()  # submit_many: one submission at a time
         self._new_block = trio.Event()
         self._new_tx = trio.Event()
         self.verifier = SignatureVerifier()
@@ -177,7 +178,15 @@ class ChainService:
         Returns, per tx, its mempool entry or the TxRejected that refused it. A tx the mempool
         would refuse whatever its signature (pending already, a used or skipped nonce, a full
         queue or mempool: ``Mempool.precheck``) is refused before its signature check, so
-        load beyond what the network commits costs little to turn away."""
+        load beyond what the network commits costs little to turn away.
+
+        One submission is admitted at a time (others wait their turn, at no cost): under
+        overload, admission from many clients and links at once would otherwise take the
+        event loop's turns from consensus, whose rounds then slow down until they time out."""
+        async with self._admission:
+            return await self._submit_many(txs)
+
+    async def _submit_many(self, txs: Sequence[Tx]) -> list[Pending | TxRejected]:
         out: list[Pending | TxRejected] = [DuplicateTx("unchecked")] * len(txs)
         to_check: list[int] = []
         decoded: list[int] = []
