@@ -588,5 +588,7 @@ class TaskService(TaskClient):
             "results_redelivered": self.redelivered,
             "tasks_halted": self.tasks_halted,
             "earned": self.earned,
+            "batches_sent": self.batches_sent,
+            "batched_requests": self.batched_requests,
             **self.settler.statistics(),
         }

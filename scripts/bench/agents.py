@@ -400,6 +400,13 @@ def main(argv: list[str] | None = None) -> int:
                    for n, b, r in zip(devnet.nodes, cpu_before, idle_rate, strict=True)]
             load_after = os.getloadavg()
             served = [control(n, "agents.status")["tasks"] for n in executors]
+            asking = [control(n, "agents.status") for n in askers]
+            log("askers: " + "; ".join(
+                f"{a['tasks']['batches_sent']} batches of {a['tasks']['batched_requests']} requests, "
+                f"router refreshed {a['router']['refreshes']} times, embedding cache {a['embedding_cache']}"
+                for a in asking))
+            log(f"asker's registry: {asking[0]['router']['candidates']}")
+            log("CPU s per daemon during the load: " + " ".join(f"{c:.2f}" for c in cpu))
         finally:
             devnet.stop()
         log("devnet stopped; executor vs bare torch ...")
