@@ -130,6 +130,27 @@ def publish(nodes: list[dict[str, Any]], models: Path, name: str) -> str:
     return mid
 
 
+WARM_ROUNDS = 8
+
+
+def warm_up(askers: list[dict[str, Any]], executors: list[dict[str, Any]]) -> None:
+    """Fill the askers' routers and load the model on every executor before the measured load
+    (a load is seconds of torch import and reading weights, which would otherwise land inside
+    the measurement on whichever executor gets its first task then). Asks go out a few at a
+    time, concurrently: one after another they would all be routed to the same executor."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask_once(node: dict[str, Any]) -> None:
+        control(node, "agents.ask", query="Of the Colours of Light", budget="1", timeout=120.0)
+
+    for _ in range(WARM_ROUNDS):
+        with ThreadPoolExecutor(max_workers=4 * len(executors)) as pool:
+            list(pool.map(ask_once, [a for a in askers for _ in range(4 * len(executors))]))
+        if all(control(n, "agents.status")["runtime"]["models"] for n in executors):
+            return
+    log("warning: the model is not loaded on every executor after the warm-up")
+
+
 # ------------------------------------------------------------ the query load
 
 
@@ -386,9 +407,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"devnet of {args.nodes} ready; {load_text()}")
             mid = publish(executors, models, "opticks-" + args.query_model)
             log(f"{args.query_model} {mid[:16]} on {len(executors)} executors; warming up")
-            for node in askers:  # loads the model on the executors, fills the routers
-                for _ in range(len(executors)):
-                    control(node, "agents.ask", query="Of the Colours of Light", budget="1", timeout=120.0)
+            warm_up(askers, executors)
             idle_start = [cpu_seconds(int(n["pid"])) for n in devnet.nodes]
             time.sleep(IDLE_S)  # the daemons' own background work (consensus, gossip), to subtract
             load_before = os.getloadavg()
