@@ -6,9 +6,13 @@
    sockets (``agents.ask``, round robin), ``--concurrency`` of them in flight at once (all of
    them at once by default). A simple query is one the pipeline answers with one subtask: only
    that model is on the network, so the architect's other steps have no model and are skipped,
-   and the retrieval (the query and 15 corpus passages embedded: a batch of 16 texts) runs on
-   another peer over ``/prsm/task/1.0.0``: routed, admitted, run, charged, paid with signed
-   receipts (settled in batches through the ledger meanwhile).
+   and the retrieval (the query and 15 corpus passages embedded) runs on another peer over
+   ``/prsm/task/1.0.0``: routed, admitted, run, charged, paid with signed receipts (settled in
+   batches through the ledger meanwhile). The asker keeps the passages' vectors it was paid for
+   (per model id, ``nwtn/cache.py``), so a query sends the query and the passages it has not seen
+   yet (the first queries send all 16 texts); concurrent queries' requests for one executor go
+   out together as one batched task. The warm-up (not measured) loads the model on every
+   executor. The askers' batching, cache and registry figures and each daemon's CPU are printed.
    Latency is from the moment a query is sent to its answer; throughput is answered queries
    over the wall time of the whole load. Target: p95 under 2 s.
 2. **Executor vs bare torch.** In this process, on the same torch thread count: the runtime's
