@@ -38,6 +38,16 @@ def vectors() -> dict[str, object]:
     receipts = tuple(sign_receipt(payer.signing_key, receipt_id=r.receipt_id, payee=r.payee, amount=r.amount,
                                   chain_id=chain)
                      for r in expected_receipts(task, payer.account, executor.account, charge, chain))
+    batch_auth = sign_auth(payer, m.Authorisation(payer.account, executor.account, model, b"\x0c" * 32, chain,
+                                                  2 * 10**15, 1_900_000_000))
+    run_batch = m.RunBatch(model, ({"text": "Of the Colours"}, {"prompt": "not a classifier input"}), batch_auth)
+    batch_usage = Usage(48, 0, 0.75, 1, "cpu")
+    batch_charge = charge_for(48, 10**12, batch_auth.max_amount, royalty=Fraction(1, 10), payer=payer.account,
+                              executor=executor.account, publisher=publisher.account)
+    batch_result = m.BatchResult(batch_auth.task_id, (
+        m.ItemResult({"book-i": 0.75, "book-ii": 0.25}, batch_usage),
+        m.ItemError("invalid_input", "unknown input key(s) ['prompt']"),
+    ), batch_charge)
     return {
         "keys": {"payer_seed": "01" * 32, "executor_seed": "02" * 32, "publisher_seed": "03" * 32},
         "auth_signing_payload": auth.signing_payload().hex(),
@@ -51,7 +61,10 @@ def vectors() -> dict[str, object]:
             "pay": m.encode_request(m.Pay(task, receipts)).hex(),
             "paid": m.encode_reply(m.Paid(task)).hex(),
             "error": m.encode_error("busy", "4 tasks of this peer are running").hex(),
+            "run_batch": m.encode_request(run_batch).hex(),
+            "batch_result": m.encode_reply(batch_result).hex(),
         },
+        "batch_auth_signing_payload": batch_auth.signing_payload().hex(),
     }
 
 

@@ -44,8 +44,8 @@ from .exceptions import (
     RuntimeBusy,
     RuntimeClosed,
 )
-from .inputs import ModelInput, RunResult, Usage, parse_input
-from .specs import FAMILY_TAGS, ModelSpec, parse_spec
+from .inputs import ClassifyInput, EmbedInput, GenerateInput, ModelInput, RunResult, Usage, parse_input
+from .specs import CLASSIFIER_FAMILY, EMBEDDER_FAMILY, FAMILY_TAGS, LM_FAMILY, ModelSpec, parse_spec
 
 DEVICES = ("auto", "cpu", "cuda")
 DEVICE_DEPTH = 3  # batches handed to the device thread: one running, up to two full ones queued
@@ -160,6 +160,18 @@ class _Model:
             if total >= batch_size:
                 return True
         return False
+
+
+_INPUT_TYPES: dict[str, type[ModelInput]] = {
+    LM_FAMILY: GenerateInput, EMBEDDER_FAMILY: EmbedInput, CLASSIFIER_FAMILY: ClassifyInput,
+}
+
+
+def _parsed(spec: ModelSpec, raw: object) -> ModelInput:
+    """``raw`` validated for ``spec``; an input validated before (by the task server) as is."""
+    if isinstance(raw, _INPUT_TYPES[spec.family]):
+        return raw
+    return parse_input(spec, raw)
 
 
 def _resolve_device(wanted: str, torch_threads: int) -> str:
@@ -334,29 +346,46 @@ class ModelRuntime:
     async def run(self, model_id: str, inputs: object) -> RunResult:
         """Run one request; raises InvalidInput, ModelNotLoaded, RuntimeBusy, ModelUnloaded,
         InferenceFailed. Cancelling the caller withdraws the request."""
+        outcome = (await self.run_many(model_id, [inputs]))[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    async def run_many(self, model_id: str, inputs: Sequence[object]) -> list[RunResult | Exception]:
+        """Run several requests at once (a batched task): they are queued together, in order,
+        so they share forward passes with each other and with other callers' requests. Each
+        outcome is a RunResult, or the error of the batch its request ran in (InferenceFailed).
+        Raises InvalidInput (any input), ModelNotLoaded, RuntimeBusy (the queue cannot take
+        them all), ModelUnloaded. Cancelling the caller withdraws the requests not yet run.
+        An input may be given already parsed (a ModelInput of the model's family)."""
         self._check_open()
         model = self._models.get(model_id)
         if model is None:
             raise ModelNotLoaded(model_id)
-        request = _Request(parse_input(model.spec, inputs))
-        if len(model.queue) >= self.config.max_queue:
+        requests = [_Request(_parsed(model.spec, raw)) for raw in inputs]
+        if len(model.queue) + len(requests) > self.config.max_queue:
             raise RuntimeBusy(f"{model_id}: {len(model.queue)} requests queued")
         self._tick += 1
         model.last_used = self._tick
-        model.queue.append(request)
+        model.queue.extend(requests)
         model.wakeup.set()
         try:
-            await request.done.wait()
+            for request in requests:
+                await request.done.wait()
         except trio.Cancelled:
-            request.cancelled = True
-            if request in model.queue:
-                model.queue.remove(request)
-            self._cancelled += 1
+            for request in requests:
+                if not request.done.is_set():
+                    request.cancelled = True
+                    if request in model.queue:
+                        model.queue.remove(request)
+                    self._cancelled += 1
             raise
-        if request.error is not None:
-            raise request.error
-        assert request.result is not None
-        return request.result
+        out: list[RunResult | Exception] = []
+        for request in requests:
+            if request.error is not None and not isinstance(request.error, InferenceFailed):
+                raise request.error  # the model went away: nothing of it ran to the end
+            out.append(request.error or request.result)  # type: ignore[arg-type]
+        return out
 
     async def _wait_wakeup(self, model: _Model) -> None:
         model.wakeup = trio.Event()

@@ -99,4 +99,10 @@ class AgentService:
                         "price_per_unit": str(self.tasks.price_of(h))} for mid, h in sorted(hosted.items())],
             "tasks": self.tasks.statistics(),
             "queries_answered": self.pipeline.asked,
+            "router": {"refreshes": self.router.refreshes, "lookups": self.router.lookups,
+                       "candidates": [{"peer": str(c.peer) if c.peer else "local", "model_id": c.model_id.hex(),
+                                       "rank": list(self.router.rank(c)), "via": c.via}
+                                      for c in self.router.candidates]},
+            "embedding_cache": {"vectors": len(self.pipeline.embeddings), "hits": self.pipeline.embeddings.hits,
+                                "misses": self.pipeline.embeddings.misses},
         }

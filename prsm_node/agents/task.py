@@ -41,7 +41,7 @@ from ..logs import kv
 from ..wire import FrameError, guarded_handler, read_frame, write_frame
 from . import task_messages as m
 from .exceptions import AgentError, InvalidInput, InvalidSpec, ModelNotLoaded, ModelUnloaded, RuntimeBusy
-from .inputs import RunResult, parse_input
+from .inputs import ModelInput, RunResult, parse_input
 from .pricing import MAX_PRICE_PER_UNIT, Charge, charge_for, max_units, units
 from .settlement import Settler
 from .specs import ModelSpec, parse_spec
@@ -274,7 +274,7 @@ class TaskService(TaskClient):
             await self.runtime.load(rid, h.architecture, files)
         return rid
 
-    async def run_local(self, h: Hosted, inputs: dict[str, Any]) -> RunResult:
+    async def run_local(self, h: Hosted, inputs: object) -> RunResult:
         """Run a hosted model (for this node itself, or for a task). Raises TaskFailed("halted")
         when the model is or becomes halted; a halt cancels the run at once."""
         result: RunResult | None = None
@@ -293,6 +293,25 @@ class TaskService(TaskClient):
                 self._per_model[h.model_id] -= 1
         assert result is not None
         return result
+
+    async def run_local_many(self, h: Hosted, inputs: list[ModelInput]) -> list[RunResult | Exception]:
+        """``run_local`` for several inputs at once, batched together by the runtime; an item
+        whose forward pass failed gets its error (InferenceFailed), the others their result."""
+        results: list[RunResult | Exception] = []
+        with self._guard(h.model_id):
+            rid = await self.ensure_loaded(h)
+            self._per_model[h.model_id] += len(inputs)
+            try:
+                try:
+                    results = await self.runtime.run_many(rid, inputs)
+                except (ModelNotLoaded, ModelUnloaded):
+                    if self.is_halted(h.model_id):
+                        raise TaskFailed("halted", f"model {h.model_id.hex()} is halted") from None
+                    rid = await self.ensure_loaded(h)
+                    results = await self.runtime.run_many(rid, inputs)
+            finally:
+                self._per_model[h.model_id] -= len(inputs)
+        return results
 
     # ------------------------------------------------------------ serving
 
@@ -318,7 +337,7 @@ class TaskService(TaskClient):
                 return
             if isinstance(request, m.ListModels):
                 await write_frame(stream, m.encode_reply(await self._catalogue()))
-            elif isinstance(request, m.Run):
+            elif isinstance(request, m.Run | m.RunBatch):
                 await self._serve_run(stream, peer, request)
             elif isinstance(request, m.Pay):
                 await write_frame(stream, await self._answer_pay(request))
@@ -334,8 +353,9 @@ class TaskService(TaskClient):
                                             self.price_of(h), self._per_model[mid], h.architecture))
         return m.Catalogue(tuple(entries[: m.MAX_CATALOGUE]))
 
-    def _check_run(self, peer: ID, req: m.Run, hosted: dict[bytes, Hosted]) -> tuple[Hosted, Any, int]:
-        a = req.auth
+    def _check_auth(self, peer: ID, model_id: bytes, a: m.Authorisation, hosted: dict[bytes, Hosted]) -> Hosted:
+        """Rules 2 to 6 of a RUN or RUN_BATCH: the authorisation, the model, the payer's
+        standing, admission and funds."""
         if not _verify(a.payer, a.signing_payload(), a.signature):
             raise _Refused("bad_signature", "the authorisation is not signed by its payer")
         if a.chain_id != self.chain_id:
@@ -348,11 +368,11 @@ class TaskService(TaskClient):
         self._seen = {t: e for t, e in self._seen.items() if e > now}
         if a.task_id in self._seen or a.task_id in self._owed:
             raise _Refused("replayed", f"task id {a.task_id.hex()} was used before")
-        h = hosted.get(req.model_id)
+        h = hosted.get(model_id)
         if h is None:
-            raise _Refused("not_hosted", f"model {req.model_id.hex()} is not hosted here")
-        if self.is_halted(req.model_id):
-            raise _Refused("halted", f"model {req.model_id.hex()} is halted by the circuit breaker")
+            raise _Refused("not_hosted", f"model {model_id.hex()} is not hosted here")
+        if self.is_halted(model_id):
+            raise _Refused("halted", f"model {model_id.hex()} is halted by the circuit breaker")
         now_t = trio.current_time()
         self._write_off(now_t)
         owing = [o for o in self._owed.values() if o.payer == a.payer]
@@ -368,23 +388,51 @@ class TaskService(TaskClient):
         if available < a.max_amount:
             raise _Refused("insufficient_funds",
                            f"payer balance less unsettled receipts is {max(available, 0)}, below {a.max_amount}")
+        return h
+
+    def _check_run(self, peer: ID, req: m.Run, hosted: dict[bytes, Hosted]) -> tuple[Hosted, Any, int]:
+        h = self._check_auth(peer, req.model_id, req.auth, hosted)
         try:
             parsed = parse_input(h.spec, req.inputs)
         except InvalidInput as exc:
             raise _Refused("invalid_input", str(exc)) from None
         price = self.price_of(h)
-        need = max_units(h.spec, parsed) * price
-        if need > a.max_amount:
-            raise _Refused("price_too_low",
-                           f"up to {need} for this request at {price} per unit; {a.max_amount} offered")
+        self._check_price(h, [parsed], price, req.auth.max_amount)
         return h, parsed, price
 
-    async def _serve_run(self, stream: INetStream, peer: ID, req: m.Run) -> None:
+    def _check_batch(self, peer: ID, req: m.RunBatch,
+                     hosted: dict[bytes, Hosted]) -> tuple[Hosted, list[ModelInput | m.ItemError], int]:
+        """A RUN_BATCH's rules: those of the authorisation for the whole batch, then each input
+        on its own (one that does not fit the model is that item's ``invalid_input``; the
+        others run), then the price of the inputs that fit against the batch's maximum."""
+        h = self._check_auth(peer, req.model_id, req.auth, hosted)
+        items: list[ModelInput | m.ItemError] = []
+        for raw in req.inputs:
+            try:
+                items.append(parse_input(h.spec, raw))
+            except InvalidInput as exc:
+                items.append(m.ItemError("invalid_input", str(exc)))
+        price = self.price_of(h)
+        self._check_price(h, [i for i in items if not isinstance(i, m.ItemError)], price, req.auth.max_amount)
+        return h, items, price
+
+    @staticmethod
+    def _check_price(h: Hosted, inputs: list[ModelInput], price: int, offered: int) -> None:
+        need = sum(max_units(h.spec, i) for i in inputs) * price
+        if need > offered:
+            raise _Refused("price_too_low", f"up to {need} for this request at {price} per unit; {offered} offered")
+
+    async def _serve_run(self, stream: INetStream, peer: ID, req: m.Run | m.RunBatch) -> None:
         a = req.auth
         if await self._redeliver(stream, req):
             return
         try:
-            h, _, price = self._check_run(peer, req, await self._hosted_for(req.model_id))
+            hosted = await self._hosted_for(req.model_id)
+            if isinstance(req, m.Run):
+                h, parsed, price = self._check_run(peer, req, hosted)
+                items: list[ModelInput | m.ItemError] = [parsed]
+            else:
+                h, items, price = self._check_batch(peer, req, hosted)
         except _Refused as exc:
             self.tasks_refused[exc.code] += 1
             await write_frame(stream, m.encode_error(exc.code, exc.message))
@@ -394,7 +442,11 @@ class TaskService(TaskClient):
         self._active += 1
         try:
             with trio.fail_after(self.limits.run_timeout):
-                result = await self.run_local(h, req.inputs)
+                runnable = [i for i in items if not isinstance(i, m.ItemError)]
+                if isinstance(req, m.Run):
+                    ran: Iterator[RunResult | Exception] = iter([await self.run_local(h, runnable[0])])
+                else:
+                    ran = iter(await self.run_local_many(h, runnable) if runnable else [])
         except (RuntimeBusy, TaskFailed) as exc:
             code, message = ("busy", str(exc)) if isinstance(exc, RuntimeBusy) else (exc.code, exc.message)
             self.tasks_refused[code] += 1
@@ -409,10 +461,26 @@ class TaskService(TaskClient):
             if self._per_peer[peer] <= 0:
                 del self._per_peer[peer]
             self._active -= 1
-        charge = charge_for(units(result.usage), price, a.max_amount, royalty=self.royalty, payer=a.payer,
+        outcomes: list[m.ItemResult | m.ItemError] = []
+        for item in items:
+            if isinstance(item, m.ItemError):
+                outcomes.append(item)
+                continue
+            result = next(ran)
+            outcomes.append(m.ItemResult(result.output, result.usage) if isinstance(result, RunResult)
+                            else m.ItemError("inference_failed", str(result)))
+        used = sum(units(o.usage) for o in outcomes if isinstance(o, m.ItemResult))
+        charge = charge_for(used, price, a.max_amount, royalty=self.royalty, payer=a.payer,
                             executor=self.account, publisher=h.publisher)
-        self.tasks_served += 1
-        reply = m.encode_reply(m.Result(a.task_id, result.output, result.usage, charge))
+        if isinstance(req, m.Run):
+            first = outcomes[0]
+            if isinstance(first, m.ItemError):
+                await write_frame(stream, m.encode_error(first.code, first.message))
+                return
+            reply = m.encode_reply(m.Result(a.task_id, first.output, first.usage, charge))
+        else:
+            reply = m.encode_reply(m.BatchResult(a.task_id, tuple(outcomes), charge))
+        self.tasks_served += sum(isinstance(o, m.ItemResult) for o in outcomes)
         if not charge.amount:
             await write_frame(stream, reply)
             return
@@ -420,7 +488,7 @@ class TaskService(TaskClient):
         self._owed[a.task_id] = owed
         await self._deliver(stream, owed)
 
-    async def _redeliver(self, stream: INetStream, req: m.Run) -> bool:
+    async def _redeliver(self, stream: INetStream, req: m.Run | m.RunBatch) -> bool:
         """A RUN repeated by its payer (same task, same signed authorisation) for a task that
         ran here and awaits PAY: its client lost the RESULT (a connection broke), so send it
         again rather than refuse the task as replayed or run it twice."""
@@ -520,5 +588,7 @@ class TaskService(TaskClient):
             "results_redelivered": self.redelivered,
             "tasks_halted": self.tasks_halted,
             "earned": self.earned,
+            "batches_sent": self.batches_sent,
+            "batched_requests": self.batched_requests,
             **self.settler.statistics(),
         }

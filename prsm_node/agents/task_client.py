@@ -6,6 +6,10 @@ the limits, and the receipts a charge is paid with.
 A client runs at most ``max_tasks_per_peer`` tasks at once on one executor (the executor's own
 admission limit): more wait here for a slot instead of being refused ``busy`` there, and
 ``outstanding(peer)`` tells the router how loaded each executor is from this node's side.
+Requests for one model on one executor that wait for a slot together go out together: one
+RUN_BATCH (one authorisation, one frame, one charge, one PAY) carries them all, so a node
+under load pays the protocol's per-task costs (stream round trips, signatures, receipts,
+settlement) once per batch rather than once per request. A request alone goes out as a RUN.
 Streams are reused: a request goes on an idle stream to its peer when there is one (opening a
 stream costs two multistream round trips and most of a small task's time).
 """
@@ -15,8 +19,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Any, TypeVar
 
@@ -46,6 +51,9 @@ LIVENESS_TIMEOUT = 3.0
 LIVENESS_FAILURES = 3  # probes in a row that fail before a connected executor is given up
 STREAM_REUSES = 48  # requests on one stream (an executor serves at most 64 on one)
 STREAM_IDLE_S = 5.0  # a pooled stream idle longer is closed, not reused (executors close idle ones)
+BATCH_REQUEST_BYTES = m.MAX_REQUEST // 2  # packed inputs of one RUN_BATCH, leaving room for the rest
+BATCH_REPLY_BYTES = m.MAX_REPLY // 2  # the outputs a RUN_BATCH may bring back, estimated
+OTHER_REPLY_BYTES = 8 * 1024  # a generated text or a classifier's labels, at most
 _T = TypeVar("_T")
 
 
@@ -76,11 +84,47 @@ class TaskLimits:
 
 @dataclass(frozen=True)
 class RemoteOutcome:
+    """One request's result. Batched, ``charge`` is this request's share of the task's charge
+    (its own units at the task's price) and ``receipts`` pay the whole task (``batch`` requests)."""
+
     output: Any
     usage: Usage
     charge: Charge
     receipts: tuple[Receipt, ...]
     ms: float
+    batch: int = 1
+
+
+@dataclass(eq=False)
+class _Item:
+    """A request waiting to go out in a batch, and then its outcome."""
+
+    inputs: dict[str, Any]
+    packed: bytes
+    reply_bytes: int
+    max_amount: int
+    done: trio.Event = field(default_factory=trio.Event)
+    outcome: RemoteOutcome | TaskFailed | None = None
+    cancelled: bool = False
+
+
+@dataclass(eq=False)
+class _Lane:
+    """The requests for one model on one executor: queued, then sent in batches by one task."""
+
+    queue: deque[_Item] = field(default_factory=deque)
+    wakeup: trio.Event = field(default_factory=trio.Event)
+    running: int = 0
+
+
+def _reply_bytes(entry: m.CatalogueEntry, inputs: dict[str, Any]) -> int:
+    """A bound of the reply size of ``inputs`` (embedders: msgpack float64 vectors)."""
+    texts = inputs.get("texts")
+    if isinstance(texts, list):
+        config = entry.architecture.get("config")
+        dim = config.get("dim") if isinstance(config, dict) else None
+        return len(texts) * (9 * (dim if type(dim) is int and 0 < dim <= 4096 else 4096) + 3) + 64
+    return OTHER_REPLY_BYTES
 
 
 def account_of(peer: ID) -> bytes:
@@ -127,16 +171,22 @@ class TaskClient:
     chain_id: str
     royalty: Fraction
     limits: TaskLimits
+    _nursery: trio.Nursery | None  # where batches are sent from (the service's); None: no batching
 
     def _init_client(self) -> None:
         self._slots: dict[ID, trio.CapacityLimiter] = {}
-        self._waiting: dict[ID, int] = {}
+        self._outstanding: Counter[ID] = Counter()
+        self._lanes: dict[tuple[ID, bytes], _Lane] = {}
         self._pool: dict[ID, list[_Pooled]] = {}  # idle streams per executor, most recent last
+        self.batches_sent = 0
+        self.batched_requests = 0
 
     def outstanding(self, peer: ID) -> int:
-        """Tasks this node has running on ``peer`` or waiting for a slot there."""
-        slots = self._slots.get(peer)
-        return (slots.borrowed_tokens if slots is not None else 0) + self._waiting.get(peer, 0)
+        """Requests this node has running on ``peer`` or waiting to go there."""
+        return self._outstanding.get(peer, 0)
+
+    def _slots_of(self, peer: ID) -> trio.CapacityLimiter:
+        return self._slots.setdefault(peer, trio.CapacityLimiter(self.limits.max_tasks_per_peer))
 
     async def _checkout(self, peer: ID) -> tuple[_Pooled, bool]:
         """A stream to ``peer``: an idle one from the pool when there is one still fresh
@@ -242,24 +292,139 @@ class TaskClient:
     async def run_remote(self, peer: ID, entry: m.CatalogueEntry, inputs: dict[str, Any],
                          max_amount: int) -> RemoteOutcome:
         """Run ``entry``'s model on ``peer`` for at most ``max_amount``; pays with signed receipts.
-        Waits for one of the ``max_tasks_per_peer`` slots of that peer first."""
-        slots = self._slots.setdefault(peer, trio.CapacityLimiter(self.limits.max_tasks_per_peer))
-        self._waiting[peer] = self._waiting.get(peer, 0) + 1
+        The request waits for one of the ``max_tasks_per_peer`` slots of that peer, and goes out
+        with the other requests for that model there that waited with it (a batch)."""
+        self._outstanding[peer] += 1
         try:
-            await slots.acquire()
+            if self._nursery is None:  # not serving (a bare client): one task per request
+                async with self._slots_of(peer):
+                    return await self._run_remote(peer, entry, inputs, max_amount)
+            item = _Item(inputs, m.pack_inputs(inputs), _reply_bytes(entry, inputs), max_amount)
+            key = (peer, entry.model_id)
+            lane = self._lanes.get(key)
+            if lane is None:
+                lane = self._lanes[key] = _Lane()
+                self._nursery.start_soon(self._dispatch, peer, entry, key, lane)
+            lane.queue.append(item)
+            lane.wakeup.set()
+            try:
+                await item.done.wait()
+            except trio.Cancelled:
+                item.cancelled = True  # still queued: never sent; sent: its result is dropped
+                raise
         finally:
-            self._waiting[peer] -= 1
+            self._outstanding[peer] -= 1
+            if self._outstanding[peer] <= 0:
+                del self._outstanding[peer]
+        if isinstance(item.outcome, TaskFailed):
+            raise item.outcome
+        assert item.outcome is not None
+        return item.outcome
+
+    async def _dispatch(self, peer: ID, entry: m.CatalogueEntry, key: tuple[ID, bytes], lane: _Lane) -> None:
+        """Send ``lane``'s requests: whenever a slot of ``peer`` is free, everything queued
+        meanwhile (within the batch limits) goes out as one task. Ends when the lane is empty
+        and idle (a later request starts a new lane)."""
+        slots = self._slots_of(peer)
+        async with trio.open_nursery() as sending:
+            while True:
+                while not lane.queue:
+                    if not lane.running:
+                        del self._lanes[key]
+                        return
+                    lane.wakeup = trio.Event()
+                    await lane.wakeup.wait()
+                token = object()
+                await slots.acquire_on_behalf_of(token)
+                items = _take(lane)
+                if not items:
+                    slots.release_on_behalf_of(token)
+                    continue
+                lane.running += 1
+                sending.start_soon(self._send, peer, entry, lane, items, token)
+
+    async def _send(self, peer: ID, entry: m.CatalogueEntry, lane: _Lane, items: list[_Item], token: object) -> None:
         try:
-            return await self._run_remote(peer, entry, inputs, max_amount)
+            if len(items) == 1:
+                items[0].outcome = await self._run_remote(peer, entry, items[0].inputs, items[0].max_amount)
+            else:
+                await self._run_batch(peer, entry, items)
+        except TaskFailed as exc:
+            for item in items:
+                item.outcome = exc
+        except Exception as exc:  # never let one batch take the service down
+            log.warning("batch failed", extra=kv(peer=str(peer), error=repr(exc)))
+            for item in items:
+                item.outcome = TaskFailed("internal", f"{type(exc).__name__}: {exc}")
         finally:
-            slots.release()
+            self._slots_of(peer).release_on_behalf_of(token)
+            lane.running -= 1
+            lane.wakeup.set()
+            for item in items:
+                if item.outcome is None:
+                    item.outcome = TaskFailed("internal", "the batch was abandoned")
+                item.done.set()
+
+    async def _run_batch(self, peer: ID, entry: m.CatalogueEntry, items: list[_Item]) -> None:
+        """One RUN_BATCH for ``items`` (one authorisation for their summed maximum), its charge
+        checked and paid with one PAY; each item gets its output or its own error."""
+        executor = account_of(peer)
+        max_amount = sum(i.max_amount for i in items)
+        auth = self._authorise(executor, entry.model_id, max_amount)
+        started = trio.current_time()
+        run = m.encode_run_batch(entry.model_id, [i.packed for i in items], auth)
+
+        async def exchange(stream: INetStream) -> tuple[m.BatchResult, list[Receipt]]:
+            reply = await self._watching(peer, self._exchange(stream, run))
+            if not isinstance(reply, m.BatchResult) or reply.task_id != auth.task_id or len(reply.items) != len(items):
+                raise TaskFailed("protocol", "RUN_BATCH answered with something else than its BATCH_RESULT")
+            used = sum(units(r.usage) for r in reply.items if isinstance(r, m.ItemResult))
+            self._check_charge(reply.charge, used, entry, executor, max_amount)
+            return reply, await self._pay(stream, auth, executor, reply.charge)
+
+        reply, receipts = await self._paid_exchange(peer, exchange)
+        ms = (trio.current_time() - started) * 1000
+        self.batches_sent += 1
+        self.batched_requests += len(items)
+        for item, r in zip(items, reply.items, strict=True):
+            if isinstance(r, m.ItemError):
+                item.outcome = TaskFailed(r.code, r.message)
+                continue
+            share = charge_for(units(r.usage), reply.charge.price_per_unit, item.max_amount, royalty=self.royalty,
+                               payer=self.account, executor=executor, publisher=entry.publisher)
+            item.outcome = RemoteOutcome(r.output, r.usage, share, tuple(receipts), ms, len(items))
+
+    def _authorise(self, executor: bytes, model_id: bytes, max_amount: int) -> m.Authorisation:
+        return sign_auth(self.key, m.Authorisation(
+            payer=self.account, executor=executor, model_id=model_id, task_id=os.urandom(32),
+            chain_id=self.chain_id, max_amount=max_amount, expiry=int(time.time()) + self.limits.auth_ttl))
+
+    async def _pay(self, stream: INetStream, auth: m.Authorisation, executor: bytes, charge: Charge) -> list[Receipt]:
+        """Sign the receipts of a checked charge and PAY them on ``stream``."""
+        receipts = [
+            sign_receipt(self.key.signing_key, receipt_id=r.receipt_id, payee=r.payee, amount=r.amount,
+                         chain_id=r.chain_id)
+            for r in expected_receipts(auth.task_id, self.account, executor, charge, self.chain_id)
+        ]
+        if receipts:
+            paid = await self._exchange(stream, m.encode_request(m.Pay(auth.task_id, tuple(receipts))))
+            if not isinstance(paid, m.Paid):
+                raise TaskFailed("protocol", "PAY answered with something else than PAID")
+        return receipts
+
+    async def _paid_exchange(self, peer: ID, exchange: Callable[[INetStream], Awaitable[_T]]) -> _T:
+        try:
+            with trio.fail_after(self.limits.run_timeout + self.limits.request_timeout):
+                return await self._with_stream(peer, exchange)
+        except trio.TooSlowError:
+            raise TaskFailed("timeout", f"{peer} did not finish the task in time") from None
+        except DiscoveryError as exc:
+            raise TaskFailed("unreachable", str(exc)) from None
 
     async def _run_remote(self, peer: ID, entry: m.CatalogueEntry, inputs: dict[str, Any],
                           max_amount: int) -> RemoteOutcome:
         executor = account_of(peer)
-        auth = sign_auth(self.key, m.Authorisation(
-            payer=self.account, executor=executor, model_id=entry.model_id, task_id=os.urandom(32),
-            chain_id=self.chain_id, max_amount=max_amount, expiry=int(time.time()) + self.limits.auth_ttl))
+        auth = self._authorise(executor, entry.model_id, max_amount)
         started = trio.current_time()
         run = m.encode_request(m.Run(entry.model_id, inputs, auth))
 
@@ -267,25 +432,10 @@ class TaskClient:
             reply = await self._watching(peer, self._exchange(stream, run))
             if not isinstance(reply, m.Result) or reply.task_id != auth.task_id:
                 raise TaskFailed("protocol", "RUN answered with something else than its RESULT")
-            self._check_charge(reply, entry, executor, max_amount)
-            receipts = [
-                sign_receipt(self.key.signing_key, receipt_id=r.receipt_id, payee=r.payee, amount=r.amount,
-                             chain_id=r.chain_id)
-                for r in expected_receipts(auth.task_id, self.account, executor, reply.charge, self.chain_id)
-            ]
-            if receipts:
-                paid = await self._exchange(stream, m.encode_request(m.Pay(auth.task_id, tuple(receipts))))
-                if not isinstance(paid, m.Paid):
-                    raise TaskFailed("protocol", "PAY answered with something else than PAID")
-            return reply, receipts
+            self._check_charge(reply.charge, units(reply.usage), entry, executor, max_amount)
+            return reply, await self._pay(stream, auth, executor, reply.charge)
 
-        try:
-            with trio.fail_after(self.limits.run_timeout + self.limits.request_timeout):
-                reply, receipts = await self._with_stream(peer, exchange)
-        except trio.TooSlowError:
-            raise TaskFailed("timeout", f"{peer} did not finish the task in time") from None
-        except DiscoveryError as exc:
-            raise TaskFailed("unreachable", str(exc)) from None
+        reply, receipts = await self._paid_exchange(peer, exchange)
         ms = (trio.current_time() - started) * 1000
         return RemoteOutcome(reply.output, reply.usage, reply.charge, tuple(receipts), ms)
 
@@ -328,11 +478,10 @@ class TaskClient:
             raise TaskFailed("unreachable", f"the connection to {peer} closed during the task", stale=True)
         return result[0]
 
-    def _check_charge(self, reply: m.Result, entry: m.CatalogueEntry, executor: bytes, max_amount: int) -> None:
+    def _check_charge(self, c: Charge, used: int, entry: m.CatalogueEntry, executor: bytes, max_amount: int) -> None:
         """The payer signs only what the rules give: the quoted price (or less) × the usage's
         units, capped at the maximum, split with the royalty to the catalogue's publisher."""
-        c = reply.charge
-        want = charge_for(units(reply.usage), c.price_per_unit, max_amount, royalty=self.royalty,
+        want = charge_for(used, c.price_per_unit, max_amount, royalty=self.royalty,
                           payer=self.account, executor=executor, publisher=entry.publisher)
         if c.price_per_unit > entry.price_per_unit:
             raise TaskFailed("bad_charge", f"price {c.price_per_unit} is above the quoted {entry.price_per_unit}")
@@ -350,6 +499,22 @@ class TaskClient:
             accepted += reply.count
         return accepted
 
+
+def _take(lane: _Lane) -> list[_Item]:
+    """The queued requests that fit one RUN_BATCH, oldest first (at least one)."""
+    items: list[_Item] = []
+    size = reply = 0
+    while lane.queue and len(items) < m.MAX_BATCH_ITEMS:
+        item = lane.queue[0]
+        if item.cancelled:
+            lane.queue.popleft()
+            continue
+        if items and (size + len(item.packed) > BATCH_REQUEST_BYTES or reply + item.reply_bytes > BATCH_REPLY_BYTES):
+            break
+        items.append(lane.queue.popleft())
+        size += len(item.packed)
+        reply += item.reply_bytes
+    return items
 
 
 async def _close(stream: INetStream) -> None:

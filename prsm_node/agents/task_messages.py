@@ -3,8 +3,10 @@
 Each frame (prsm_node.wire framing) is one msgpack array whose first element is its type.
 
 Requests: ``[LIST]``, ``[RUN, model_id, inputs, auth]``, ``[PAY, task_id, receipts]``,
-``[DELIVER, receipts]``. Replies: ``[CATALOGUE, entries]``, ``[RESULT, task_id, output, usage,
-charge]``, ``[PAID, task_id]``, ``[ACCEPTED, count]`` or ``[ERROR, code, message]``.
+``[DELIVER, receipts]``, ``[RUN_BATCH, model_id, [inputs, ...], auth]``. Replies: ``[CATALOGUE,
+entries]``, ``[RESULT, task_id, output, usage, charge]``, ``[PAID, task_id]``, ``[ACCEPTED,
+count]``, ``[BATCH_RESULT, task_id, [item, ...], charge]`` (an item is ``[0, output, usage]`` or
+``[1, code, message]``) or ``[ERROR, code, message]``.
 
 Amounts are 16-byte big-endian unsigned integers (as in the ledger codec); receipts are the
 ledger's signed receipt encoding. Decoding is strict: a wrong shape is a ``TaskMessageError``.
@@ -34,17 +36,23 @@ LIST = 1
 RUN = 2
 PAY = 3
 DELIVER = 4
+RUN_BATCH = 5
 # reply types
 ERROR = 0
 CATALOGUE = 10
 RESULT = 11
 PAID = 12
 ACCEPTED = 13
+BATCH_RESULT = 14
+# batch item status
+ITEM_OK = 0
+ITEM_ERROR = 1
 
 MAX_REQUEST = 256 * 1024  # a RUN with 64 texts of a few KiB each
 MAX_REPLY = 1024 * 1024  # 64 embedding vectors of up to 2048 floats
 MAX_CATALOGUE = 64
 MAX_RECEIPTS_PER_MESSAGE = 64
+MAX_BATCH_ITEMS = 64  # inputs in one RUN_BATCH (each within the runtime's own input limits)
 MAX_ERROR_MESSAGE = 512
 ID_SIZE = 32
 AMOUNT_SIZE = 16
@@ -108,6 +116,16 @@ class Run:
 
 
 @dataclass(frozen=True)
+class RunBatch:
+    """Several inputs for one model, run as one task: one authorisation covers them all
+    (``max_amount`` bounds the whole batch), one charge, one PAY."""
+
+    model_id: bytes
+    inputs: tuple[dict[str, Any], ...]
+    auth: Authorisation
+
+
+@dataclass(frozen=True)
 class Pay:
     task_id: bytes
     receipts: tuple[Receipt, ...]
@@ -144,6 +162,27 @@ class Result:
 
 
 @dataclass(frozen=True)
+class ItemResult:
+    output: Any
+    usage: Usage
+
+
+@dataclass(frozen=True)
+class ItemError:
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """A RUN_BATCH's outcome: one item per input, in order; ``charge`` is for the items that ran."""
+
+    task_id: bytes
+    items: tuple[ItemResult | ItemError, ...]
+    charge: Charge
+
+
+@dataclass(frozen=True)
 class Paid:
     task_id: bytes
 
@@ -159,8 +198,8 @@ class ErrorReply:
     message: str
 
 
-Request = ListModels | Run | Pay | Deliver
-Reply = Catalogue | Result | Paid | Accepted | ErrorReply
+Request = ListModels | Run | Pay | Deliver | RunBatch
+Reply = Catalogue | Result | Paid | Accepted | BatchResult | ErrorReply
 
 
 def receipt_ids(task_id: bytes) -> tuple[bytes, bytes]:
@@ -196,7 +235,22 @@ def encode_request(msg: Request) -> bytes:
         return _pack([RUN, msg.model_id, msg.inputs, _auth_fields(msg.auth)])
     if isinstance(msg, Pay):
         return _pack([PAY, msg.task_id, [encode_receipt(r) for r in msg.receipts]])
+    if isinstance(msg, RunBatch):
+        return encode_run_batch(msg.model_id, [_pack(i) for i in msg.inputs], msg.auth)
     return _pack([DELIVER, [encode_receipt(r) for r in msg.receipts]])
+
+
+def pack_inputs(inputs: dict[str, Any]) -> bytes:
+    """One input of a RUN_BATCH, packed on its own (see ``encode_run_batch``)."""
+    return _pack(inputs)
+
+
+def encode_run_batch(model_id: bytes, packed_inputs: list[bytes], auth: Authorisation) -> bytes:
+    """A RUN_BATCH from inputs already packed one by one (a client packs each input once, to
+    size its batch, and joins them here without packing them again)."""
+    packer = msgpack.Packer(use_bin_type=True)
+    return b"".join([packer.pack_array_header(4), packer.pack(RUN_BATCH), packer.pack(model_id),
+                     packer.pack_array_header(len(packed_inputs)), *packed_inputs, packer.pack(_auth_fields(auth))])
 
 
 def _usage_fields(u: Usage) -> list[Any]:
@@ -218,12 +272,20 @@ def encode_reply(msg: Reply) -> bytes:
         return _pack([PAID, msg.task_id])
     if isinstance(msg, Accepted):
         return _pack([ACCEPTED, msg.count])
+    if isinstance(msg, BatchResult):
+        items = [[ITEM_OK, i.output, _usage_fields(i.usage)] if isinstance(i, ItemResult)
+                 else [ITEM_ERROR, i.code, _clip(i.message)] for i in msg.items]
+        return _pack([BATCH_RESULT, msg.task_id, items, _charge_fields(msg.charge)])
     return encode_error(msg.code, msg.message)
+
+
+def _clip(message: str) -> str:
+    return message.encode("utf-8")[:MAX_ERROR_MESSAGE].decode("utf-8", "ignore")
 
 
 def encode_error(code: str, message: str) -> bytes:
     assert code in ERROR_CODES, code
-    return _pack([ERROR, code, message.encode("utf-8")[:MAX_ERROR_MESSAGE].decode("utf-8", "ignore")])
+    return _pack([ERROR, code, _clip(message)])
 
 
 # ------------------------------------------------------------ decoding
@@ -328,6 +390,18 @@ def decode_request(data: bytes) -> Request:
     if kind == DELIVER:
         _shape(f, 2, "DELIVER")
         return Deliver(_receipts(f[1], "DELIVER receipts"))
+    if kind == RUN_BATCH:
+        _shape(f, 4, "RUN_BATCH")
+        items = _list(f[2], "RUN_BATCH inputs", MAX_BATCH_ITEMS)
+        if not items:
+            raise TaskMessageError("RUN_BATCH inputs must not be empty")
+        if not all(type(i) is dict for i in items):
+            raise TaskMessageError("RUN_BATCH inputs must be maps")
+        auth = decode_auth(f[3])
+        model_id = _bin(f[1], ID_SIZE, "RUN_BATCH model_id")
+        if auth.model_id != model_id:
+            raise TaskMessageError("RUN_BATCH model_id differs from the authorisation's")
+        return RunBatch(model_id, tuple(items), auth)
     raise TaskMessageError(f"unknown request type {kind}")
 
 
@@ -385,4 +459,18 @@ def decode_reply(data: bytes) -> Reply:
     if kind == ACCEPTED:
         _shape(f, 2, "ACCEPTED")
         return Accepted(_uint(f[1], "ACCEPTED count"))
+    if kind == BATCH_RESULT:
+        _shape(f, 4, "BATCH_RESULT")
+        items = _list(f[2], "BATCH_RESULT items", MAX_BATCH_ITEMS)
+        return BatchResult(_bin(f[1], ID_SIZE, "BATCH_RESULT task_id"),
+                           tuple(_item(v, i) for i, v in enumerate(items)), _charge(f[3]))
     raise TaskMessageError(f"unknown reply type {kind}")
+
+
+def _item(value: Any, i: int) -> ItemResult | ItemError:
+    f = _shape(_list(value, f"item {i}", 3), 3, f"item {i}")
+    if f[0] == ITEM_OK and type(f[0]) is int:
+        return ItemResult(f[1], _usage(f[2]))
+    if f[0] == ITEM_ERROR and type(f[0]) is int:
+        return ItemError(_str(f[1], f"item {i} code", 32), _str(f[2], f"item {i} message", MAX_ERROR_MESSAGE))
+    raise TaskMessageError(f"item {i} status must be {ITEM_OK} or {ITEM_ERROR}")

@@ -6,9 +6,13 @@
    sockets (``agents.ask``, round robin), ``--concurrency`` of them in flight at once (all of
    them at once by default). A simple query is one the pipeline answers with one subtask: only
    that model is on the network, so the architect's other steps have no model and are skipped,
-   and the retrieval (the query and 15 corpus passages embedded: a batch of 16 texts) runs on
-   another peer over ``/prsm/task/1.0.0``: routed, admitted, run, charged, paid with signed
-   receipts (settled in batches through the ledger meanwhile).
+   and the retrieval (the query and 15 corpus passages embedded) runs on another peer over
+   ``/prsm/task/1.0.0``: routed, admitted, run, charged, paid with signed receipts (settled in
+   batches through the ledger meanwhile). The asker keeps the passages' vectors it was paid for
+   (per model id, ``nwtn/cache.py``), so a query sends the query and the passages it has not seen
+   yet (the first queries send all 16 texts); concurrent queries' requests for one executor go
+   out together as one batched task. The warm-up (not measured) loads the model on every
+   executor. The askers' batching, cache and registry figures and each daemon's CPU are printed.
    Latency is from the moment a query is sent to its answer; throughput is answered queries
    over the wall time of the whole load. Target: p95 under 2 s.
 2. **Executor vs bare torch.** In this process, on the same torch thread count: the runtime's
@@ -128,6 +132,27 @@ def publish(nodes: list[dict[str, Any]], models: Path, name: str) -> str:
     for node in nodes[1:]:
         control(node, "model.fetch", ref=mid, timeout=300)
     return mid
+
+
+WARM_ROUNDS = 8
+
+
+def warm_up(askers: list[dict[str, Any]], executors: list[dict[str, Any]]) -> None:
+    """Fill the askers' routers and load the model on every executor before the measured load
+    (a load is seconds of torch import and reading weights, which would otherwise land inside
+    the measurement on whichever executor gets its first task then). Asks go out a few at a
+    time, concurrently: one after another they would all be routed to the same executor."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask_once(node: dict[str, Any]) -> None:
+        control(node, "agents.ask", query="Of the Colours of Light", budget="1", timeout=120.0)
+
+    for _ in range(WARM_ROUNDS):
+        with ThreadPoolExecutor(max_workers=4 * len(executors)) as pool:
+            list(pool.map(ask_once, [a for a in askers for _ in range(4 * len(executors))]))
+        if all(control(n, "agents.status")["runtime"]["models"] for n in executors):
+            return
+    log("warning: the model is not loaded on every executor after the warm-up")
 
 
 # ------------------------------------------------------------ the query load
@@ -386,9 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"devnet of {args.nodes} ready; {load_text()}")
             mid = publish(executors, models, "opticks-" + args.query_model)
             log(f"{args.query_model} {mid[:16]} on {len(executors)} executors; warming up")
-            for node in askers:  # loads the model on the executors, fills the routers
-                for _ in range(len(executors)):
-                    control(node, "agents.ask", query="Of the Colours of Light", budget="1", timeout=120.0)
+            warm_up(askers, executors)
             idle_start = [cpu_seconds(int(n["pid"])) for n in devnet.nodes]
             time.sleep(IDLE_S)  # the daemons' own background work (consensus, gossip), to subtract
             load_before = os.getloadavg()
@@ -400,6 +423,13 @@ def main(argv: list[str] | None = None) -> int:
                    for n, b, r in zip(devnet.nodes, cpu_before, idle_rate, strict=True)]
             load_after = os.getloadavg()
             served = [control(n, "agents.status")["tasks"] for n in executors]
+            asking = [control(n, "agents.status") for n in askers]
+            log("askers: " + "; ".join(
+                f"{a['tasks']['batches_sent']} batches of {a['tasks']['batched_requests']} requests, "
+                f"router refreshed {a['router']['refreshes']} times, embedding cache {a['embedding_cache']}"
+                for a in asking))
+            log(f"asker's registry: {asking[0]['router']['candidates']}")
+            log("CPU s per daemon during the load: " + " ".join(f"{c:.2f}" for c in cpu))
         finally:
             devnet.stop()
         log("devnet stopped; executor vs bare torch ...")

@@ -15,7 +15,9 @@ A step with no model anywhere on the network is skipped, and the answer says so.
 
 from __future__ import annotations
 
+import heapq
 import re
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,3 +91,36 @@ def candidate_passages(query: str, passages: list[str], limit: int = MAX_PASSAGE
     index = words if words is not None and len(words) == len(passages) else index_passages(passages)
     scored = sorted(((len(q & w), -i) for i, w in enumerate(index)), reverse=True)
     return [passages[-i] for score, i in scored[:limit] if score > 0] or passages[:limit]
+
+
+class PassageIndex:
+    """The passages and an inverted index of their words: ``candidates`` gives exactly what
+    ``candidate_passages`` gives, from the postings of the query's words alone rather than a
+    pass over every passage, and remembers the answers of recent word sets (queries that
+    differ only in numbers or stop words share one)."""
+
+    MEMO = 1024
+
+    def __init__(self, passages: list[str]) -> None:
+        self.passages = passages
+        self._postings: dict[str, list[int]] = {}
+        for i, words in enumerate(index_passages(passages)):
+            for w in words:
+                self._postings.setdefault(w, []).append(i)
+        self._memo: OrderedDict[tuple[frozenset[str], int], list[str]] = OrderedDict()
+
+    def candidates(self, query: str, limit: int = MAX_PASSAGES) -> list[str]:
+        key = (frozenset(_words(query)), limit)
+        found = self._memo.get(key)
+        if found is None:
+            scores: Counter[int] = Counter()
+            for w in key[0]:
+                scores.update(self._postings.get(w, ()))
+            best = heapq.nsmallest(limit, scores.items(), key=lambda kv: (-kv[1], kv[0]))
+            found = [self.passages[i] for i, _ in best] or self.passages[:limit]
+            self._memo[key] = found
+            if len(self._memo) > self.MEMO:
+                self._memo.popitem(last=False)
+        else:
+            self._memo.move_to_end(key)
+        return list(found)

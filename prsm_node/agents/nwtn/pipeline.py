@@ -14,6 +14,11 @@ halted (here, or by an executor that stopped the task for a circuit-breaker halt
 on any other peer: the halt is network-wide. A subtask no reachable model can run is skipped,
 and the retrieval reads the corpus only when it runs. Every attempt is kept in the trace.
 
+**Batching and caching.** Concurrent queries' subtasks for one model on one peer go out as
+one batched task (``task_client``), and the retrieval takes the corpus passages' vectors it
+has already been paid for from an ``EmbeddingCache`` (``cache.py``: the same answer, fewer
+texts sent); the trace says how many (``cached``).
+
 **Compiler.** The answer is the nearest passage, the topic, and the continuation, with a trace
 row per subtask: model, peer, milliseconds, compute units and cost.
 """
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,9 +39,11 @@ from ...logs import kv
 from ..exceptions import AgentError
 from ..inputs import parse_input
 from ..pricing import max_units, units
+from ..specs import EmbedderConfig
 from ..task import TaskFailed, TaskService
 from . import prompter
-from .architect import Subtask, candidate_passages, index_passages, load_passages, plan, waves
+from .architect import PassageIndex, Subtask, load_passages, plan, waves
+from .cache import EmbeddingCache
 from .router import Candidate, Router
 
 log = logging.getLogger(__name__)
@@ -69,6 +77,8 @@ class Step:
     receipts: list[dict[str, Any]] = field(default_factory=list)
     attempts: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
+    cached: int = 0  # passage vectors taken from the cache instead of being sent
+    batch: int = 1  # requests in the remote task this one went in
 
     def trace(self) -> dict[str, Any]:
         return {
@@ -76,7 +86,7 @@ class Step:
             "depends_on": list(self.task.depends_on), "model": self.model, "model_id": self.model_id,
             "peer": self.peer, "ms": round(self.ms, 2), "units": self.units, "cost": str(self.cost),
             "cost_ftns": format_amount(self.cost), "estimate": str(self.estimate), "attempts": self.attempts,
-            "receipts": self.receipts, "error": self.error,
+            "receipts": self.receipts, "error": self.error, "cached": self.cached, "batch": self.batch,
         }
 
 
@@ -99,10 +109,13 @@ class Answer:
         }
 
 
-def _cosine(a: list[float], b: list[float]) -> float:
-    num = sum(x * y for x, y in zip(a, b, strict=False))
-    den = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
-    return num / den if den else 0.0
+def _cosines(query: list[float], vectors: list[list[float]]) -> list[float]:
+    qn = math.hypot(*query)
+    out = []
+    for v in vectors:
+        den = qn * math.hypot(*v)
+        out.append(sum(map(operator.mul, query, v)) / den if den else 0.0)
+    return out
 
 
 class Pipeline:
@@ -110,16 +123,15 @@ class Pipeline:
         self.tasks = tasks
         self.router = router
         self.corpus = corpus
-        self._passages: list[str] | None = None
-        self._words: list[frozenset[str]] | None = None
+        self._index: PassageIndex | None = None
+        self.embeddings = EmbeddingCache()
         self.asked = 0
 
-    async def passages(self) -> list[str]:
-        if self._passages is None:
+    async def passages(self) -> PassageIndex:
+        if self._index is None:
             passages = await trio.to_thread.run_sync(load_passages, self.corpus)
-            self._words = await trio.to_thread.run_sync(index_passages, passages)
-            self._passages = passages
-        return self._passages
+            self._index = await trio.to_thread.run_sync(PassageIndex, passages)
+        return self._index
 
     async def ask(self, query: str, budget: int) -> Answer:
         started = trio.current_time()
@@ -130,7 +142,7 @@ class Pipeline:
         passages: list[str] = []
         retrieve = steps.get("retrieve")
         if retrieve is not None and retrieve.candidates:  # only the retrieval reads the corpus
-            passages = candidate_passages(query, await self.passages(), words=self._words)
+            passages = (await self.passages()).candidates(query)
         for step in steps.values():
             step.estimate = max((self._worst(step, c, query, passages) for c in step.candidates), default=0)
         estimate = sum(s.estimate for s in steps.values())
@@ -162,14 +174,21 @@ class Pipeline:
         if missing:
             log.info("dependency failed; running without it", extra=kv(subtask=step.task.name, missing=missing))
         halted: set[bytes] = set()  # halted while this query ran: never retried on another peer
-        for c in step.candidates:
+        # ranked again now: the load figures include the queries routed since this one was
+        for c in sorted(step.candidates, key=self.router.rank):
             if c.model_id in halted or self.router.is_halted(c.model_id):
                 step.attempts.append({"peer": str(c.peer) if c.peer else "local", "model_id": c.model_id.hex(),
                                       "error": "halted", "message": "not tried: the model is halted"})
                 continue
             inputs = prompter.shape(step.task, c.spec, query, passages, results)
+            complete = None
+            if isinstance(c.spec.config, EmbedderConfig) and "texts" in inputs:
+                texts, complete = self.embeddings.split(c.model_id, c.spec.config.dim, inputs["texts"])
+                step.cached = len(inputs["texts"]) - len(texts)
+                inputs = {**inputs, "texts": texts}
             peer = str(c.peer) if c.peer else "local"
             started = trio.current_time()
+            batch = 1
             try:
                 if c.peer is None:
                     assert c.hosted is not None
@@ -179,9 +198,14 @@ class Pipeline:
                     assert c.entry is not None
                     max_amount = max_units(c.spec, parse_input(c.spec, inputs)) * c.price_per_unit
                     out = await self.tasks.run_remote(c.peer, c.entry, inputs, max_amount)
-                    output, used, cost = out.output, out.charge.units, out.charge.amount
+                    output, used, cost, batch = out.output, out.charge.units, out.charge.amount, out.batch
                     receipts = [{"receipt_id": r.receipt_id.hex(), "payee": r.payee.hex(), "amount": str(r.amount)}
                                 for r in out.receipts]
+                if complete is not None:
+                    try:
+                        output = complete(output)
+                    except ValueError as exc:
+                        raise AgentError(f"malformed embeddings: {exc}") from None
             except (TaskFailed, AgentError) as exc:
                 code = exc.code if isinstance(exc, TaskFailed) else type(exc).__name__
                 if code == "halted":
@@ -192,7 +216,7 @@ class Pipeline:
             step.ms = (trio.current_time() - started) * 1000
             step.attempts.append({"peer": peer, "model_id": c.model_id.hex(), "error": None})
             step.model, step.model_id, step.peer = c.name, c.model_id.hex(), peer
-            step.output, step.units, step.cost, step.receipts = output, used, cost, receipts
+            step.output, step.units, step.cost, step.receipts, step.batch = output, used, cost, receipts, batch
             results[step.task.name] = self._interpret(step, output, passages)
             step.result = results[step.task.name]
             return
@@ -207,7 +231,7 @@ class Pipeline:
             vectors = output
             if not passages or len(vectors) < 2:
                 return {"passage": None, "similarity": None}
-            scores = [_cosine(vectors[0], v) for v in vectors[1:]]
+            scores = _cosines(vectors[0], vectors[1:])
             best = max(range(len(scores)), key=lambda i: scores[i])
             return {"passage": passages[best], "similarity": round(scores[best], 4)}
         if name == "classify":

@@ -18,8 +18,8 @@ Catalogue entries carry the manifest's capability tags, the model's architecture
 publisher, the executor's price and current load. For a capability the router keeps the
 models that have the tag, whose architecture this node can shape inputs for, and that the
 circuit breaker has not halted (checked again right before each run), and ranks them: local
-first (no payment, no network), then by price, load (the executor's own figure plus this
-node's tasks running or waiting there) and latency.
+first (no payment, no network), then by price, load (the executor's own figure, less this
+node's requests it included, plus this node's requests running or waiting there now) and latency.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ class Candidate:
     entry: CatalogueEntry | None = None
     hosted: Hosted | None = None
     via: str = "local"  # "local", "connected" (a neighbour's catalogue) or "dht" (a provider lookup)
+    own: int = 0  # this node's requests outstanding there when the catalogue was read (part of ``load``)
 
     @property
     def local(self) -> bool:
@@ -131,6 +132,7 @@ class Router:
             self.unreachable.append(str(peer))
             log.info("no catalogue", extra=kv(peer=str(peer), via=via, error=str(exc)))
             return
+        own = self.tasks.outstanding(peer)
         for e in entries:
             try:
                 spec = parse_spec(e.architecture)
@@ -138,7 +140,7 @@ class Router:
                 continue
             self._remember(e.model_id, e.tags)
             found.append(Candidate(e.model_id, e.name, spec, peer, e.price_per_unit, e.load, rtt, e.tags,
-                                   entry=e, via=via))
+                                   entry=e, via=via, own=own))
 
     def _remember(self, model_id: bytes, tags: tuple[str, ...]) -> None:
         self.known.pop(model_id, None)
@@ -166,7 +168,11 @@ class Router:
                 nursery.start_soon(one, mid)
 
     def rank(self, c: Candidate) -> tuple[int, int, int, float]:
-        load = c.load + (self.tasks.outstanding(c.peer) if c.peer is not None else 0)
+        """Local first, then price, load, latency. The load is the executor's figure less what
+        this node had there when it was read (others' work, as of then), plus what this node
+        has there now: the executor's figure alone would count this node's requests twice and
+        keep a busy executor looking busy until the next refresh."""
+        load = max(0, c.load - c.own) + (self.tasks.outstanding(c.peer) if c.peer is not None else 0)
         return (0 if c.local else 1, c.price_per_unit, load, c.rtt_ms)
 
     def route(self, capability: str) -> list[Candidate]:
