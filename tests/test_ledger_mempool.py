@@ -23,7 +23,7 @@ from prsm_node.ledger import (
 from prsm_node.ledger.block import ZERO_HASH, make_block
 from prsm_node.ledger.exceptions import DuplicateTx, MempoolFull, TooManyPending
 from prsm_node.ledger.exceptions import TxRejected as TxRejectedBase
-from prsm_node.ledger.mempool import Mempool
+from prsm_node.ledger.mempool import CommitRate, Mempool
 from prsm_node.ledger.types import Tx, Unstake
 
 CHAIN = "prsm-test-mempool"
@@ -245,3 +245,41 @@ def test_precheck_turns_a_full_mempool_and_nonce_gaps_away() -> None:
         "DuplicateTx",  # pending already
     ]
     assert "only a fee above 0" in str(refused[3])
+
+
+def test_precheck_holds_the_backlog_to_the_limit_but_lets_a_higher_fee_past_it() -> None:
+    pool = Mempool(fresh_state(), max_txs=10)
+    pool.add(tx(0, 0))
+    refused = pool.precheck([tx(1, 0), tx(2, 0), tx(3, 0, fee=1)], limit=2)
+    assert [type(r).__name__ if r else None for r in refused] == [None, "MempoolFull", None]
+    assert "the network is busy" in str(refused[1])
+    assert pool.precheck([tx(1, 0), tx(2, 0)], limit=50) == [None, None]  # max_txs still caps a large limit
+
+
+def test_commit_rate_limit_follows_recent_commits_within_floor_and_ceiling() -> None:
+    rate = CommitRate(floor=100, ceiling=5000, backlog_seconds=3.0, window=10.0)
+    assert rate.limit(0.0) == 100  # nothing committed yet: one block's worth
+    for t in range(1, 11):
+        rate.committed(float(t), 500)  # 500 txs a second
+    assert rate.rate(10.0) == pytest.approx(5000 / 9)
+    assert rate.limit(10.0) == 1666
+    rate.committed(10.5, 100_000)
+    assert rate.limit(10.5) == 5000  # never past the ceiling (the mempool's size)
+    assert rate.limit(30.0) == 100  # the window emptied: back to the floor
+    rate.committed(31.0, 50)
+    assert rate.rate(31.0) == 50.0  # one block just now counts over at least a second
+
+
+@given(
+    blocks=st.lists(st.tuples(st.floats(0, 5, allow_nan=False), st.integers(0, 4096)), max_size=40),
+    floor=st.integers(1, 4096),
+    ceiling=st.integers(1, 20_000),
+)
+def test_commit_rate_limit_stays_within_its_bounds(blocks, floor, ceiling) -> None:  # type: ignore[no-untyped-def]
+    rate = CommitRate(floor=floor, ceiling=ceiling)
+    now = 0.0
+    for gap, txs in blocks:
+        now += gap
+        rate.committed(now, txs)
+        assert floor <= rate.limit(now) <= max(floor, ceiling)
+        assert rate.rate(now) >= 0

@@ -80,7 +80,7 @@ class ChainNet:
         on toward the validators. A PBFT validator sends it to the other validators too
         (unless one of them sent it): each must time the request, so that a primary that
         ignores it is replaced."""
-        entry = await self.chain.submit(tx, body=body, fee=fee)
+        entry = await self.chain.submit(tx, body=body, fee=fee, from_validator=from_validator)
         if self._forwards(from_validator):
             self._forward([entry])
         return entry
@@ -88,7 +88,7 @@ class ChainNet:
     async def submit_many(self, txs: list[Tx], *, from_validator: bool = False) -> list[Pending | TxRejected]:
         """Admit many txs at once (``ChainService.submit_many``) and forward those admitted
         like ``submit``. Returns, per tx, its mempool entry or why it was refused."""
-        results = await self.chain.submit_many(txs)
+        results = await self.chain.submit_many(txs, from_validator=from_validator)
         admitted = [r for r in results if isinstance(r, Pending)]
         if admitted and self._forwards(from_validator):
             self._forward(admitted)

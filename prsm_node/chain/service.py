@@ -56,7 +56,7 @@ from ..ledger.exceptions import (
     SupplyViolation,
     TxRejected,
 )
-from ..ledger.mempool import Mempool, Pending
+from ..ledger.mempool import CommitRate, Mempool, Pending
 from ..ledger.signing import sign_tx
 from ..ledger.state import LedgerState
 from ..ledger.storage import LedgerStore, Tip, touched_accounts
@@ -116,6 +116,8 @@ class ChainService:
         # (txs, ms) of recent blocks this node made: select, apply, state hash, synced write.
         self.block_timings: collections.deque[tuple[int, float]] = collections.deque(maxlen=1024)
         self.blocks_synced = 0
+        # The backlog admission takes on: a few seconds of what the network commits.
+        self.commit_rate = CommitRate(floor=cfg.max_block_txs, ceiling=cfg.mempool_size)
 
     # ------------------------------------------------------------ accessors
 
@@ -154,13 +156,24 @@ class ChainService:
 
     # ------------------------------------------------------------ transactions
 
-    async def submit(self, tx: Tx | None = None, *, body: Body | None = None, fee: int = 0) -> Pending:
+    async def submit(
+        self, tx: Tx | None = None, *, body: Body | None = None, fee: int = 0, from_validator: bool = False
+    ) -> Pending:
         """Admit a signed tx to the mempool (raises a TxRejected subclass saying why).
 
         With ``body`` instead, this node signs the tx with its own key and next nonce; both
-        happen under the lock, so concurrent requests never pick the same nonce."""
+        happen under the lock, so concurrent requests never pick the same nonce. A tx from a
+        client or a follower is held to the backlog limit (``CommitRate``); one another
+        validator forwards is not (it times that request: refusing it would look like a
+        primary that ignores requests), nor one this node signs."""
         if tx is not None:
             encode_tx(tx)  # a malformed tx fails here, before it costs a signature check
+            if not from_validator:
+                async with self._lock:
+                    refused = self.mempool.precheck([tx], limit=self.backlog_limit())[0]
+                if refused is not None:
+                    self.mempool.rejected += 1
+                    raise refused
             if not await self.verifier.verify(tx):
                 raise BadSignature(f"tx from {tx.sender.hex()} nonce {tx.nonce}: a signature does not verify")
         async with self._lock:
@@ -172,21 +185,26 @@ class ChainService:
         self._admitted([entry])
         return entry
 
-    async def submit_many(self, txs: Sequence[Tx]) -> list[Pending | TxRejected]:
+    def backlog_limit(self) -> int:
+        """How many pending txs admission lets in now at the minimum fee (``CommitRate``)."""
+        return self.commit_rate.limit(time.monotonic())
+
+    async def submit_many(self, txs: Sequence[Tx], *, from_validator: bool = False) -> list[Pending | TxRejected]:
         """Admit many signed txs, in order: one batched signature check (on the verifier's
         worker process when there are enough) and one turn of the lock for all of them.
         Returns, per tx, its mempool entry or the TxRejected that refused it. A tx the mempool
         would refuse whatever its signature (pending already, a used or skipped nonce, a full
-        queue or mempool: ``Mempool.precheck``) is refused before its signature check, so
-        load beyond what the network commits costs little to turn away.
+        queue or mempool, a backlog past ``backlog_limit`` unless ``from_validator``:
+        ``Mempool.precheck``) is refused before its signature check, so load beyond what
+        the network commits costs little to turn away.
 
         One submission is admitted at a time (others wait their turn, at no cost): under
         overload, admission from many clients and links at once would otherwise take the
         event loop's turns from consensus, whose rounds then slow down until they time out."""
         async with self._admission:
-            return await self._submit_many(txs)
+            return await self._submit_many(txs, None if from_validator else self.backlog_limit())
 
-    async def _submit_many(self, txs: Sequence[Tx]) -> list[Pending | TxRejected]:
+    async def _submit_many(self, txs: Sequence[Tx], limit: int | None) -> list[Pending | TxRejected]:
         out: list[Pending | TxRejected] = [DuplicateTx("unchecked")] * len(txs)
         to_check: list[int] = []
         decoded: list[int] = []
@@ -201,7 +219,7 @@ class ChainService:
                 continue
             decoded.append(i)
         async with self._lock:  # the mempool matches the state only between blocks
-            refusals = self.mempool.precheck([txs[i] for i in decoded])
+            refusals = self.mempool.precheck([txs[i] for i in decoded], limit=limit)
         for i, refused in zip(decoded, refusals, strict=True):
             if refused is None:
                 to_check.append(i)
@@ -473,6 +491,7 @@ class ChainService:
         for tx in included:
             senders.update(touched_accounts(tx))
         self.mempool.reconcile(senders)
+        self.commit_rate.committed(time.monotonic(), len(included))
         self._new_block.set()
         self._new_block = trio.Event()
 

@@ -264,7 +264,7 @@ class ConsensusService:
     async def _admit(self, request: bytes) -> None:
         """A request another validator forwarded: into the mempool, and so to the replica."""
         try:
-            await self.chain.submit(decode_tx(request))
+            await self.chain.submit(decode_tx(request), from_validator=True)
         except (TxRejected, LedgerDecodeError) as exc:
             log.debug("forwarded request refused", extra=kv(error=str(exc)))
 

@@ -19,6 +19,7 @@ blocks (the state must be at a checkpoint).
 
 from __future__ import annotations
 
+import collections
 import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -48,6 +49,49 @@ DEFAULT_MAX_PER_SENDER = 64
 # Pending txs are checked with this account as their block's proposer: a real proposer is
 # not known yet, and fees only move to the proposer after the sender has paid them.
 CHECK_PROPOSER = bytes(32)
+
+
+class CommitRate:
+    """How many txs this node saw committed per second lately, and so how long a backlog the
+    network can take on: ``limit()`` is about ``backlog_seconds`` of commits, never under
+    ``floor`` (one full block: an idle network must still fill its next block) nor over
+    ``ceiling`` (the mempool's size). Pure: the caller passes its clock.
+
+    Admission under load keeps the mempool within this limit, so that the work a node takes
+    on (signature checks, forwarding, timing requests) follows what consensus commits. Without
+    it, a network offered more than it commits (or one whose CPUs something else takes) fills
+    every mempool to the brim, its rounds slow down behind admission work until request
+    timers fire, and view changes take the place of commits."""
+
+    def __init__(self, *, floor: int, ceiling: int, backlog_seconds: float = 3.0, window: float = 10.0) -> None:
+        self.floor = floor
+        self.ceiling = max(floor, ceiling)
+        self.backlog_seconds = backlog_seconds
+        self.window = window
+        self._blocks: collections.deque[tuple[float, int]] = collections.deque()
+        self._total = 0
+
+    def committed(self, now: float, txs: int) -> None:
+        """A block of ``txs`` txs was committed at ``now``."""
+        self._blocks.append((now, txs))
+        self._total += txs
+        self._expire(now)
+
+    def rate(self, now: float) -> float:
+        """Txs committed per second over the window (or since the first block in it, at
+        least one second ago: a burst of blocks just after idling is not a rate)."""
+        self._expire(now)
+        if not self._blocks:
+            return 0.0
+        span = max(1.0, now - self._blocks[0][0])
+        return self._total / span
+
+    def limit(self, now: float) -> int:
+        return int(min(self.ceiling, max(self.floor, self.rate(now) * self.backlog_seconds)))
+
+    def _expire(self, now: float) -> None:
+        while self._blocks and self._blocks[0][0] < now - self.window:
+            self._total -= self._blocks.popleft()[1]
 
 
 @dataclass(frozen=True)
@@ -114,18 +158,23 @@ class Mempool:
             self.rejected += 1
             raise
 
-    def precheck(self, txs: Sequence[Tx]) -> list[TxRejected | None]:
+    def precheck(self, txs: Sequence[Tx], *, limit: int | None = None) -> list[TxRejected | None]:
         """For a submission of ``txs`` (in order), the refusal ``add`` would give each tx
         whatever its signature, or None: not pending already nor earlier in the submission,
         this chain, a nonce the sender can use next, room in its queue, and room in the
         mempool for a tx at the minimum fee. A caller runs this before paying for signature
         checks, so that a flood of txs that cannot get in costs little to turn away; ``add``
         still checks everything. Earlier txs of the submission may yet fail, so a nonce counts
-        as usable up to the sender's next one plus the nonces its earlier txs claimed."""
+        as usable up to the sender's next one plus the nonces its earlier txs claimed.
+
+        ``limit`` (at most ``max_txs``): the backlog the network can take on now
+        (``CommitRate.limit``); past it, as past a full mempool, only a fee above the minimum
+        gets in (``add`` then admits it up to ``max_txs``, evicting as ever)."""
         out: list[TxRejected | None] = []
         ahead: dict[bytes, int] = {}  # sender -> nonces after its next one claimed so far
         seen: set[bytes] = set()
         floor = self._state.params.min_fee
+        room = self.max_txs if limit is None else min(limit, self.max_txs)
         passed = 0
         for tx in txs:
             digest = tx_hash(tx)
@@ -134,10 +183,8 @@ class Mempool:
                 if digest in seen:
                     raise DuplicateTx(f"tx {digest.hex()} is already pending")
                 self._check_slot(tx, digest, claimed)
-                if len(self._txs) + passed >= self.max_txs and tx.fee <= floor:
-                    raise MempoolFull(
-                        f"the mempool holds {len(self._txs)} txs; only a fee above {floor} can get in now"
-                    )
+                if len(self._txs) + passed >= room and tx.fee <= floor:
+                    raise MempoolFull(self._full_message(room, floor))
             except TxRejected as exc:
                 out.append(exc)
                 continue
@@ -147,6 +194,14 @@ class Mempool:
             if tx.nonce == self.next_nonce(tx.sender) + claimed:
                 ahead[tx.sender] = claimed + 1
         return out
+
+    def _full_message(self, room: int, floor: int) -> str:
+        if room < self.max_txs:
+            return (
+                f"the network is busy: {len(self._txs)} txs wait, as many as it commits in a few seconds;"
+                f" only a fee above {floor} can get in now (or try again later)"
+            )
+        return f"the mempool holds {len(self._txs)} txs; only a fee above {floor} can get in now"
 
     def _check_slot(self, tx: Tx, digest: bytes, ahead: int = 0) -> None:
         if digest in self._txs:
