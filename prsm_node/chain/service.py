@@ -116,8 +116,8 @@ class ChainService:
         # (txs, ms) of recent blocks this node made: select, apply, state hash, synced write.
         self.block_timings: collections.deque[tuple[int, float]] = collections.deque(maxlen=1024)
         self.blocks_synced = 0
-        # The backlog admission takes on: a few seconds of what the network commits.
-        self.commit_rate = CommitRate(floor=cfg.max_block_txs, ceiling=cfg.mempool_size)
+        # The backlog admission takes on: a few seconds of what the network commits (at least two blocks).
+        self.commit_rate = CommitRate(floor=2 * cfg.max_block_txs, ceiling=cfg.mempool_size)
 
     # ------------------------------------------------------------ accessors
 

@@ -54,7 +54,7 @@ CHECK_PROPOSER = bytes(32)
 class CommitRate:
     """How many txs this node saw committed per second lately, and so how long a backlog the
     network can take on: ``limit()`` is about ``backlog_seconds`` of commits, never under
-    ``floor`` (one full block: an idle network must still fill its next block) nor over
+    ``floor`` (an idle network must still fill its next blocks) nor over
     ``ceiling`` (the mempool's size). Pure: the caller passes its clock.
 
     Admission under load keeps the mempool within this limit, so that the work a node takes
@@ -63,7 +63,7 @@ class CommitRate:
     every mempool to the brim, its rounds slow down behind admission work until request
     timers fire, and view changes take the place of commits."""
 
-    def __init__(self, *, floor: int, ceiling: int, backlog_seconds: float = 3.0, window: float = 10.0) -> None:
+    def __init__(self, *, floor: int, ceiling: int, backlog_seconds: float = 5.0, window: float = 10.0) -> None:
         self.floor = floor
         self.ceiling = max(floor, ceiling)
         self.backlog_seconds = backlog_seconds
