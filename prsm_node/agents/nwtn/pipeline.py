@@ -17,7 +17,8 @@ and the retrieval reads the corpus only when it runs. Every attempt is kept in t
 **Batching and caching.** Concurrent queries' subtasks for one model on one peer go out as
 one batched task (``task_client``), and the retrieval takes the corpus passages' vectors it
 has already been paid for from an ``EmbeddingCache`` (``cache.py``: the same answer, fewer
-texts sent); the trace says how many (``cached``).
+texts sent), or waits for them when another query's request is fetching them; the trace says
+how many it did not send (``cached``).
 
 **Compiler.** The answer is the nearest passage, the topic, and the continuation, with a trace
 row per subtask: model, peer, milliseconds, compute units and cost.
@@ -181,31 +182,35 @@ class Pipeline:
                                       "error": "halted", "message": "not tried: the model is halted"})
                 continue
             inputs = prompter.shape(step.task, c.spec, query, passages, results)
-            complete = None
+            split = None
             if isinstance(c.spec.config, EmbedderConfig) and "texts" in inputs:
-                texts, complete = self.embeddings.split(c.model_id, c.spec.config.dim, inputs["texts"])
-                step.cached = len(inputs["texts"]) - len(texts)
-                inputs = {**inputs, "texts": texts}
+                split = self.embeddings.split(c.model_id, c.spec.config.dim, inputs["texts"])
+                step.cached = split.cached
+                inputs = {**inputs, "texts": split.send}
             peer = str(c.peer) if c.peer else "local"
             started = trio.current_time()
             batch = 1
             try:
-                if c.peer is None:
-                    assert c.hosted is not None
-                    run = await self.tasks.run_local(c.hosted, inputs)
-                    output, used, cost, receipts = run.output, units(run.usage), 0, []
-                else:
-                    assert c.entry is not None
-                    max_amount = max_units(c.spec, parse_input(c.spec, inputs)) * c.price_per_unit
-                    out = await self.tasks.run_remote(c.peer, c.entry, inputs, max_amount)
-                    output, used, cost, batch = out.output, out.charge.units, out.charge.amount, out.batch
-                    receipts = [{"receipt_id": r.receipt_id.hex(), "payee": r.payee.hex(), "amount": str(r.amount)}
-                                for r in out.receipts]
-                if complete is not None:
-                    try:
-                        output = complete(output)
-                    except ValueError as exc:
-                        raise AgentError(f"malformed embeddings: {exc}") from None
+                try:
+                    if c.peer is None:
+                        assert c.hosted is not None
+                        run = await self.tasks.run_local(c.hosted, inputs)
+                        output, used, cost, receipts = run.output, units(run.usage), 0, []
+                    else:
+                        assert c.entry is not None
+                        max_amount = max_units(c.spec, parse_input(c.spec, inputs)) * c.price_per_unit
+                        out = await self.tasks.run_remote(c.peer, c.entry, inputs, max_amount)
+                        output, used, cost, batch = out.output, out.charge.units, out.charge.amount, out.batch
+                        receipts = [{"receipt_id": r.receipt_id.hex(), "payee": r.payee.hex(),
+                                     "amount": str(r.amount)} for r in out.receipts]
+                    if split is not None:
+                        try:
+                            output = await split.complete(output)
+                        except ValueError as exc:
+                            raise AgentError(f"malformed embeddings: {exc}") from None
+                finally:
+                    if split is not None:
+                        split.release()
             except (TaskFailed, AgentError) as exc:
                 code = exc.code if isinstance(exc, TaskFailed) else type(exc).__name__
                 if code == "halted":
