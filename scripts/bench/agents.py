@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT))
 
 from prsm_node.control.client import call  # noqa: E402
+from prsm_node.control.server import LISTEN_BACKLOG, MAX_CONNECTIONS  # noqa: E402
 
 CLI = [sys.executable, "-m", "prsm_node"]
 QUERY_WORDS = ("Light", "Colours", "Refraction", "thin Plates", "Rays", "Prism", "Reflexion", "Bodies")
@@ -166,10 +167,10 @@ def warm_up(askers: list[dict[str, Any]], executors: list[dict[str, Any]]) -> No
 # ------------------------------------------------------------ the query load
 
 
-CONNECTING = 8  # connection attempts at once per asker: the control socket's listen backlog is 16
+CONNECTING = LISTEN_BACKLOG // 2  # connection attempts at once per asker, within the control socket's backlog
 CONNECT_TRIES = 10
 IDLE_S = 3.0  # seconds of idle CPU measured before the load
-OPEN_PER_ASKER = 64  # the control server serves 64 connections at once; more would only queue there
+OPEN_PER_ASKER = MAX_CONNECTIONS  # what the control server serves at once; more would only queue there
 
 
 async def connect(sock_path: str, request: bytes, connecting: trio.CapacityLimiter) -> trio.SocketStream:
