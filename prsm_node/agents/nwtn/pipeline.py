@@ -145,27 +145,36 @@ class Pipeline:
         if retrieve is not None and retrieve.candidates:  # only the retrieval reads the corpus
             passages = (await self.passages()).candidates(query)
         for step in steps.values():
-            step.estimate = max((self._worst(step, c, query, passages) for c in step.candidates), default=0)
+            worst: dict[bytes, int] = {}  # a model's worst-case units, whichever peer runs it
+            step.estimate = max((self._worst(step, c, query, passages, worst) for c in step.candidates), default=0)
         estimate = sum(s.estimate for s in steps.values())
         if estimate > budget:
             raise OverBudget(estimate, budget)
         results: dict[str, Any] = {}
         for wave in waves(subtasks):
-            async with trio.open_nursery() as nursery:
-                for t in wave:
-                    if steps[t.name].candidates:
-                        nursery.start_soon(self._execute, steps[t.name], query, passages, results)
-                    else:
-                        steps[t.name].error = f"no model with capability {t.capability!r} is reachable"
+            runnable = []
+            for t in wave:
+                if steps[t.name].candidates:
+                    runnable.append(steps[t.name])
+                else:
+                    steps[t.name].error = f"no model with capability {t.capability!r} is reachable"
+            if len(runnable) == 1:  # nothing to run beside it: no nursery needed
+                await self._execute(runnable[0], query, passages, results)
+            elif runnable:
+                async with trio.open_nursery() as nursery:
+                    for step in runnable:
+                        nursery.start_soon(self._execute, step, query, passages, results)
         answer = self._compile(query, steps, passages, results)
         return Answer(query, answer, budget, estimate, sum(s.cost for s in steps.values()),
                       (trio.current_time() - started) * 1000, list(steps.values()), self.router.describe())
 
-    def _worst(self, step: Step, c: Candidate, query: str, passages: list[str]) -> int:
+    def _worst(self, step: Step, c: Candidate, query: str, passages: list[str], worst: dict[bytes, int]) -> int:
         if c.local:
             return 0
-        raw = prompter.worst_case(step.task, c.spec, query, passages)
-        return max_units(c.spec, parse_input(c.spec, raw)) * c.price_per_unit
+        if c.model_id not in worst:
+            raw = prompter.worst_case(step.task, c.spec, query, passages)
+            worst[c.model_id] = max_units(c.spec, parse_input(c.spec, raw))
+        return worst[c.model_id] * c.price_per_unit
 
     async def _execute(self, step: Step, query: str, passages: list[str], results: dict[str, Any]) -> None:
         if not step.candidates:
