@@ -235,9 +235,12 @@ class AgentsSection:
 @dataclass
 class ControlSection:
     max_request_bytes: int = _doc("Largest control request line accepted, in bytes.", default=1048576)
+    max_connections: int = _doc("Control connections served at once; more wait to be served.", default=1024)
 
     def validate(self) -> None:
         _positive("control", "max_request_bytes", self.max_request_bytes)
+        if not 1 <= self.max_connections <= 65536:
+            raise ConfigError(f"[control].max_connections: must be 1 to 65536, got {self.max_connections}")
 
 
 @dataclass

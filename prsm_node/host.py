@@ -7,6 +7,7 @@ TLS, and ``max_connections_per_peer=3`` adds a 250 ms happy-eyeballs wait to eve
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 
 import multiaddr
@@ -23,8 +24,17 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from .config import Config
 from .keys import NodeKey
 
+# py-libp2p's yamux sends a WINDOW_UPDATE after every read by default (its PY_YAMUX_RELEASE_ON_READ
+# knob, read at each read): a small request/response exchange then costs a Noise message, a TCP
+# write and its decryption on the peer per read, twice per frame (length, then body) — most of
+# the muxer's CPU under many small messages. Off, credit is released as go-yamux does it: once
+# half the window has been read. An operator's own setting of the variable wins.
+YAMUX_ENV = {"PY_YAMUX_RELEASE_ON_READ": "0"}
+
 
 def build_host(key: NodeKey, cfg: Config) -> IHost:
+    for name, value in YAMUX_ENV.items():
+        os.environ.setdefault(name, value)
     key_pair = key.libp2p_key_pair()
     noise = NoiseTransport(key_pair, noise_privkey=new_x25519_key_pair().private_key)
     listen = [multiaddr.Multiaddr(a) for a in cfg.p2p.listen]

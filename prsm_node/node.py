@@ -93,7 +93,8 @@ class Node:
         self.shards: ShardService | None = None
         self.breaker: BreakerService | None = None
         self.agents: AgentService | None = None
-        self.control = ControlServer(home.control_socket, cfg.control.max_request_bytes)
+        self.control = ControlServer(home.control_socket, cfg.control.max_request_bytes,
+                                     max_connections=cfg.control.max_connections)
         self.metrics: MetricsServer | None = None
         self._cancel = trio.CancelScope()
         self.stop_reason: str | None = None

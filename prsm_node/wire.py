@@ -8,6 +8,7 @@ turns every failure into a log line and a stream reset.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -52,42 +53,71 @@ def encode_uvarint(n: int) -> bytes:
             return bytes(out)
 
 
-async def _read_exactly(stream: INetStream, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = await stream.read(n - len(buf))
-        if not chunk:
-            raise FrameError(f"stream ended after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
+READ_SIZE = 64 * 1024  # asked of the stream per read: whatever has arrived, up to this
+_REST: weakref.WeakKeyDictionary[INetStream, bytes] = weakref.WeakKeyDictionary()
+
+
+async def _read_some(stream: INetStream, n: int, have: int) -> bytes:
+    chunk = await stream.read(n)
+    if not chunk:
+        raise FrameError(f"stream ended after {have} bytes of a frame")
+    return chunk
+
+
+def _parse_length(data: bytes) -> tuple[int, int] | None:
+    """The frame length varint at the start of ``data`` and its size, or None if incomplete."""
+    length = 0
+    for pos in range(min(len(data), MAX_VARINT_BYTES)):
+        byte = data[pos]
+        length |= (byte & 0x7F) << (7 * pos)
+        if not byte & 0x80:
+            return length, pos + 1
+    if len(data) >= MAX_VARINT_BYTES:
+        raise FrameError("frame length varint is longer than 10 bytes")
+    return None
 
 
 async def read_frame(stream: INetStream, max_size: int) -> bytes:
-    """Read one length-prefixed frame; refuse lengths above ``max_size`` before reading them.
+    """Read one length-prefixed frame; refuse a length above ``max_size`` before reading its body.
+
+    Each read takes whatever has arrived on the stream (up to ``READ_SIZE``), so a frame that
+    has arrived whole costs one read; bytes beyond it (a frame the peer sent right behind) are
+    kept, per stream, for the next call. Every py-libp2p read costs Python work in the muxer
+    and may send the peer a window update, so reading the length and the body separately
+    doubled a small exchange's cost.
 
     A stream that ends before a frame starts raises libp2p's StreamEOF (py-libp2p signals a
     clean end that way); one that ends inside a frame raises FrameError.
     """
-    length = 0
-    for i in range(MAX_VARINT_BYTES):
-        byte = (await _read_exactly(stream, 1))[0] if i else (await _first_byte(stream))
-        length |= (byte & 0x7F) << (7 * i)
-        if not byte & 0x80:
-            break
-    else:
-        raise FrameError("frame length varint is longer than 10 bytes")
+    data = _REST.pop(stream, b"")
+    while (parsed := _parse_length(data)) is None:
+        if not data:
+            data = await _first_bytes(stream)
+        else:
+            data += await _read_some(stream, READ_SIZE, len(data))
+    length, pos = parsed
     if length > max_size:
         raise FrameError(f"frame of {length} bytes exceeds the limit of {max_size}")
-    body = await _read_exactly(stream, length)
-    TRAFFIC.bytes_in += len(body) + len(encode_uvarint(length))
-    return body
+    end = pos + length
+    if len(data) < end:
+        pieces = [data]
+        have = len(data)
+        while have < end:
+            piece = await _read_some(stream, max(end - have, READ_SIZE), have - pos)
+            pieces.append(piece)
+            have += len(piece)
+        data = b"".join(pieces)
+    if len(data) > end:
+        _REST[stream] = data[end:]
+    TRAFFIC.bytes_in += end
+    return data[pos:end]
 
 
-async def _first_byte(stream: INetStream) -> int:
-    chunk = await stream.read(1)
+async def _first_bytes(stream: INetStream) -> bytes:
+    chunk = await stream.read(READ_SIZE)
     if not chunk:
         raise FrameError("stream ended")
-    return chunk[0]
+    return chunk
 
 
 async def write_frame(stream: INetStream, body: bytes) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import msgpack
 import pytest
 import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,7 +25,7 @@ from prsm_node.agents import task_messages as m
 from prsm_node.agents.exceptions import RuntimeBusy
 from prsm_node.agents.inputs import Usage
 from prsm_node.agents.nwtn.architect import PassageIndex, candidate_passages, load_passages
-from prsm_node.agents.nwtn.cache import EmbeddingCache
+from prsm_node.agents.nwtn.cache import EmbeddingCache, VectorsUnavailable
 from prsm_node.agents.pricing import Charge, charge_for
 from prsm_node.agents.runtime import RuntimeConfig, open_runtime
 from prsm_node.agents.task import TASK, expected_receipts, sign_auth
@@ -292,21 +293,54 @@ def test_the_passage_index_gives_what_a_full_scan_gives(corpus: list[str], index
     assert index.candidates(query, limit) == candidate_passages(query, corpus, limit)  # memoised: the same
 
 
-def test_the_cache_sends_only_what_it_lacks_and_checks_what_comes_back() -> None:
+async def test_the_cache_sends_only_what_it_lacks_and_checks_what_comes_back() -> None:
     cache = EmbeddingCache(limit=3)
     mid = b"\x0a" * 32
-    send, complete = cache.split(mid, 2, ["q", "a", "b"])
-    assert send == ["q", "a", "b"]
-    assert complete([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]) == [[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]
-    send, complete = cache.split(mid, 2, ["q2", "b", "c", "a"])
-    assert send == ["q2", "c"]  # the query is always sent; a and b are known
-    assert complete([[0.1, 0.2], [0.3, 0.4]]) == [[0.1, 0.2], [0.5, 0.5], [0.3, 0.4], [0.0, 1.0]]
-    assert cache.split(b"\x0b" * 32, 2, ["q", "a"])[0] == ["q", "a"]  # another model: nothing known
+    split = cache.split(mid, 2, ["q", "a", "b"])
+    assert split.send == ["q", "a", "b"]
+    assert await split.complete([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]) == [[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]
+    split = cache.split(mid, 2, ["q2", "b", "c", "a"])
+    assert split.send == ["q2", "c"]  # the query is always sent; a and b are known
+    assert await split.complete([[0.1, 0.2], [0.3, 0.4]]) == [[0.1, 0.2], [0.5, 0.5], [0.3, 0.4], [0.0, 1.0]]
+    assert cache.split(b"\x0b" * 32, 2, ["q", "a"]).send == ["q", "a"]  # another model: nothing known
+    cache.flights.clear()
     for bad in ([[1.0, 0.0]], [[1.0, 0.0], [1.0]], [[1.0, 0.0], [math.nan, 0.0]], "x", [[1.0, 0.0], [1, 0]]):
-        send, complete = cache.split(mid, 2, ["q3", "d"])
+        split = cache.split(mid, 2, ["q3", "d"])
         with pytest.raises(ValueError):
-            complete(bad)
+            await split.complete(bad)
+        split.release()
+        assert not cache.flights
     assert len(cache) == 3  # bounded
+
+
+async def test_concurrent_queries_fetch_a_missing_passage_once() -> None:
+    cache = EmbeddingCache()
+    mid = b"\x0a" * 32
+    first = cache.split(mid, 2, ["q1", "a", "b"])
+    second = cache.split(mid, 2, ["q2", "b", "c"])
+    assert first.send == ["q1", "a", "b"] and second.send == ["q2", "c"]  # b is on its way: not sent again
+    assert second.cached == 1 and cache.shared == 1
+    got: list[list[list[float]]] = []
+
+    async def complete_second() -> None:
+        got.append(await second.complete([[0.2, 0.2], [0.3, 0.3]]))
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(complete_second)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not got  # waits for b
+            await first.complete([[0.1, 0.1], [0.4, 0.4], [0.5, 0.5]])
+    assert got == [[[0.2, 0.2], [0.5, 0.5], [0.3, 0.3]]]
+    assert not cache.flights
+    # a request that fails: whoever waited on it fails this attempt, and the next one sends it
+    third = cache.split(mid, 2, ["q3", "d"])
+    fourth = cache.split(mid, 2, ["q4", "d"])
+    assert fourth.send == ["q4"]
+    third.release()
+    with trio.fail_after(5), pytest.raises(VectorsUnavailable):
+        await fourth.complete([[0.6, 0.6]])
+    assert cache.split(mid, 2, ["q5", "d"]).send == ["q5", "d"]
 
 
 async def test_a_cached_retrieval_answers_as_an_uncached_one(short_tmp: Path, trained: Path) -> None:

@@ -418,3 +418,21 @@ def test_importing_agents_does_not_import_torch() -> None:
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_texts_encode_as_bytes_exactly_as_id_lists() -> None:
+    """The embedder's byte path gives what encode_chars + pad_batch give, and the list way
+    takes any batch it cannot take (a character above Latin-1, a vocabulary over 254)."""
+    from prsm_node.agents.architectures import encode_texts, pad_batch
+    from prsm_node.agents.text import encode_chars
+
+    vocab = "\n abcdefghijklmnopqrstuvwxyzABC.,;:é"
+    cases = [["abc", "", "Hello, world.", "ÿé\x00z"], ["x"], ["", ""], ["naïve", "∑ not latin-1", "abc"]]
+    big = "".join(chr(0x100 + i) for i in range(300))
+    for vocab_, texts in [*((vocab, c) for c in cases), (big, ["abc", big[:40]])]:
+        ids, valid, lengths = encode_texts(vocab_, texts)
+        rows = [encode_chars(vocab_, t) for t in texts]
+        want_ids, want_valid = pad_batch(rows, left=False, device=torch.device("cpu"))
+        assert ids.dtype == want_ids.dtype and torch.equal(ids, want_ids)
+        assert torch.equal(valid, want_valid)
+        assert lengths == [len(r) for r in rows]

@@ -35,7 +35,7 @@ from .specs import (
     ModelSpec,
     TransformerShape,
 )
-from .text import decode_chars, encode_chars, ngram_features
+from .text import decode_chars, encode_bytes, encode_chars, ngram_features
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -256,16 +256,36 @@ def _execute_lm(module: nn.Module, cfg: FamilyConfig, prepared: Prepared, device
     ]
 
 
+def encode_texts(vocab: str, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Right-padded (batch, time) ids of ``texts``, their validity mask and each row's length:
+    what ``pad_batch`` gives for ``encode_chars`` rows. Texts of Latin-1 characters (with a
+    vocabulary of at most 254) are encoded and padded as bytes and become one tensor without a
+    Python int per character; any other batch goes the list way."""
+    encoded = [encode_bytes(vocab, t) for t in texts]
+    rows = [r for r in encoded if r is not None]
+    if len(rows) < len(texts):
+        lists = [encode_chars(vocab, t) for t in texts]
+        ids, valid = pad_batch(lists, left=False, device=torch.device("cpu"))
+        return ids, valid, [len(r) for r in lists]
+    lengths = [len(r) for r in rows]
+    width = max(1, max(lengths))
+    pad = bytes([PAD_ID])
+    buf = bytearray(b"".join(r.ljust(width, pad) for r in rows))
+    ids = torch.frombuffer(buf, dtype=torch.uint8).view(len(rows), width).long()
+    valid = torch.arange(width)[None, :] < torch.tensor(lengths, dtype=torch.long)[:, None]
+    return ids, valid, lengths
+
+
 def _prepare_embedder(cfg: FamilyConfig, inputs: Sequence[ModelInput]) -> Prepared:
     assert isinstance(cfg, EmbedderConfig)
     reqs = tuple(r for r in inputs if isinstance(r, EmbedInput))
-    rows = [encode_chars(cfg.shape.vocab, t[: cfg.shape.context]) for r in reqs for t in r.texts]
-    ids, valid = pad_batch(rows, left=False, device=torch.device("cpu"))
+    context = cfg.shape.context
+    ids, valid, lengths = encode_texts(cfg.shape.vocab, [t[:context] for r in reqs for t in r.texts])
     counts, tokens, start = [], [], 0
     for r in reqs:
         n = len(r.texts)
         counts.append(n)
-        tokens.append(sum(len(x) for x in rows[start : start + n]))
+        tokens.append(sum(lengths[start : start + n]))
         start += n
     return Prepared(reqs, (ids, valid), tuple(counts), tuple(tokens))
 

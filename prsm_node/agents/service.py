@@ -104,5 +104,6 @@ class AgentService:
                                        "rank": list(self.router.rank(c)), "via": c.via}
                                       for c in self.router.candidates]},
             "embedding_cache": {"vectors": len(self.pipeline.embeddings), "hits": self.pipeline.embeddings.hits,
-                                "misses": self.pipeline.embeddings.misses},
+                                "misses": self.pipeline.embeddings.misses,
+                                "shared": self.pipeline.embeddings.shared},
         }

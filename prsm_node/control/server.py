@@ -25,7 +25,8 @@ from ..logs import kv
 log = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
-MAX_CONNECTIONS = 64
+MAX_CONNECTIONS = 1024  # served at once (``[control].max_connections``): each is one request in progress
+LISTEN_BACKLOG = 128  # connections the kernel holds before they are accepted; a full backlog refuses more
 
 
 class RequestError(Exception):
@@ -60,11 +61,11 @@ def param(params: dict[str, Any], name: str, kind: type, default: Any = ...) -> 
 
 
 class ControlServer:
-    def __init__(self, path: Path, max_request_bytes: int) -> None:
+    def __init__(self, path: Path, max_request_bytes: int, *, max_connections: int = MAX_CONNECTIONS) -> None:
         self.path = path
         self.max_request_bytes = max_request_bytes
         self._methods: dict[str, Handler] = {}
-        self._slots = trio.CapacityLimiter(MAX_CONNECTIONS)
+        self._slots = trio.CapacityLimiter(max_connections)
 
     def register(self, name: str, handler: Handler) -> None:
         if name in self._methods:
@@ -87,7 +88,7 @@ class ControlServer:
             await sock.bind(str(self.path))
         finally:
             os.umask(old_umask)
-        sock.listen(16)
+        sock.listen(LISTEN_BACKLOG)
         listener = trio.SocketListener(sock)
         try:
             async with listener, trio.open_nursery() as nursery:

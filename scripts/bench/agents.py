@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT))
 
 from prsm_node.control.client import call  # noqa: E402
+from prsm_node.control.server import LISTEN_BACKLOG, MAX_CONNECTIONS  # noqa: E402
 
 CLI = [sys.executable, "-m", "prsm_node"]
 QUERY_WORDS = ("Light", "Colours", "Refraction", "thin Plates", "Rays", "Prism", "Reflexion", "Bodies")
@@ -114,6 +115,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def profiled(pids: dict[str, int], folder: Path) -> list[subprocess.Popen[bytes]]:
+    """py-spy (``pip install py-spy``) sampling each daemon, collapsed stacks into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return [subprocess.Popen(["py-spy", "record", "--nonblocking", "--threads", "--format", "raw", "-r", "100",
+                              "-p", str(pid), "-o", str(folder / f"{name}.txt")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name, pid in pids.items()]
+
+
 def control(node: dict[str, Any], method: str, timeout: float = 120, **params: Any) -> Any:
     return call(Path(node["home"]), method, params, timeout=timeout)
 
@@ -158,10 +167,10 @@ def warm_up(askers: list[dict[str, Any]], executors: list[dict[str, Any]]) -> No
 # ------------------------------------------------------------ the query load
 
 
-CONNECTING = 8  # connection attempts at once per asker: the control socket's listen backlog is 16
+CONNECTING = LISTEN_BACKLOG // 2  # connection attempts at once per asker, within the control socket's backlog
 CONNECT_TRIES = 10
 IDLE_S = 3.0  # seconds of idle CPU measured before the load
-OPEN_PER_ASKER = 64  # the control server serves 64 connections at once; more would only queue there
+OPEN_PER_ASKER = MAX_CONNECTIONS  # what the control server serves at once; more would only queue there
 
 
 async def connect(sock_path: str, request: bytes, connecting: trio.CapacityLimiter) -> trio.SocketStream:
@@ -372,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--exec-only", action="store_true", help="only the executor vs bare torch comparison")
     ap.add_argument("--models", type=Path, help="trained models to use (trained here into it when missing)")
     ap.add_argument("--keep", type=Path, help="put the devnet (homes, logs) here and keep it")
+    ap.add_argument("--profile", type=Path,
+                    help="py-spy the first asker and the first executor during the load, into DIR")
     args = ap.parse_args(argv)
     if args.quick:
         args.queries, args.tiny, args.exec_rounds, args.exec_per_round = min(args.queries, 100), True, 6, 5
@@ -417,8 +428,13 @@ def main(argv: list[str] | None = None) -> int:
             load_before = os.getloadavg()
             cpu_before = [cpu_seconds(int(n["pid"])) for n in devnet.nodes]
             idle_rate = [(b - a) / IDLE_S for a, b in zip(idle_start, cpu_before, strict=True)]
+            spies = [] if args.profile is None else profiled(
+                {"asker": int(askers[0]["pid"]), "executor": int(executors[0]["pid"])}, args.profile)
             latencies, errors, wall, samples = trio.run(run_load, askers, args.queries, concurrency,
                                                         min(600.0, left()), SUBTASK[args.query_model])
+            for spy in spies:  # py-spy writes its file when it is interrupted
+                spy.send_signal(signal.SIGINT)
+                spy.wait(timeout=30)
             cpu = [max(0.0, cpu_seconds(int(n["pid"])) - b - r * wall)
                    for n, b, r in zip(devnet.nodes, cpu_before, idle_rate, strict=True)]
             load_after = os.getloadavg()

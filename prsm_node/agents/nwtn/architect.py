@@ -15,6 +15,7 @@ A step with no model anywhere on the network is skipped, and the answer says so.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import re
 from collections import Counter, OrderedDict
@@ -35,16 +36,25 @@ class Subtask:
     purpose: str
 
 
+PLAN = (
+    Subtask("retrieve", "embedding", (), "find the corpus passage nearest the query"),
+    Subtask("classify", "classifier", (), "classify the query's topic"),
+    Subtask("generate", "text-generation", ("retrieve",), "continue the passage and the query"),
+)
+
+
 def plan(query: str) -> list[Subtask]:
-    return [
-        Subtask("retrieve", "embedding", (), "find the corpus passage nearest the query"),
-        Subtask("classify", "classifier", (), "classify the query's topic"),
-        Subtask("generate", "text-generation", ("retrieve",), "continue the passage and the query"),
-    ]
+    return list(PLAN)
 
 
 def waves(subtasks: list[Subtask]) -> list[list[Subtask]]:
     """Subtasks in dependency order: each wave depends only on earlier waves."""
+    return [list(w) for w in _waves(tuple(subtasks))]
+
+
+@functools.lru_cache(maxsize=64)
+def _waves(subtasks: tuple[Subtask, ...]) -> tuple[tuple[Subtask, ...], ...]:
+    """``waves``, computed once per graph (every query has the same one)."""
     done: set[str] = set()
     left = list(subtasks)
     out = []
@@ -52,10 +62,10 @@ def waves(subtasks: list[Subtask]) -> list[list[Subtask]]:
         ready = [s for s in left if set(s.depends_on) <= done]
         if not ready:
             raise ValueError(f"subtasks {[s.name for s in left]} depend on each other or on unknown ones")
-        out.append(ready)
+        out.append(tuple(ready))
         done |= {s.name for s in ready}
         left = [s for s in left if s not in ready]
-    return out
+    return tuple(out)
 
 
 def _words(text: str) -> set[str]:

@@ -9,6 +9,12 @@ without the cache, up to the floating-point rounding of the batch a vector was c
 (an embedder's rows do not depend on each other: padding is masked), which is far below the
 4 decimals the answer reports. The query itself is never taken from the cache.
 
+**One request per passage at a time.** Queries that arrive together (a burst: hundreds at
+once) find the same passages missing; each would send them all. Instead the first query to
+lack a passage's vector fetches it, and concurrent queries that lack it too wait for that
+request (``shared``) rather than sending it again. If that request fails, the waiting queries'
+attempt fails with ``VectorsUnavailable`` and the pipeline tries again, sending it itself.
+
 Vectors are checked before they are kept (one finite number per dimension of the model), and
 the cache is bounded (least recently used out first).
 """
@@ -17,19 +23,106 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-Completion = Callable[[Any], list[list[float]]]
+import trio
+
+from ..exceptions import AgentError
+
 MAX_VECTORS = 8192  # a whole corpus (the Opticks has ~2,850 passages) for two models
+Key = tuple[bytes, str]
+
+
+class VectorsUnavailable(AgentError):
+    """Raised to a query that waited for passage vectors another query's request was fetching,
+    when that request failed: the query's own attempt fails, and its next one sends them."""
+
+
+@dataclass(eq=False)
+class _Flight:
+    """A passage vector one query's request is fetching, awaited by the others that lack it."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    vector: list[float] | None = None
+
+
+class Split:
+    """One retrieval's use of the cache: ``send`` (the query and the passages nobody has
+    fetched), ``await complete(output)`` for every text's vector in order, and ``release()``
+    (always, in a ``finally``) so that nobody waits on a request that will not answer."""
+
+    def __init__(self, cache: EmbeddingCache, model_id: bytes, dim: int, texts: list[str]) -> None:
+        self._cache = cache
+        self._model_id = model_id
+        self._dim = dim
+        self._texts = texts
+        self._known: list[list[float] | _Flight | None] = []  # per passage: a vector, a flight to await, or ours
+        self._own: dict[str, _Flight] = {}
+        send = [texts[0]]
+        for text in texts[1:]:
+            found: list[float] | _Flight | None = cache.get(model_id, text)
+            if found is None:
+                flight = cache.flights.get((model_id, text))
+                if flight is not None:
+                    cache.shared += 1
+                    found = flight
+                elif text not in self._own:
+                    self._own[text] = cache.flights[(model_id, text)] = _Flight()
+                    send.append(text)
+            self._known.append(found)
+        self.send = send
+
+    @property
+    def cached(self) -> int:
+        """Passages this retrieval does not send (known, or fetched by another query)."""
+        return len(self._texts) - len(self.send)
+
+    async def complete(self, output: Any) -> list[list[float]]:
+        """Check the vectors the model returned for ``send``, keep the passages' (waking the
+        queries waiting on them), then wait for the passages other queries are fetching.
+        Raises ValueError when the output is malformed, VectorsUnavailable when a request
+        this one waited on failed."""
+        dim = self._dim
+        if not isinstance(output, list) or len(output) != len(self.send) or not all(_vector(v, dim) for v in output):
+            raise ValueError(f"expected {len(self.send)} vectors of {dim} finite numbers")
+        for text, vector in zip(self.send[1:], output[1:], strict=True):
+            self._cache.put(self._model_id, text, vector)
+            flight = self._own[text]
+            flight.vector = vector
+        self.release()
+        out = [output[0]]
+        for text, known in zip(self._texts[1:], self._known, strict=True):
+            if known is None:
+                own = self._own[text].vector
+                assert own is not None
+                out.append(own)
+            elif isinstance(known, _Flight):
+                await known.done.wait()
+                if known.vector is None:
+                    raise VectorsUnavailable("the request another query made for a passage's vector failed")
+                out.append(known.vector)
+            else:
+                out.append(known)
+        return out
+
+    def release(self) -> None:
+        """End this retrieval's flights: waiters wake, with the vector if it came."""
+        for text, flight in self._own.items():
+            if not flight.done.is_set():
+                if self._cache.flights.get((self._model_id, text)) is flight:
+                    del self._cache.flights[(self._model_id, text)]
+                flight.done.set()
 
 
 class EmbeddingCache:
     def __init__(self, limit: int = MAX_VECTORS) -> None:
         self.limit = limit
-        self._vectors: OrderedDict[tuple[bytes, str], list[float]] = OrderedDict()
+        self._vectors: OrderedDict[Key, list[float]] = OrderedDict()
+        self.flights: dict[Key, _Flight] = {}  # passages a request is fetching now
         self.hits = 0
         self.misses = 0
+        self.shared = 0  # passages a query waited for instead of sending them again
 
     def __len__(self) -> int:
         return len(self._vectors)
@@ -49,29 +142,11 @@ class EmbeddingCache:
         while len(self._vectors) > self.limit:
             self._vectors.popitem(last=False)
 
-    def split(self, model_id: bytes, dim: int, texts: list[str]) -> tuple[list[str], Completion]:
-        """For an embedder request of ``texts`` (the query first, then passages): the texts to
-        send (the query and the passages not cached), and ``complete(output)``, which checks the
-        vectors the model returned for them, keeps the new passage vectors and returns the
-        vectors of all ``texts`` in order. Raises ValueError when the output is malformed."""
-        known = [self.get(model_id, t) for t in texts[1:]]
-        send = [texts[0], *(t for t, v in zip(texts[1:], known, strict=True) if v is None)]
-
-        def complete(output: Any) -> list[list[float]]:
-            if not isinstance(output, list) or len(output) != len(send) or not all(_vector(v, dim) for v in output):
-                raise ValueError(f"expected {len(send)} vectors of {dim} finite numbers")
-            fresh = iter(output[1:])
-            out = [output[0]]
-            for text, vector in zip(texts[1:], known, strict=True):
-                if vector is None:
-                    vector = next(fresh)
-                    self.put(model_id, text, vector)
-                out.append(vector)
-            return out
-
-        return send, complete
+    def split(self, model_id: bytes, dim: int, texts: list[str]) -> Split:
+        """For an embedder request of ``texts`` (the query first, then passages): what to send,
+        and how to complete the answer (``Split``)."""
+        return Split(self, model_id, dim, texts)
 
 
 def _vector(value: Any, dim: int) -> bool:
-    return (isinstance(value, list) and len(value) == dim
-            and all(type(x) is float and math.isfinite(x) for x in value))
+    return isinstance(value, list) and len(value) == dim and all(type(x) is float and math.isfinite(x) for x in value)

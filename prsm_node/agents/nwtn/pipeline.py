@@ -17,7 +17,8 @@ and the retrieval reads the corpus only when it runs. Every attempt is kept in t
 **Batching and caching.** Concurrent queries' subtasks for one model on one peer go out as
 one batched task (``task_client``), and the retrieval takes the corpus passages' vectors it
 has already been paid for from an ``EmbeddingCache`` (``cache.py``: the same answer, fewer
-texts sent); the trace says how many (``cached``).
+texts sent), or waits for them when another query's request is fetching them; the trace says
+how many it did not send (``cached``).
 
 **Compiler.** The answer is the nearest passage, the topic, and the continuation, with a trace
 row per subtask: model, peer, milliseconds, compute units and cost.
@@ -144,27 +145,36 @@ class Pipeline:
         if retrieve is not None and retrieve.candidates:  # only the retrieval reads the corpus
             passages = (await self.passages()).candidates(query)
         for step in steps.values():
-            step.estimate = max((self._worst(step, c, query, passages) for c in step.candidates), default=0)
+            worst: dict[bytes, int] = {}  # a model's worst-case units, whichever peer runs it
+            step.estimate = max((self._worst(step, c, query, passages, worst) for c in step.candidates), default=0)
         estimate = sum(s.estimate for s in steps.values())
         if estimate > budget:
             raise OverBudget(estimate, budget)
         results: dict[str, Any] = {}
         for wave in waves(subtasks):
-            async with trio.open_nursery() as nursery:
-                for t in wave:
-                    if steps[t.name].candidates:
-                        nursery.start_soon(self._execute, steps[t.name], query, passages, results)
-                    else:
-                        steps[t.name].error = f"no model with capability {t.capability!r} is reachable"
+            runnable = []
+            for t in wave:
+                if steps[t.name].candidates:
+                    runnable.append(steps[t.name])
+                else:
+                    steps[t.name].error = f"no model with capability {t.capability!r} is reachable"
+            if len(runnable) == 1:  # nothing to run beside it: no nursery needed
+                await self._execute(runnable[0], query, passages, results)
+            elif runnable:
+                async with trio.open_nursery() as nursery:
+                    for step in runnable:
+                        nursery.start_soon(self._execute, step, query, passages, results)
         answer = self._compile(query, steps, passages, results)
         return Answer(query, answer, budget, estimate, sum(s.cost for s in steps.values()),
                       (trio.current_time() - started) * 1000, list(steps.values()), self.router.describe())
 
-    def _worst(self, step: Step, c: Candidate, query: str, passages: list[str]) -> int:
+    def _worst(self, step: Step, c: Candidate, query: str, passages: list[str], worst: dict[bytes, int]) -> int:
         if c.local:
             return 0
-        raw = prompter.worst_case(step.task, c.spec, query, passages)
-        return max_units(c.spec, parse_input(c.spec, raw)) * c.price_per_unit
+        if c.model_id not in worst:
+            raw = prompter.worst_case(step.task, c.spec, query, passages)
+            worst[c.model_id] = max_units(c.spec, parse_input(c.spec, raw))
+        return worst[c.model_id] * c.price_per_unit
 
     async def _execute(self, step: Step, query: str, passages: list[str], results: dict[str, Any]) -> None:
         if not step.candidates:
@@ -181,31 +191,35 @@ class Pipeline:
                                       "error": "halted", "message": "not tried: the model is halted"})
                 continue
             inputs = prompter.shape(step.task, c.spec, query, passages, results)
-            complete = None
+            split = None
             if isinstance(c.spec.config, EmbedderConfig) and "texts" in inputs:
-                texts, complete = self.embeddings.split(c.model_id, c.spec.config.dim, inputs["texts"])
-                step.cached = len(inputs["texts"]) - len(texts)
-                inputs = {**inputs, "texts": texts}
+                split = self.embeddings.split(c.model_id, c.spec.config.dim, inputs["texts"])
+                step.cached = split.cached
+                inputs = {**inputs, "texts": split.send}
             peer = str(c.peer) if c.peer else "local"
             started = trio.current_time()
             batch = 1
             try:
-                if c.peer is None:
-                    assert c.hosted is not None
-                    run = await self.tasks.run_local(c.hosted, inputs)
-                    output, used, cost, receipts = run.output, units(run.usage), 0, []
-                else:
-                    assert c.entry is not None
-                    max_amount = max_units(c.spec, parse_input(c.spec, inputs)) * c.price_per_unit
-                    out = await self.tasks.run_remote(c.peer, c.entry, inputs, max_amount)
-                    output, used, cost, batch = out.output, out.charge.units, out.charge.amount, out.batch
-                    receipts = [{"receipt_id": r.receipt_id.hex(), "payee": r.payee.hex(), "amount": str(r.amount)}
-                                for r in out.receipts]
-                if complete is not None:
-                    try:
-                        output = complete(output)
-                    except ValueError as exc:
-                        raise AgentError(f"malformed embeddings: {exc}") from None
+                try:
+                    if c.peer is None:
+                        assert c.hosted is not None
+                        run = await self.tasks.run_local(c.hosted, inputs)
+                        output, used, cost, receipts = run.output, units(run.usage), 0, []
+                    else:
+                        assert c.entry is not None
+                        max_amount = max_units(c.spec, parse_input(c.spec, inputs)) * c.price_per_unit
+                        out = await self.tasks.run_remote(c.peer, c.entry, inputs, max_amount)
+                        output, used, cost, batch = out.output, out.charge.units, out.charge.amount, out.batch
+                        receipts = [{"receipt_id": r.receipt_id.hex(), "payee": r.payee.hex(),
+                                     "amount": str(r.amount)} for r in out.receipts]
+                    if split is not None:
+                        try:
+                            output = await split.complete(output)
+                        except ValueError as exc:
+                            raise AgentError(f"malformed embeddings: {exc}") from None
+                finally:
+                    if split is not None:
+                        split.release()
             except (TaskFailed, AgentError) as exc:
                 code = exc.code if isinstance(exc, TaskFailed) else type(exc).__name__
                 if code == "halted":
