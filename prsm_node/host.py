@@ -7,6 +7,7 @@ TLS, and ``max_connections_per_peer=3`` adds a 250 ms happy-eyeballs wait to eve
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 
 import multiaddr
@@ -23,8 +24,25 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from .config import Config
 from .keys import NodeKey
 
+# py-libp2p 0.8.1's yamux reads its tuning from PY_YAMUX_* environment variables, process-wide,
+# each time it decides on a window update. With RELEASE_ON_READ on (its default) a reader sends
+# a WINDOW_UPDATE frame for every read that does not reach the go-yamux threshold (half the
+# receive window), so a bulk receiver answers nearly every frame with a frame of its own; off,
+# the credit of such reads is kept and released in one update once it reaches the threshold
+# (go-yamux's own rule). The sender never stalls on it: the credit held back is below half the
+# window, so the sender still has at least half. Measured on a 256 MiB shard fetch: see
+# protocols/shard.md and scripts/bench/shards.py. An operator's own setting wins.
+YAMUX_TUNING = {"PY_YAMUX_RELEASE_ON_READ": "0"}
+
+
+def tune_yamux() -> None:
+    """Apply ``YAMUX_TUNING`` to this process (kept where already set)."""
+    for name, value in YAMUX_TUNING.items():
+        os.environ.setdefault(name, value)
+
 
 def build_host(key: NodeKey, cfg: Config) -> IHost:
+    tune_yamux()
     key_pair = key.libp2p_key_pair()
     noise = NoiseTransport(key_pair, noise_privkey=new_x25519_key_pair().private_key)
     listen = [multiaddr.Multiaddr(a) for a in cfg.p2p.listen]

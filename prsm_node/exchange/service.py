@@ -5,10 +5,10 @@ Serving: one handler per inbound stream, many requests per stream in order; at m
 ``max_streams_per_peer`` streams per peer and ``max_serving`` GET_CHUNKS at once (``busy``
 beyond either); every request decoded with the 1024-byte limit and checked against the
 manifest; chunks read from the model's files (the byte range the manifest gives each chunk)
-and re-hashed when due (``ShardStore.read_chunk``) in a thread, a group at a time, and
-written in large writes (many CHUNK frames per write: py-libp2p's cost is per write, see
-PITFALLS). A chunk found corrupt on disk is reported, stops being served, and the response
-ends with ``ERROR internal``.
+and re-hashed when due (``ShardStore.read_chunk``) in a thread, a group at a time, their
+CHUNK frames joined once and written in ``WRITE_PIECE`` slices, each one yamux frame in one
+Noise message (see PITFALLS, bulk throughput). A chunk found corrupt on disk is reported,
+stops being served, and the response ends with ``ERROR internal``.
 
 Models live in the store's folders, ``models_dir/<manifest id hex>/`` once complete; the node
 serves them from there. Every store call goes through ``trio.to_thread``.
@@ -73,7 +73,12 @@ log = logging.getLogger(__name__)
 MAX_STREAMS_PER_PEER = 4
 MAX_SERVING = 64
 INBOUND_IDLE_TIMEOUT = 30.0
-WRITE_BYTES = 4 << 20  # chunk bytes read per thread call and sent per write
+WRITE_BYTES = 4 << 20  # chunk bytes read per thread call, then written in WRITE_PIECE pieces
+# Bytes per stream.write: with yamux's 12-byte header a frame of 65,519 bytes, Noise's largest
+# plaintext, so each piece goes out as one yamux frame in one Noise message. A larger write is
+# cut by yamux into 65,536-byte frames that Noise must split again (two messages and a copy
+# per frame); see PITFALLS, bulk throughput.
+WRITE_PIECE = 65_535 - 16 - 12
 REANNOUNCE_INTERVAL = 12 * 3600.0
 
 
@@ -260,7 +265,7 @@ class ShardService:
                         self.chunks_served += sent
                         self.bytes_served += sent_bytes
                         if frames:
-                            await stream.write(frames)
+                            await write_pieces(stream, frames)
                             TRAFFIC.bytes_out += len(frames)
             except Exception as exc:
                 failures.insert(0, exc)
@@ -409,3 +414,11 @@ def manifest_json(mid: bytes, m: Manifest) -> dict[str, Any]:
         "files": [{"path": f.path, "size": f.size, "sha256": f.sha256.hex(), "tensors": len(f.tensors)}
                   for f in m.files],
     }
+
+
+async def write_pieces(stream: INetStream, data: bytes) -> None:
+    """Write ``data`` in ``WRITE_PIECE`` slices (views, not copies): one yamux frame and one
+    Noise message each."""
+    view = memoryview(data)
+    for start in range(0, len(view), WRITE_PIECE):
+        await stream.write(view[start:start + WRITE_PIECE])  # type: ignore[arg-type]  # yamux takes any buffer
