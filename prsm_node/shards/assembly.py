@@ -4,7 +4,10 @@ An :class:`Assembly` opens the model's folder in the store (``<id hex>/`` if the
 complete once, else ``<id hex>.partial/``) with every file at its full size (created sparse with
 ``ftruncate``), and ``write(index, data)`` puts a chunk, already verified against its hash by
 the caller, at its offset with ``pwrite``. Several threads may write at once. The files' disk
-blocks are reserved up front where the file system allows (``preallocate``).
+blocks are reserved up front where the file system allows (``preallocate``). A chunk whose
+offset and length are multiples of ``DIRECT_ALIGN`` (all but a file's last, for the usual
+power-of-two chunk sizes) is written with ``O_DIRECT`` where the file system offers it, so a
+fetch does not fill the page cache with the model (see ``Assembly._write_direct``).
 
 Durability: once ``SYNC_EVERY`` bytes were written since the last flush, ``flush_due`` says so,
 and ``flush()`` (called by the writer, off the path that receives the chunks: an fdatasync may
@@ -25,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import hashlib
+import mmap
 import os
 import sys
 import threading
@@ -40,12 +44,13 @@ from .exceptions import (
     UnsafePath,
 )
 from .header import read_header
-from .manifest import Manifest
+from .manifest import ChunkSpan, Manifest
 
 if TYPE_CHECKING:
     from .store import ShardStore
 
 SYNC_EVERY = 32 << 20  # bytes written between flushes (and record updates)
+DIRECT_ALIGN = 4096  # offset, length and buffer alignment asked of O_DIRECT (any common block size divides it)
 
 
 class Assembly:
@@ -65,6 +70,8 @@ class Assembly:
         self._next = list(self._first)  # per file: the first chunk index not hashed yet
         self._hashes = [hashlib.sha256() for _ in m.files]
         self._fds: list[int] = []
+        self._direct: list[int | None] = []  # per file: an O_DIRECT descriptor, None where refused
+        self._buffers = threading.local()  # per writer thread: an aligned buffer for direct I/O
         self.written_chunks = 0
         final, partial = store.model_dir(manifest_id), store.partial_dir(manifest_id)
         self.folder = final if final.is_dir() else partial
@@ -86,6 +93,7 @@ class Assembly:
                     os.ftruncate(fd, f.size)
                     lost += range(self._first[i], self._first[i] + len(f.chunks))
                 preallocate(fd, f.size)
+                self._direct.append(open_direct(target))
             store.discard(manifest_id, lost)
         except BaseException:
             self._close_fds()
@@ -97,11 +105,12 @@ class Assembly:
         span = self._spans[index]
         if len(data) != span.length:
             raise ChunkHashMismatch(f"chunk {index} is {len(data)} bytes, the manifest says {span.length}")
-        fd = self._fds[span.file_index]
-        view = memoryview(data)
-        done = 0
-        while done < len(data):
-            done += os.pwrite(fd, view[done:], span.offset + done)
+        if not self._write_direct(span.file_index, span.offset, data):
+            fd = self._fds[span.file_index]
+            view = memoryview(data)
+            done = 0
+            while done < len(data):
+                done += os.pwrite(fd, view[done:], span.offset + done)
         with self._lock:
             if not self._written[index]:
                 self._written[index] = 1
@@ -109,6 +118,59 @@ class Assembly:
             self._advance(span.file_index, index, data)
             self._unrecorded.append(index)
             self._unsynced += len(data)
+
+    def _buffer(self, size: int) -> mmap.mmap:
+        """This thread's page-aligned buffer of at least ``size`` bytes (kept: reused pages
+        cost nothing, fresh ones fault in)."""
+        buf: mmap.mmap | None = getattr(self._buffers, "buf", None)
+        if buf is None or len(buf) < size:
+            buf = self._buffers.buf = mmap.mmap(-1, max(size, self.m.chunk_size))
+        return buf
+
+    def _write_direct(self, file_index: int, offset: int, data: bytes) -> bool:
+        """Write through the file's O_DIRECT descriptor when it has one and the range is
+        aligned; False when the caller must write through the page cache instead.
+
+        Direct I/O skips the page cache: a fetch allocates no cache pages for the bytes it
+        writes (on our VMs a freshly allocated page costs several times its memcpy: 0.5-1 CPU s
+        per 256 MiB written, against 0.07 s direct). The bytes are copied into a reused aligned
+        buffer first, as O_DIRECT needs. Durability is unchanged: ``flush`` still fdatasyncs
+        (metadata and the device's cache) before the chunks are recorded."""
+        fd = self._direct[file_index]
+        size = len(data)
+        if fd is None or offset % DIRECT_ALIGN or size % DIRECT_ALIGN:
+            return False
+        buf = self._buffer(size)
+        buf[:size] = data
+        view = memoryview(buf)[:size]
+        done = 0
+        try:
+            while done < size:
+                done += os.pwrite(fd, view[done:], offset + done)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self._direct[file_index] = None  # alignment this file system refuses: page cache from now on
+            os.close(fd)
+            return False
+        finally:
+            view.release()
+        return True
+
+    def _read(self, file_index: int, span: ChunkSpan) -> bytes | memoryview:
+        """A written chunk's bytes back from its file (direct when its write was: no cache pages)."""
+        fd = self._direct[file_index]
+        if fd is not None and not span.offset % DIRECT_ALIGN and not span.length % DIRECT_ALIGN:
+            buf = self._buffer(span.length)
+            try:
+                got = os.preadv(fd, [buf], span.offset)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+            else:
+                if got == span.length:
+                    return memoryview(buf)[:got]
+        return os.pread(self._fds[file_index], span.length, span.offset)
 
     @property
     def flush_due(self) -> bool:
@@ -131,8 +193,13 @@ class Assembly:
         while self._next[file_index] < end and self._written[self._next[file_index]]:
             i = self._next[file_index]
             span = self._spans[i]
-            piece = data if i == index else os.pread(self._fds[file_index], span.length, span.offset)
-            self._hashes[file_index].update(piece)
+            if i == index:
+                self._hashes[file_index].update(data)
+            else:
+                piece = self._read(file_index, span)
+                self._hashes[file_index].update(piece)
+                if isinstance(piece, memoryview):
+                    piece.release()
             self._next[file_index] += 1
 
     def finish(self) -> list[Path]:
@@ -198,8 +265,24 @@ class Assembly:
 
     def _close_fds(self) -> None:
         fds, self._fds = self._fds, []
-        for fd in fds:
+        direct, self._direct = self._direct, []
+        for fd in [*fds, *(d for d in direct if d is not None)]:
             os.close(fd)
+
+
+def open_direct(path: Path) -> int | None:
+    """``path`` opened for writing with O_DIRECT, or None where the platform or file system
+    does not offer it (tmpfs before Linux 6.6, macOS, ...): the file is then written through
+    the page cache."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        return os.open(path, os.O_RDWR | flag)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return None
+        raise
 
 
 def preallocate(fd: int, size: int) -> None:
