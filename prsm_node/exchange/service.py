@@ -6,9 +6,10 @@ Serving: one handler per inbound stream, many requests per stream in order; at m
 beyond either); every request decoded with the 1024-byte limit and checked against the
 manifest; chunks read from the model's files (the byte range the manifest gives each chunk)
 and re-hashed when due (``ShardStore.read_chunk``) in a thread, a group at a time, their
-CHUNK frames joined once and written in ``WRITE_PIECE`` slices, each one yamux frame in one
-Noise message (see PITFALLS, bulk throughput). A chunk found corrupt on disk is reported,
-stops being served, and the response ends with ``ERROR internal``.
+CHUNK frames written in ``WRITE_PIECE`` pieces (views of the chunks' bytes, joined only where a
+piece spans two frames), each one yamux frame in one Noise message (see PITFALLS, bulk
+throughput). A chunk found corrupt on disk is reported, stops being served, and the response
+ends with ``ERROR internal``.
 
 Models live in the store's folders, ``models_dir/<manifest id hex>/`` once complete; the node
 serves them from there. Every store call goes through ``trio.to_thread``.
@@ -19,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -241,7 +242,7 @@ class ShardService:
         group is read (and verified) in a thread while the current one is written."""
         per_group = max(1, WRITE_BYTES // chunk_size)
         groups = [indices[i:i + per_group] for i in range(0, len(indices), per_group)]
-        send, receive = trio.open_memory_channel[tuple[bytes, int, int, int | None]](1)
+        send, receive = trio.open_memory_channel[tuple[list[bytes], int, int, int | None]](1)
         failures: list[Exception] = []
 
         async def read_ahead() -> None:
@@ -260,13 +261,13 @@ class ShardService:
             nursery.start_soon(read_ahead)
             try:
                 async with receive:
-                    async for frames, sent, sent_bytes, bad in receive:
+                    async for parts, sent, sent_bytes, bad in receive:
                         corrupt = bad
                         self.chunks_served += sent
                         self.bytes_served += sent_bytes
-                        if frames:
-                            await write_pieces(stream, frames)
-                            TRAFFIC.bytes_out += len(frames)
+                        for piece in pieces(parts, WRITE_PIECE):
+                            await stream.write(piece)  # type: ignore[arg-type]  # yamux takes any buffer
+                            TRAFFIC.bytes_out += len(piece)
             except Exception as exc:
                 failures.insert(0, exc)
                 nursery.cancel_scope.cancel()
@@ -276,10 +277,11 @@ class ShardService:
             return await self._error(stream, ErrorCode.INTERNAL, f"chunk {corrupt} is damaged or unreadable here")
         await self._send(stream, End())
 
-    def _read_frames(self, mid: bytes, group: list[int]) -> tuple[bytes, int, int, int | None]:
-        """CHUNK frames for the held chunks of ``group`` (in a thread): the frames, how many
-        chunks and bytes they carry, and the index of the first chunk that could not be read
-        (corrupt on disk, or a disk error)."""
+    def _read_frames(self, mid: bytes, group: list[int]) -> tuple[list[bytes], int, int, int | None]:
+        """CHUNK frames for the held chunks of ``group`` (in a thread): the frames' parts (each
+        frame's length and header, then its data: written as they are, see :func:`pieces`),
+        how many chunks and bytes they carry, and the index of the first chunk that could not
+        be read (corrupt on disk, or a disk error)."""
         parts: list[bytes] = []
         sent = sent_bytes = 0
         corrupt: int | None = None
@@ -293,10 +295,10 @@ class ShardService:
                 corrupt = i
                 break
             head = chunk_header(i, len(data))
-            parts += (encode_uvarint(len(head) + len(data)), head, data)
+            parts += (encode_uvarint(len(head) + len(data)) + head, data)
             sent += 1
             sent_bytes += len(data)
-        return b"".join(parts), sent, sent_bytes, corrupt
+        return parts, sent, sent_bytes, corrupt
 
     # ------------------------------------------------------------ publishing
 
@@ -416,9 +418,29 @@ def manifest_json(mid: bytes, m: Manifest) -> dict[str, Any]:
     }
 
 
-async def write_pieces(stream: INetStream, data: bytes) -> None:
-    """Write ``data`` in ``WRITE_PIECE`` slices (views, not copies): one yamux frame and one
-    Noise message each."""
-    view = memoryview(data)
-    for start in range(0, len(view), WRITE_PIECE):
-        await stream.write(view[start:start + WRITE_PIECE])  # type: ignore[arg-type]  # yamux takes any buffer
+def pieces(parts: list[bytes], size: int) -> Iterator[bytes | memoryview]:
+    """The concatenation of ``parts`` cut into ``size``-byte pieces (the last may be shorter):
+    a view where a piece lies within one part, joined bytes only where it spans parts (a
+    chunk's end, the next frame's header, that chunk's start). So a group of chunks is written
+    without first being joined into one buffer (a copy, and several MiB of fresh memory per
+    group)."""
+    carry: list[memoryview] = []
+    held = 0
+    for part in parts:
+        view = memoryview(part)
+        if held:
+            take = view[:size - held]
+            carry.append(take)
+            held += len(take)
+            view = view[len(take):]
+            if held < size:
+                continue
+            yield b"".join(carry)
+            carry, held = [], 0
+        whole = len(view) - len(view) % size
+        for start in range(0, whole, size):
+            yield view[start:start + size]
+        if whole < len(view):
+            carry, held = [view[whole:]], len(view) - whole
+    if held:
+        yield carry[0] if len(carry) == 1 else b"".join(carry)

@@ -236,19 +236,25 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def page_faults(pids: list[int]) -> int:
+    """Minor page faults the processes have taken so far: memory touched fresh (each costs
+    far more than its copy on our VMs, see prsm_node/shards/assembly.py)."""
+    return sum(int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7]) for pid in pids)
+
+
 def prsm_fetch(label: str, home: str, mid: str, size: int, pids: list[int]) -> tuple[float, float, float]:
     """One timed fetch, printed; returns (end-to-end MB/s, transfer-stage MB/s, CPU seconds of
     the fetcher and providers ``pids``). The model is removed from ``home`` afterwards, so the
     next run fetches it all again."""
-    cpu = cpu_seconds(pids)
+    cpu, faults = cpu_seconds(pids), page_faults(pids)
     seconds, result = timed_fetch(home, mid)
-    cpu = cpu_seconds(pids) - cpu
+    cpu, faults = cpu_seconds(pids) - cpu, page_faults(pids) - faults
     used = [p for p in result["providers"] if p["chunks"]]
     stages = result.get("timings_s") or {}
     transfer = result["bytes_fetched"] / max(stages.get("transfer", result["elapsed_s"]), 1e-9) / 1e6
     print(f"  {label}: {size / seconds / 1e6:.1f} MB/s end to end ({seconds:.2f} s), transfer stage "
           f"{transfer:.1f} MB/s, from {len(used)} providers {[p['chunks'] for p in used]}, stages {stages}, "
-          f"{cpu:.2f} CPU s", flush=True)
+          f"{cpu:.2f} CPU s, {faults} page faults", flush=True)
     call(home, "model.rm", {"id": mid})
     return size / seconds / 1e6, transfer, cpu
 
