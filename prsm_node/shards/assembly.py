@@ -100,7 +100,7 @@ class Assembly:
             store._end(manifest_id, keep=not created)
             raise
 
-    def write(self, index: int, data: bytes) -> None:
+    def write(self, index: int, data: bytes | memoryview) -> None:
         """Write verified chunk ``index`` (the caller checked its hash) at its place."""
         span = self._spans[index]
         if len(data) != span.length:
@@ -127,7 +127,7 @@ class Assembly:
             buf = self._buffers.buf = mmap.mmap(-1, max(size, self.m.chunk_size))
         return buf
 
-    def _write_direct(self, file_index: int, offset: int, data: bytes) -> bool:
+    def _write_direct(self, file_index: int, offset: int, data: bytes | memoryview) -> bool:
         """Write through the file's O_DIRECT descriptor when it has one and the range is
         aligned; False when the caller must write through the page cache instead.
 
@@ -187,7 +187,7 @@ class Assembly:
                 os.fdatasync(fd)
             self.store.mark(self.manifest_id, chunks)
 
-    def _advance(self, file_index: int, index: int, data: bytes) -> None:
+    def _advance(self, file_index: int, index: int, data: bytes | memoryview) -> None:
         """Feed the file hash through every contiguous chunk written here (under the lock)."""
         end = self._first[file_index] + len(self.m.files[file_index].chunks)
         while self._next[file_index] < end and self._written[self._next[file_index]]:
