@@ -17,10 +17,11 @@ last ``SYNC_EVERY`` bytes of chunks (fetched again), and the record never names 
 bytes did not reach the disk.
 
 Each file's SHA-256 is fed as far as its chunks are contiguous while they arrive (a chunk that
-arrived early is read back from the page cache when its turn comes), so a fresh fetch needs no
-second pass. ``finish()`` reads and re-hashes what an earlier run wrote (those chunks are
-verified again on the way), checks every file's SHA-256 and tensor table, fsyncs, and renames
-``<id hex>.partial/`` to ``<id hex>/``.
+arrived early is hashed from its bytes, kept in memory up to ``EARLY_BYTES`` in all, or else
+read back from the file when its turn comes), so a fresh fetch needs no second pass.
+``finish()`` reads and re-hashes what an earlier run wrote (those chunks are verified again on
+the way), checks every file's SHA-256 and tensor table, fsyncs, and renames ``<id hex>.partial/``
+to ``<id hex>/``.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
     from .store import ShardStore
 
 SYNC_EVERY = 32 << 20  # bytes written between flushes (and record updates)
+EARLY_BYTES = 64 << 20  # chunks written ahead of their file's hash kept in memory up to this (else read back)
 DIRECT_ALIGN = 4096  # offset, length and buffer alignment asked of O_DIRECT (any common block size divides it)
 
 
@@ -69,6 +71,8 @@ class Assembly:
         self._first = [m.first_chunk(i) for i in range(len(m.files))]
         self._next = list(self._first)  # per file: the first chunk index not hashed yet
         self._hashes = [hashlib.sha256() for _ in m.files]
+        self._early: dict[int, bytes | memoryview] = {}  # written ahead of the hash: their bytes, kept
+        self._early_bytes = 0
         self._fds: list[int] = []
         self._direct: list[int | None] = []  # per file: an O_DIRECT descriptor, None where refused
         self._buffers = threading.local()  # per writer thread: an aligned buffer for direct I/O
@@ -101,7 +105,8 @@ class Assembly:
             raise
 
     def write(self, index: int, data: bytes | memoryview) -> None:
-        """Write verified chunk ``index`` (the caller checked its hash) at its place."""
+        """Write verified chunk ``index`` (the caller checked its hash) at its place. ``data``
+        must not change afterwards: a chunk ahead of its file's hash keeps it until hashed."""
         span = self._spans[index]
         if len(data) != span.length:
             raise ChunkHashMismatch(f"chunk {index} is {len(data)} bytes, the manifest says {span.length}")
@@ -115,7 +120,11 @@ class Assembly:
             if not self._written[index]:
                 self._written[index] = 1
                 self.written_chunks += 1
-            self._advance(span.file_index, index, data)
+            hashed = self._advance(span.file_index, index, data)
+            if not hashed and index > self._next[span.file_index] and index not in self._early \
+                    and self._early_bytes + len(data) <= EARLY_BYTES:
+                self._early[index] = data
+                self._early_bytes += len(data)
             self._unrecorded.append(index)
             self._unsynced += len(data)
 
@@ -187,20 +196,29 @@ class Assembly:
                 os.fdatasync(fd)
             self.store.mark(self.manifest_id, chunks)
 
-    def _advance(self, file_index: int, index: int, data: bytes | memoryview) -> None:
-        """Feed the file hash through every contiguous chunk written here (under the lock)."""
+    def _advance(self, file_index: int, index: int, data: bytes | memoryview) -> bool:
+        """Feed the file hash through every contiguous chunk written here (under the lock);
+        whether chunk ``index`` was hashed. A chunk that came early is hashed from the bytes
+        kept for it (several providers deliver out of order), else read back from the file."""
         end = self._first[file_index] + len(self.m.files[file_index].chunks)
+        hashed = False
         while self._next[file_index] < end and self._written[self._next[file_index]]:
             i = self._next[file_index]
             span = self._spans[i]
+            kept = self._early.pop(i, None)
             if i == index:
                 self._hashes[file_index].update(data)
+                hashed = True
+            elif kept is not None:
+                self._hashes[file_index].update(kept)
+                self._early_bytes -= len(kept)
             else:
                 piece = self._read(file_index, span)
                 self._hashes[file_index].update(piece)
                 if isinstance(piece, memoryview):
                     piece.release()
             self._next[file_index] += 1
+        return hashed
 
     def finish(self) -> list[Path]:
         """Check every file and put the model in place; returns the file paths. MissingChunks
@@ -257,6 +275,8 @@ class Assembly:
         a later fetch resumes from them). Idempotent."""
         if not self._fds:
             return
+        self._early.clear()
+        self._early_bytes = 0
         try:
             self.flush()
         finally:
