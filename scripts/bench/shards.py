@@ -5,8 +5,8 @@ Each run, back to back (so the ratios compare figures taken under the same load)
 
   * ``bare stream``: the model file's bytes over one py-libp2p stream between two processes
     (Noise + yamux, ``max_connections_per_peer=1``): py-libp2p's ceiling, with the best settings
-    we found, the same the daemons use: ``PY_YAMUX_RELEASE_ON_READ=0`` (``prsm_node.host``)
-    and 65,507-byte writes (``WRITE_PIECE``: one yamux frame in one Noise message each).
+    we found, the same the daemons use: ``PY_YAMUX_RELEASE_ON_READ=0`` and glibc malloc
+    settings (``prsm_node.host``), and 65,507-byte writes (``WRITE_PIECE``: one yamux frame in one Noise message each).
     Measured 256 MiB, 3 runs each, load ~2.5: 1 MiB writes untuned 75-95 MB/s, 1 MiB tuned
     105-123, 65,507 B untuned 86-128, 65,507 B tuned 161-168 MB/s.
   * ``prsm 1 provider``: a devnet of real ``prsm-node`` daemons on 127.0.0.1 (``prsm-node
@@ -82,9 +82,10 @@ def _bare_host(seed: int) -> Any:
     from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
     from libp2p.stream_muxer.yamux.yamux import Yamux
 
-    from prsm_node.host import tune_yamux
+    from prsm_node.host import tune_malloc, tune_yamux
 
-    tune_yamux()  # the daemons' yamux settings (prsm_node.host), so the baseline is as fast as they
+    tune_yamux()  # the daemons' yamux and malloc settings (prsm_node.host): the baseline gets them too
+    tune_malloc()
     key_pair = create_new_key_pair(bytes([seed]) * 32)
     noise = NoiseTransport(key_pair, noise_privkey=new_x25519_key_pair().private_key)
     return new_host(key_pair=key_pair, sec_opt={NOISE_PROTOCOL_ID: noise},
