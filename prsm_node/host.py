@@ -6,8 +6,10 @@ TLS, and ``max_connections_per_peer=3`` adds a 250 ms happy-eyeballs wait to eve
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import os
+import platform
 import socket
 
 import multiaddr
@@ -24,17 +26,47 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from .config import Config
 from .keys import NodeKey
 
-# py-libp2p's yamux sends a WINDOW_UPDATE after every read by default (its PY_YAMUX_RELEASE_ON_READ
-# knob, read at each read): a small request/response exchange then costs a Noise message, a TCP
-# write and its decryption on the peer per read, twice per frame (length, then body) — most of
-# the muxer's CPU under many small messages. Off, credit is released as go-yamux does it: once
-# half the window has been read. An operator's own setting of the variable wins.
-YAMUX_ENV = {"PY_YAMUX_RELEASE_ON_READ": "0"}
+# py-libp2p 0.8.1's yamux reads its tuning from PY_YAMUX_* environment variables, process-wide,
+# each time it decides on a window update. With RELEASE_ON_READ on (its default) a reader sends
+# a WINDOW_UPDATE frame for every read that does not reach the go-yamux threshold (half the
+# receive window), so a bulk receiver answers nearly every frame with a frame of its own; off,
+# the credit of such reads is kept and released in one update once it reaches the threshold
+# (go-yamux's own rule). The sender never stalls on it: the credit held back is below half the
+# window, so the sender still has at least half. Measured on a 256 MiB shard fetch: see
+# protocols/shard.md and scripts/bench/shards.py. An operator's own setting wins.
+YAMUX_TUNING = {"PY_YAMUX_RELEASE_ON_READ": "0"}
+
+
+def tune_yamux() -> None:
+    """Apply ``YAMUX_TUNING`` to this process (kept where already set)."""
+    for name, value in YAMUX_TUNING.items():
+        os.environ.setdefault(name, value)
+
+
+# glibc malloc settings for bulk transfers. By default glibc serves blocks over its (adaptive)
+# mmap threshold with fresh mmaps and returns free memory at the top of a heap to the kernel
+# beyond twice that: the ~64 KiB to few-MiB buffers py-libp2p and a shard transfer allocate and
+# free by the thousand then keep touching fresh pages, and a fresh page costs far more than its
+# copy on our VMs (a 256 MiB fetch took 30-70k minor page faults; with these settings a few
+# thousand). Kept below 32 MiB: a process keeps at most 64 MiB of freed heap top for reuse.
+MALLOC_TUNING = {-3: 32 << 20, -1: 64 << 20, -2: 16 << 20}  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD
+
+
+def tune_malloc() -> bool:
+    """Apply ``MALLOC_TUNING`` with glibc's ``mallopt`` (nothing elsewhere); whether it was."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return all(mallopt(param, value) == 1 for param, value in MALLOC_TUNING.items())
 
 
 def build_host(key: NodeKey, cfg: Config) -> IHost:
-    for name, value in YAMUX_ENV.items():
-        os.environ.setdefault(name, value)
+    tune_yamux()
+    tune_malloc()
     key_pair = key.libp2p_key_pair()
     noise = NoiseTransport(key_pair, noise_privkey=new_x25519_key_pair().private_key)
     listen = [multiaddr.Multiaddr(a) for a in cfg.p2p.listen]

@@ -1,6 +1,7 @@
 """The requester's frame reader: frames come out whole whatever the read boundaries (a length
 split across reads, several frames in one read, a frame in many reads), a length over the
-limit is refused before its body is read, and a stream that ends inside a frame is an error."""
+limit is refused before its body is read, and a stream that ends inside a frame is an error.
+And the responder's side: frames cut into equal write pieces whatever the parts' sizes."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import trio
 
 from prsm_node.exchange.client import FrameReader
+from prsm_node.exchange.service import WRITE_PIECE, pieces
 from prsm_node.wire import FrameError, encode_uvarint
 
 
@@ -64,3 +66,18 @@ async def test_an_oversized_length_is_refused_before_its_body_and_a_cut_frame_is
         await read_all(Pieces(frames([b"abc"])[:-1], []), 1)
     with pytest.raises(FrameError, match="longer than 10 bytes"):
         await read_all(Pieces(b"\xff" * 11, [3]), 1)
+
+
+def test_write_pieces_are_the_parts_cut_evenly_and_views_where_they_can_be() -> None:
+    rng = random.Random(5)
+    for _ in range(500):
+        parts = [rng.randbytes(rng.randrange(0, 40)) for _ in range(rng.randrange(0, 8))]
+        size = rng.randrange(1, 20)
+        out = [bytes(p) for p in pieces(parts, size)]
+        assert b"".join(out) == b"".join(parts)
+        assert all(len(p) == size for p in out[:-1]) and all(0 < len(p) <= size for p in out)
+    chunk = rng.randbytes(1 << 20)
+    head = b"\x01" * 9
+    cut = list(pieces([head, chunk, head, chunk], WRITE_PIECE))
+    assert b"".join(bytes(p) for p in cut) == head + chunk + head + chunk
+    assert sum(isinstance(p, bytes) for p in cut) <= 2  # joined only across a frame boundary

@@ -5,9 +5,10 @@ Serving: one handler per inbound stream, many requests per stream in order; at m
 ``max_streams_per_peer`` streams per peer and ``max_serving`` GET_CHUNKS at once (``busy``
 beyond either); every request decoded with the 1024-byte limit and checked against the
 manifest; chunks read from the model's files (the byte range the manifest gives each chunk)
-and re-hashed when due (``ShardStore.read_chunk``) in a thread, a group at a time, and
-written in large writes (many CHUNK frames per write: py-libp2p's cost is per write, see
-PITFALLS). A chunk found corrupt on disk is reported, stops being served, and the response
+and re-hashed when due (``ShardStore.read_chunk``) in a thread, a group at a time, their
+CHUNK frames written in ``WRITE_PIECE`` pieces (views of the chunks' bytes, joined only where a
+piece spans two frames), each one yamux frame in one Noise message (see PITFALLS, bulk
+throughput). A chunk found corrupt on disk is reported, stops being served, and the response
 ends with ``ERROR internal``.
 
 Models live in the store's folders, ``models_dir/<manifest id hex>/`` once complete; the node
@@ -19,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,12 @@ log = logging.getLogger(__name__)
 MAX_STREAMS_PER_PEER = 4
 MAX_SERVING = 64
 INBOUND_IDLE_TIMEOUT = 30.0
-WRITE_BYTES = 4 << 20  # chunk bytes read per thread call and sent per write
+WRITE_BYTES = 4 << 20  # chunk bytes read per thread call, then written in WRITE_PIECE pieces
+# Bytes per stream.write: with yamux's 12-byte header a frame of 65,519 bytes, Noise's largest
+# plaintext, so each piece goes out as one yamux frame in one Noise message. A larger write is
+# cut by yamux into 65,536-byte frames that Noise must split again (two messages and a copy
+# per frame); see PITFALLS, bulk throughput.
+WRITE_PIECE = 65_535 - 16 - 12
 REANNOUNCE_INTERVAL = 12 * 3600.0
 
 
@@ -236,7 +242,7 @@ class ShardService:
         group is read (and verified) in a thread while the current one is written."""
         per_group = max(1, WRITE_BYTES // chunk_size)
         groups = [indices[i:i + per_group] for i in range(0, len(indices), per_group)]
-        send, receive = trio.open_memory_channel[tuple[bytes, int, int, int | None]](1)
+        send, receive = trio.open_memory_channel[tuple[list[bytes], int, int, int | None]](1)
         failures: list[Exception] = []
 
         async def read_ahead() -> None:
@@ -255,13 +261,13 @@ class ShardService:
             nursery.start_soon(read_ahead)
             try:
                 async with receive:
-                    async for frames, sent, sent_bytes, bad in receive:
+                    async for parts, sent, sent_bytes, bad in receive:
                         corrupt = bad
                         self.chunks_served += sent
                         self.bytes_served += sent_bytes
-                        if frames:
-                            await stream.write(frames)
-                            TRAFFIC.bytes_out += len(frames)
+                        for piece in pieces(parts, WRITE_PIECE):
+                            await stream.write(piece)  # type: ignore[arg-type]  # yamux takes any buffer
+                            TRAFFIC.bytes_out += len(piece)
             except Exception as exc:
                 failures.insert(0, exc)
                 nursery.cancel_scope.cancel()
@@ -271,10 +277,11 @@ class ShardService:
             return await self._error(stream, ErrorCode.INTERNAL, f"chunk {corrupt} is damaged or unreadable here")
         await self._send(stream, End())
 
-    def _read_frames(self, mid: bytes, group: list[int]) -> tuple[bytes, int, int, int | None]:
-        """CHUNK frames for the held chunks of ``group`` (in a thread): the frames, how many
-        chunks and bytes they carry, and the index of the first chunk that could not be read
-        (corrupt on disk, or a disk error)."""
+    def _read_frames(self, mid: bytes, group: list[int]) -> tuple[list[bytes], int, int, int | None]:
+        """CHUNK frames for the held chunks of ``group`` (in a thread): the frames' parts (each
+        frame's length and header, then its data: written as they are, see :func:`pieces`),
+        how many chunks and bytes they carry, and the index of the first chunk that could not
+        be read (corrupt on disk, or a disk error)."""
         parts: list[bytes] = []
         sent = sent_bytes = 0
         corrupt: int | None = None
@@ -288,10 +295,10 @@ class ShardService:
                 corrupt = i
                 break
             head = chunk_header(i, len(data))
-            parts += (encode_uvarint(len(head) + len(data)), head, data)
+            parts += (encode_uvarint(len(head) + len(data)) + head, data)
             sent += 1
             sent_bytes += len(data)
-        return b"".join(parts), sent, sent_bytes, corrupt
+        return parts, sent, sent_bytes, corrupt
 
     # ------------------------------------------------------------ publishing
 
@@ -409,3 +416,31 @@ def manifest_json(mid: bytes, m: Manifest) -> dict[str, Any]:
         "files": [{"path": f.path, "size": f.size, "sha256": f.sha256.hex(), "tensors": len(f.tensors)}
                   for f in m.files],
     }
+
+
+def pieces(parts: list[bytes], size: int) -> Iterator[bytes | memoryview]:
+    """The concatenation of ``parts`` cut into ``size``-byte pieces (the last may be shorter):
+    a view where a piece lies within one part, joined bytes only where it spans parts (a
+    chunk's end, the next frame's header, that chunk's start). So a group of chunks is written
+    without first being joined into one buffer (a copy, and several MiB of fresh memory per
+    group)."""
+    carry: list[memoryview] = []
+    held = 0
+    for part in parts:
+        view = memoryview(part)
+        if held:
+            take = view[:size - held]
+            carry.append(take)
+            held += len(take)
+            view = view[len(take):]
+            if held < size:
+                continue
+            yield b"".join(carry)
+            carry, held = [], 0
+        whole = len(view) - len(view) % size
+        for start in range(0, whole, size):
+            yield view[start:start + size]
+        if whole < len(view):
+            carry, held = [view[whole:]], len(view) - whole
+    if held:
+        yield carry[0] if len(carry) == 1 else b"".join(carry)

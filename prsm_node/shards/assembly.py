@@ -4,7 +4,10 @@ An :class:`Assembly` opens the model's folder in the store (``<id hex>/`` if the
 complete once, else ``<id hex>.partial/``) with every file at its full size (created sparse with
 ``ftruncate``), and ``write(index, data)`` puts a chunk, already verified against its hash by
 the caller, at its offset with ``pwrite``. Several threads may write at once. The files' disk
-blocks are reserved up front where the file system allows (``preallocate``).
+blocks are reserved up front where the file system allows (``preallocate``). A chunk whose
+offset and length are multiples of ``DIRECT_ALIGN`` (all but a file's last, for the usual
+power-of-two chunk sizes) is written with ``O_DIRECT`` where the file system offers it, so a
+fetch does not fill the page cache with the model (see ``Assembly._write_direct``).
 
 Durability: once ``SYNC_EVERY`` bytes were written since the last flush, ``flush_due`` says so,
 and ``flush()`` (called by the writer, off the path that receives the chunks: an fdatasync may
@@ -14,10 +17,11 @@ last ``SYNC_EVERY`` bytes of chunks (fetched again), and the record never names 
 bytes did not reach the disk.
 
 Each file's SHA-256 is fed as far as its chunks are contiguous while they arrive (a chunk that
-arrived early is read back from the page cache when its turn comes), so a fresh fetch needs no
-second pass. ``finish()`` reads and re-hashes what an earlier run wrote (those chunks are
-verified again on the way), checks every file's SHA-256 and tensor table, fsyncs, and renames
-``<id hex>.partial/`` to ``<id hex>/``.
+arrived early is hashed from its bytes, kept in memory up to ``EARLY_BYTES`` in all, or else
+read back from the file when its turn comes), so a fresh fetch needs no second pass.
+``finish()`` reads and re-hashes what an earlier run wrote (those chunks are verified again on
+the way), checks every file's SHA-256 and tensor table, fsyncs, and renames ``<id hex>.partial/``
+to ``<id hex>/``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import hashlib
+import mmap
 import os
 import sys
 import threading
@@ -40,12 +45,14 @@ from .exceptions import (
     UnsafePath,
 )
 from .header import read_header
-from .manifest import Manifest
+from .manifest import ChunkSpan, Manifest
 
 if TYPE_CHECKING:
     from .store import ShardStore
 
 SYNC_EVERY = 32 << 20  # bytes written between flushes (and record updates)
+EARLY_BYTES = 64 << 20  # chunks written ahead of their file's hash kept in memory up to this (else read back)
+DIRECT_ALIGN = 4096  # offset, length and buffer alignment asked of O_DIRECT (any common block size divides it)
 
 
 class Assembly:
@@ -64,7 +71,11 @@ class Assembly:
         self._first = [m.first_chunk(i) for i in range(len(m.files))]
         self._next = list(self._first)  # per file: the first chunk index not hashed yet
         self._hashes = [hashlib.sha256() for _ in m.files]
+        self._early: dict[int, bytes | memoryview] = {}  # written ahead of the hash: their bytes, kept
+        self._early_bytes = 0
         self._fds: list[int] = []
+        self._direct: list[int | None] = []  # per file: an O_DIRECT descriptor, None where refused
+        self._buffers = threading.local()  # per writer thread: an aligned buffer for direct I/O
         self.written_chunks = 0
         final, partial = store.model_dir(manifest_id), store.partial_dir(manifest_id)
         self.folder = final if final.is_dir() else partial
@@ -86,29 +97,89 @@ class Assembly:
                     os.ftruncate(fd, f.size)
                     lost += range(self._first[i], self._first[i] + len(f.chunks))
                 preallocate(fd, f.size)
+                self._direct.append(open_direct(target))
             store.discard(manifest_id, lost)
         except BaseException:
             self._close_fds()
             store._end(manifest_id, keep=not created)
             raise
 
-    def write(self, index: int, data: bytes) -> None:
-        """Write verified chunk ``index`` (the caller checked its hash) at its place."""
+    def write(self, index: int, data: bytes | memoryview) -> None:
+        """Write verified chunk ``index`` (the caller checked its hash) at its place. ``data``
+        must not change afterwards: a chunk ahead of its file's hash keeps it until hashed."""
         span = self._spans[index]
         if len(data) != span.length:
             raise ChunkHashMismatch(f"chunk {index} is {len(data)} bytes, the manifest says {span.length}")
-        fd = self._fds[span.file_index]
-        view = memoryview(data)
-        done = 0
-        while done < len(data):
-            done += os.pwrite(fd, view[done:], span.offset + done)
+        if not self._write_direct(span.file_index, span.offset, data):
+            fd = self._fds[span.file_index]
+            view = memoryview(data)
+            done = 0
+            while done < len(data):
+                done += os.pwrite(fd, view[done:], span.offset + done)
         with self._lock:
             if not self._written[index]:
                 self._written[index] = 1
                 self.written_chunks += 1
-            self._advance(span.file_index, index, data)
+            hashed = self._advance(span.file_index, index, data)
+            if not hashed and index > self._next[span.file_index] and index not in self._early \
+                    and self._early_bytes + len(data) <= EARLY_BYTES:
+                self._early[index] = data
+                self._early_bytes += len(data)
             self._unrecorded.append(index)
             self._unsynced += len(data)
+
+    def _buffer(self, size: int) -> mmap.mmap:
+        """This thread's page-aligned buffer of at least ``size`` bytes (kept: reused pages
+        cost nothing, fresh ones fault in)."""
+        buf: mmap.mmap | None = getattr(self._buffers, "buf", None)
+        if buf is None or len(buf) < size:
+            buf = self._buffers.buf = mmap.mmap(-1, max(size, self.m.chunk_size))
+        return buf
+
+    def _write_direct(self, file_index: int, offset: int, data: bytes | memoryview) -> bool:
+        """Write through the file's O_DIRECT descriptor when it has one and the range is
+        aligned; False when the caller must write through the page cache instead.
+
+        Direct I/O skips the page cache: a fetch allocates no cache pages for the bytes it
+        writes (on our VMs a freshly allocated page costs several times its memcpy: 0.5-1 CPU s
+        per 256 MiB written, against 0.07 s direct). The bytes are copied into a reused aligned
+        buffer first, as O_DIRECT needs. Durability is unchanged: ``flush`` still fdatasyncs
+        (metadata and the device's cache) before the chunks are recorded."""
+        fd = self._direct[file_index]
+        size = len(data)
+        if fd is None or offset % DIRECT_ALIGN or size % DIRECT_ALIGN:
+            return False
+        buf = self._buffer(size)
+        buf[:size] = data
+        view = memoryview(buf)[:size]
+        done = 0
+        try:
+            while done < size:
+                done += os.pwrite(fd, view[done:], offset + done)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self._direct[file_index] = None  # alignment this file system refuses: page cache from now on
+            os.close(fd)
+            return False
+        finally:
+            view.release()
+        return True
+
+    def _read(self, file_index: int, span: ChunkSpan) -> bytes | memoryview:
+        """A written chunk's bytes back from its file (direct when its write was: no cache pages)."""
+        fd = self._direct[file_index]
+        if fd is not None and not span.offset % DIRECT_ALIGN and not span.length % DIRECT_ALIGN:
+            buf = self._buffer(span.length)
+            try:
+                got = os.preadv(fd, [buf], span.offset)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+            else:
+                if got == span.length:
+                    return memoryview(buf)[:got]
+        return os.pread(self._fds[file_index], span.length, span.offset)
 
     @property
     def flush_due(self) -> bool:
@@ -125,15 +196,29 @@ class Assembly:
                 os.fdatasync(fd)
             self.store.mark(self.manifest_id, chunks)
 
-    def _advance(self, file_index: int, index: int, data: bytes) -> None:
-        """Feed the file hash through every contiguous chunk written here (under the lock)."""
+    def _advance(self, file_index: int, index: int, data: bytes | memoryview) -> bool:
+        """Feed the file hash through every contiguous chunk written here (under the lock);
+        whether chunk ``index`` was hashed. A chunk that came early is hashed from the bytes
+        kept for it (several providers deliver out of order), else read back from the file."""
         end = self._first[file_index] + len(self.m.files[file_index].chunks)
+        hashed = False
         while self._next[file_index] < end and self._written[self._next[file_index]]:
             i = self._next[file_index]
             span = self._spans[i]
-            piece = data if i == index else os.pread(self._fds[file_index], span.length, span.offset)
-            self._hashes[file_index].update(piece)
+            kept = self._early.pop(i, None)
+            if i == index:
+                self._hashes[file_index].update(data)
+                hashed = True
+            elif kept is not None:
+                self._hashes[file_index].update(kept)
+                self._early_bytes -= len(kept)
+            else:
+                piece = self._read(file_index, span)
+                self._hashes[file_index].update(piece)
+                if isinstance(piece, memoryview):
+                    piece.release()
             self._next[file_index] += 1
+        return hashed
 
     def finish(self) -> list[Path]:
         """Check every file and put the model in place; returns the file paths. MissingChunks
@@ -190,6 +275,8 @@ class Assembly:
         a later fetch resumes from them). Idempotent."""
         if not self._fds:
             return
+        self._early.clear()
+        self._early_bytes = 0
         try:
             self.flush()
         finally:
@@ -198,8 +285,24 @@ class Assembly:
 
     def _close_fds(self) -> None:
         fds, self._fds = self._fds, []
-        for fd in fds:
+        direct, self._direct = self._direct, []
+        for fd in [*fds, *(d for d in direct if d is not None)]:
             os.close(fd)
+
+
+def open_direct(path: Path) -> int | None:
+    """``path`` opened for writing with O_DIRECT, or None where the platform or file system
+    does not offer it (tmpfs before Linux 6.6, macOS, ...): the file is then written through
+    the page cache."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        return os.open(path, os.O_RDWR | flag)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return None
+        raise
 
 
 def preallocate(fd: int, size: int) -> None:

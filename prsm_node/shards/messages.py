@@ -100,9 +100,12 @@ class GetChunks:
 
 @dataclass(frozen=True)
 class Chunk:
+    """``data`` is bytes to encode; a decoded CHUNK's is a read-only view of the received frame
+    (no copy of the bulk of the traffic)."""
+
     TYPE: ClassVar[MsgType] = MsgType.CHUNK
     index: int
-    data: bytes
+    data: bytes | memoryview
 
 
 @dataclass(frozen=True)
@@ -184,7 +187,7 @@ def _problem(msg: Message) -> str | None:
     if isinstance(msg, Chunk):
         if type(msg.index) is not int or not 0 <= msg.index < MAX_CHUNKS:
             return f"chunk index must be an integer in [0, {MAX_CHUNKS}), got {msg.index!r}"
-        if type(msg.data) is not bytes or not 1 <= len(msg.data) <= MAX_CHUNK_SIZE:
+        if type(msg.data) not in (bytes, memoryview) or not 1 <= len(msg.data) <= MAX_CHUNK_SIZE:
             return f"chunk data must be 1..{MAX_CHUNK_SIZE} bytes"
         return None
     if isinstance(msg, End):
@@ -210,7 +213,7 @@ def _fields(msg: Message) -> list[Any]:
     if isinstance(msg, GetChunks):
         return [msg.manifest_id, list(msg.indices)]
     if isinstance(msg, Chunk):
-        return [msg.index, msg.data]
+        return [msg.index, bytes(msg.data)]
     if isinstance(msg, Error):
         return [int(msg.code), msg.message]
     return []
@@ -281,8 +284,8 @@ def chunk_header(index: int, size: int) -> bytes:
 
 def _decode_chunk(data: bytes | memoryview) -> Chunk | None:
     """The fast path for the bulk of the traffic: a canonical, valid CHUNK body is parsed by
-    hand (no unpack, no re-encode: one copy of the data); None sends anything else, valid or
-    not, to the general decoder, which gives the precise error."""
+    hand (no unpack, no re-encode, no copy: the data is a read-only view of ``data``); None
+    sends anything else, valid or not, to the general decoder, which gives the precise error."""
     pos = 2
     first = data[pos] if len(data) > pos else -1
     if 0 <= first < 0x80:
@@ -308,7 +311,7 @@ def _decode_chunk(data: bytes | memoryview) -> Chunk | None:
         return None
     if len(data) - pos != size or not 1 <= size <= MAX_CHUNK_SIZE:
         return None
-    return Chunk(index, bytes(data[pos:]))
+    return Chunk(index, memoryview(data)[pos:].toreadonly())
 
 
 def decode_message(data: bytes | memoryview, *, max_size: int = MAX_MESSAGE_SIZE) -> Message:
