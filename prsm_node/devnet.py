@@ -74,8 +74,14 @@ def parse_faults(specs: list[str], nodes: int) -> dict[int, str]:
     return out
 
 
-def create(directory: Path, nodes: int, validators: int = 1) -> list[DevnetNode]:
-    """Write the network folder and every node's home; nodes 0..validators-1 validate."""
+def create(
+    directory: Path, nodes: int, validators: int = 1, *, stake: int = 0, block_interval: float = 0.25
+) -> list[DevnetNode]:
+    """Write the network folder and every node's home; nodes 0..validators-1 validate.
+
+    ``stake``: genesis stake of every node's account (0: none), so a devnet of breaker voters
+    is staked from its first block instead of after one stake transaction per node.
+    ``block_interval``: each node's ``ledger.block_interval`` (seconds)."""
     if not 1 <= validators <= nodes:
         raise HomeError(f"--validators must be between 1 and --nodes ({nodes}), got {validators}")
     keys = [NodeKey.generate() for _ in range(nodes)]
@@ -86,6 +92,7 @@ def create(directory: Path, nodes: int, validators: int = 1) -> list[DevnetNode]
         "devnet",
         [Validator(account=keys[i].account.hex(), peer_id=peer_ids[i]) for i in range(validators)],
         [k.account.hex() for k in keys],
+        stake=stake,
     )
     net_dir = directory / NETWORK_DIR
     net_dir.mkdir(parents=True, exist_ok=True)
@@ -98,7 +105,7 @@ def create(directory: Path, nodes: int, validators: int = 1) -> list[DevnetNode]
         cfg.p2p.listen = [f"/ip4/127.0.0.1/tcp/{port}"]
         cfg.discovery.bootstrap_backoff_initial = 0.2
         cfg.discovery.bootstrap_backoff_max = 5.0
-        cfg.ledger.block_interval = 0.25
+        cfg.ledger.block_interval = block_interval
         init_home(home, network=str(net_dir.resolve()), force=True, cfg=cfg, genesis=genesis, key=key)
         out.append(DevnetNode(i, peer_ids[i], addrs[i], str(home.path), str(home.control_socket)))
     return out

@@ -3,6 +3,10 @@
 It names the chain id (signatures include it, so nothing replays across networks), the
 validators, the initial balances and the network parameters. The ledger and consensus
 issues give the balances and parameters their meaning; here they are only carried and checked.
+``stakes`` (optional, ledger r3) is stake each account holds from the start, beside its balance:
+a network whose breaker voters or validators need stake does not have to wait for stake
+transactions first. Empty stakes are left out of the JSON, so a genesis without them keeps the
+id (protocols/ledger.md, "Storage") it had before the field existed.
 """
 
 from __future__ import annotations
@@ -32,9 +36,10 @@ class Genesis:
     validators: list[Validator] = field(default_factory=list)
     balances: dict[str, str] = field(default_factory=dict)  # hex account -> integer amount
     params: dict[str, Any] = field(default_factory=dict)
+    stakes: dict[str, str] = field(default_factory=dict)  # hex account -> integer stake
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "chain_id": self.chain_id,
             "network": self.network,
             "genesis_time": self.genesis_time,
@@ -42,6 +47,9 @@ class Genesis:
             "balances": self.balances,
             "params": self.params,
         }
+        if self.stakes:
+            out["stakes"] = self.stakes
+        return out
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> Genesis:
@@ -56,6 +64,7 @@ class Genesis:
                 validators=validators,
                 balances=dict(data.get("balances", {})),
                 params=dict(data.get("params", {})),
+                stakes=dict(data.get("stakes", {})),
             )
         except KeyError as exc:
             raise ConfigError(f"{where}: missing key {exc.args[0]!r}") from None
@@ -63,9 +72,10 @@ class Genesis:
             raise ConfigError(f"{where}: malformed genesis: {exc}") from None
         if not isinstance(gen.chain_id, str) or not gen.chain_id:
             raise ConfigError(f"{where}: chain_id must be a non-empty string")
-        for account, amount in gen.balances.items():
-            if not (isinstance(amount, str) and amount.isdigit()):
-                raise ConfigError(f"{where}: balances[{account!r}] must be a decimal integer string")
+        for name, amounts in (("balances", gen.balances), ("stakes", gen.stakes)):
+            for account, amount in amounts.items():
+                if not (isinstance(amount, str) and amount.isdigit()):
+                    raise ConfigError(f"{where}: {name}[{account!r}] must be a decimal integer string")
         return gen
 
     def save(self, path: Path) -> None:
@@ -85,9 +95,10 @@ class Genesis:
 
 
 def development_genesis(
-    network: str, validators: list[Validator], accounts: list[str], *, balance: int = 10**24
+    network: str, validators: list[Validator], accounts: list[str], *, balance: int = 10**24, stake: int = 0
 ) -> Genesis:
-    """A fresh development network: the given validators, each account funded."""
+    """A fresh development network: the given validators, each account funded (and staked
+    ``stake``, when not 0)."""
     return Genesis(
         chain_id=f"prsm-{network}-{os.urandom(4).hex()}",
         network=network,
@@ -95,4 +106,5 @@ def development_genesis(
         validators=validators,
         balances={acct: str(balance) for acct in accounts},
         params={"decimals": 18},
+        stakes={acct: str(stake) for acct in accounts} if stake else {},
     )

@@ -465,6 +465,31 @@ def block_vectors() -> dict[str, Any]:
     }
 
 
+def genesis_stakes() -> dict[str, Any]:
+    """A genesis with stakes (r3): bob holds only stake, carol a balance and a stake."""
+    genesis = Genesis(
+        chain_id=CHAIN,
+        network="vectors",
+        genesis_time=0,
+        balances={ACCT["alice"].hex(): str(100 * FTNS), ACCT["carol"].hex(): "7"},
+        stakes={ACCT["bob"].hex(): str(30 * FTNS), ACCT["carol"].hex(): "5", ACCT["dave"].hex(): "0"},
+        params={"unbonding_blocks": 2},
+    )
+    state = LedgerState.from_genesis(genesis)
+    accounts = {k.hex(): account_json(a) for k, a in state.accounts()}
+    final = spec_state_hash(0, accounts, [])
+    if final != state.state_hash().hex():
+        raise SystemExit("prsm_node.ledger's state hash of a staked genesis disagrees with the spec formula")
+    canonical = json.dumps(genesis.to_json(), sort_keys=True, separators=(",", ":"))
+    return {
+        "genesis": genesis.to_json(),
+        "genesis_id": hashlib.sha256(canonical.encode()).hexdigest(),
+        "total_supply": str(state.total_supply),
+        "accounts": accounts,
+        "state_hash": final,
+    }
+
+
 def vectors() -> dict[str, Any]:
     txs, rcpt = transactions()
     return {
@@ -476,6 +501,7 @@ def vectors() -> dict[str, Any]:
         "state": state_sequence(txs),
         "blocks": block_vectors(),
         "breaker_state": breaker_sequence(),
+        "genesis_stakes": genesis_stakes(),
     }
 
 

@@ -227,6 +227,7 @@ def test_each_voter_counts_once_with_its_latest_vote(stake_list: list[int], epoc
     resume = sum(stake_list[i] for i, x in latest.items() if x.action is Action.RESUME)
     assert t.weights(MODEL, table) == (halt, resume, sum(stake_list))
     assert sorted(t.votes(MODEL), key=lambda x: x.voter) == sorted(latest.values(), key=lambda x: x.voter)
+    assert t.vote_count() == len(latest) == sum(1 for _ in t.votes())
 
 
 @settings(max_examples=100, deadline=None, derandomize=True)

@@ -82,3 +82,31 @@ def test_lock_admits_one_holder(tmp_path: Path) -> None:
     first.release()
     second.acquire()
     second.release()
+
+
+def test_devnet_genesis_stakes_every_node(tmp_path: Path) -> None:
+    """devnet.create(stake=...) writes genesis stakes (ledger r3): each node's account starts
+    staked, its balance untouched, and the block interval is the one asked for."""
+    from prsm_node import devnet
+    from prsm_node.genesis import Genesis
+    from prsm_node.home import Home
+    from prsm_node.ledger import LedgerState
+
+    nodes = devnet.create(tmp_path / "dn", 3, stake=5 * 10**18, block_interval=0.5)
+    genesis = Genesis.load(tmp_path / "dn" / devnet.NETWORK_DIR / "genesis.json")
+    state = LedgerState.from_genesis(genesis)
+    for node in nodes:
+        home = Home(Path(node.home))
+        account = state.account(home.load_key().account)
+        assert account.stake == 5 * 10**18 and account.balance == 10**24
+        assert home.load_config().ledger.block_interval == 0.5
+    devnet.create(tmp_path / "plain", 1)
+    assert "stakes" not in Genesis.load(tmp_path / "plain" / devnet.NETWORK_DIR / "genesis.json").to_json()
+
+
+def test_genesis_refuses_a_malformed_stake() -> None:
+    from prsm_node.genesis import Genesis
+
+    data = {"chain_id": "c", "network": "n", "genesis_time": 0, "stakes": {"ab" * 32: 5}}
+    with pytest.raises(ConfigError, match=r"stakes\["):
+        Genesis.from_json(data, "g")

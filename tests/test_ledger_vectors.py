@@ -59,6 +59,7 @@ from prsm_node.ledger.block import (
     tx_root,
     verify_certificate,
 )
+from prsm_node.ledger.storage import genesis_id
 from prsm_node.ledger.types import Body, BreakerVote
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -158,6 +159,27 @@ def test_state_sequence() -> None:
     assert state.height == s["height"] and str(state.total_supply) == s["total_supply"]
     assert state.state_hash().hex() == s["state_hash"] == state.recompute_state_hash().hex()
     state.check_supply()
+
+
+def test_genesis_stakes() -> None:
+    """r3: genesis stakes become account stake; they count in the supply, the state hash and
+    the genesis id; a zero stake is dropped like a zero balance."""
+    s = VECTORS["genesis_stakes"]
+    genesis = Genesis.from_json(s["genesis"], "vectors")
+    state = LedgerState.from_genesis(genesis)
+    assert {k.hex(): a for k, a in state.accounts()} == {
+        k: Account(int(a["balance"]), a["nonce"], int(a["stake"]), ()) for k, a in s["accounts"].items()
+    }
+    assert str(state.total_supply) == s["total_supply"]
+    assert state.state_hash().hex() == s["state_hash"] == state.recompute_state_hash().hex()
+    assert genesis_id(genesis).hex() == s["genesis_id"]
+    state.check_supply()
+
+
+def test_genesis_without_stakes_keeps_its_json() -> None:
+    """A genesis with no stakes writes no ``stakes`` key: r2 genesis ids are unchanged."""
+    genesis = Genesis.from_json(VECTORS["state"]["genesis"], "vectors")
+    assert "stakes" not in genesis.to_json() and genesis.to_json() == VECTORS["state"]["genesis"]
 
 
 def test_breaker_vote_sequence() -> None:

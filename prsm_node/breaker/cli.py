@@ -29,9 +29,7 @@ def _print_model(s: dict[str, Any]) -> None:
     flag = " (self-halted by this node)" if s["self_halted"] else ""
     typer.echo(f"model   {s['model']}")
     typer.echo(f"state   {s['state'].upper()}{flag}; network-wide {s['network_state']}")
-    typer.echo(
-        f"halt    {s['halt_stake']} of {s['total_stake']} (needs {s['halt_needed']}, {s['halt_threshold']})"
-    )
+    typer.echo(f"halt    {s['halt_stake']} of {s['total_stake']} (needs {s['halt_needed']}, {s['halt_threshold']})")
     typer.echo(
         f"resume  {s['resume_stake']} of {s['total_stake']} (needs {s['resume_needed']}, {s['resume_threshold']})"
     )

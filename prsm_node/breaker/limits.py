@@ -71,6 +71,5 @@ class VoteLimiter:
         models = self._relayed_models.setdefault((relay, voter), set())
         models.add(model)
         return (
-            self._relayed[(relay, voter, model)] > 2 * p.max_votes_per_model
-            or len(models) > 2 * p.max_models_per_voter
+            self._relayed[(relay, voter, model)] > 2 * p.max_votes_per_model or len(models) > 2 * p.max_models_per_voter
         )

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 
 import trio
@@ -48,7 +49,19 @@ log = logging.getLogger(__name__)
 CATCHUP = TProtocol(PROTOCOL_ID)
 GOSSIP_REPAIR_PER_SECOND = 1024.0
 HEARTBEAT_INTERVAL = 1  # seconds; py-libp2p's default (120) delays mesh repair by minutes
-DEGREE, DEGREE_LOW, DEGREE_HIGH = 6, 4, 8  # D_high 8, not 12: every mesh peer is one more copy of each vote to check
+# D 4 (D_low 3, D_high 6) rather than gossipsub's 6/4/12: every mesh peer is one more copy of
+# each vote to receive, decode and drop as a duplicate, and on a 2-core machine running dozens
+# of nodes that CPU is what delays delivery. A mesh of degree 4 still reaches 50 nodes in
+# about log4(50) ~ 3 hops, and flood publishing sends a voter's own vote to all its peers.
+DEGREE, DEGREE_LOW, DEGREE_HIGH = 4, 3, 6
+# 10 s, not 60: with a small D_high pruning is frequent, and a node pruned by several peers at
+# once must not sit below D_low (or with no mesh) for a minute.
+PRUNE_BACKOFF = 10
+# A peer becomes a graft candidate again this long after its backoff ends (go-libp2p waits
+# two heartbeats too): the peer's own backoff on us ends at about the same time, rounded to
+# whole seconds on each side, and a GRAFT it receives while still in backoff is answered with
+# a PRUNE and a new backoff on both sides, a churn that can keep a node out of every mesh.
+BACKOFF_SLACK = 3
 SPAM_LIMIT_PER_SECOND = 1024  # per topic per forwarding peer (a 1 s window: the burst, too)
 OUTBOUND_QUEUE = 1024
 SUBSCRIPTION_CHANNEL = 1024
@@ -90,17 +103,44 @@ class FloodPublishGossipSub(GossipSub):
                 peers.update(p for p in pubsub.peer_topics.get(topic, ()) if p != origin and p in self.peer_protocol)
         return peers
 
-    def send_rpc(self, peer_id: ID, rpc: rpc_pb2.RPC, priority: bool = False) -> None:
-        """py-libp2p attaches this host's signed peer record to every RPC that carries a
-        message, and the receiver verifies it (an Ed25519 check, ~165 us) for each copy it
-        receives, duplicates included: measured, the largest cost of a vote burst. The record
-        only refreshes addresses; it is not needed on every message."""
-        if rpc.publish and rpc.HasField("senderRecord"):
+    def _get_in_topic_gossipsub_peers_from_minus(
+        self, topic: str, num_to_select: int, minus: Iterable[ID], backoff_check: bool = False
+    ) -> list[ID]:
+        """py-libp2p's candidate selection, with BACKOFF_SLACK on the backoff check (used by
+        the heartbeat to pick peers to graft)."""
+        if backoff_check:
+            now = int(time.time())
+            backoff = self.back_off.get(topic, {})
+            for peer in [p for p, until in backoff.items() if until + BACKOFF_SLACK <= now]:
+                del backoff[peer]
+            minus = set(minus) | set(backoff)
+        return super()._get_in_topic_gossipsub_peers_from_minus(topic, num_to_select, minus, False)
+
+    async def _emit_idontwant_for_message(self, msg_id: bytes, topic_ids: Iterable[str]) -> None:
+        """No IDONTWANT (gossipsub v1.2): it saves a mesh peer from sending a large message
+        twice, but a vote is ~250 bytes, smaller than the IDONTWANT RPC itself, and each one
+        is one more RPC per mesh peer to build, send and handle per vote."""
+        await trio.lowlevel.checkpoint()
+
+
+class LeanPubsub(Pubsub):
+    """Pubsub that sends no signed peer record (``senderRecord``) on any RPC.
+
+    py-libp2p attaches this host's signed peer record to every RPC it sends (messages,
+    IHAVE/IWANT/GRAFT/PRUNE, subscriptions), and the receiver verifies it (an Ed25519 check)
+    for each, duplicates included: measured, the largest CPU cost of a vote burst, and a
+    steady cost of every heartbeat. The record only refreshes certified addresses, which PRSM
+    does not use (peers come from Kademlia and identify)."""
+
+    async def write_msg(self, stream: INetStream, rpc_msg: rpc_pb2.RPC) -> bool:
+        if rpc_msg.HasField("senderRecord"):
             stripped = rpc_pb2.RPC()
-            stripped.CopyFrom(rpc)
+            stripped.CopyFrom(rpc_msg)
             stripped.ClearField("senderRecord")
-            rpc = stripped
-        super().send_rpc(peer_id, rpc, priority)
+            if not stripped.ByteSize():  # the record was all it held
+                return True
+            rpc_msg = stripped
+        return await super().write_msg(stream, rpc_msg)
 
 
 def message_id(msg: rpc_pb2.Message) -> bytes:
@@ -130,7 +170,7 @@ def build_pubsub(
         heartbeat_initial_delay=0.1,
         heartbeat_interval=heartbeat_interval,
         do_px=False,
-        prune_back_off=60,
+        prune_back_off=PRUNE_BACKOFF,
         unsubscribe_back_off=10,
         spam_protection_enabled=True,
         max_messages_per_topic_per_second=SPAM_LIMIT_PER_SECOND,
@@ -143,7 +183,7 @@ def build_pubsub(
     # are plain attributes, not constructor arguments.
     router.max_iwant_requests_per_second = GOSSIP_REPAIR_PER_SECOND
     router.max_ihave_messages_per_second = GOSSIP_REPAIR_PER_SECOND
-    pubsub = Pubsub(
+    pubsub = LeanPubsub(
         host,
         router,
         cache_size=4096,

@@ -43,7 +43,7 @@ from ..logs import kv
 from ..store import Store
 from ..wire import guarded_handler, read_frame, write_frame
 from . import net
-from .exceptions import Malformed, RateLimited, Unstaked, VoteRejected
+from .exceptions import Malformed, RateLimited, Replayed, Unstaked, VoteRejected
 from .limits import VoteLimiter
 from .messages import (
     MAX_REQUEST_SIZE,
@@ -189,9 +189,7 @@ class BreakerService:
     # ------------------------------------------------------------ lifecycle
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        self.tally = await trio.to_thread.run_sync(
-            lambda: self.store.load(self.params, local_voter=self.key.account)
-        )
+        self.tally = await trio.to_thread.run_sync(lambda: self.store.load(self.params, local_voter=self.key.account))
         now = _now_ms()
         for model in self.tally.halted_models():
             self._halted_since[model] = now
@@ -203,9 +201,7 @@ class BreakerService:
             "breaker loaded",
             extra=kv(models=len(self.tally.models()), halted=len(self.tally.halted_models())),
         )
-        single_host = all(
-            a.startswith(("/ip4/127.", "/ip6/::1")) for a in (str(x) for x in self.host.get_addrs())
-        )
+        single_host = all(a.startswith(("/ip4/127.", "/ip6/::1")) for a in (str(x) for x in self.host.get_addrs()))
         pubsub, router = net.build_pubsub(
             self.host, single_host=single_host, heartbeat_interval=self.heartbeat_interval
         )
@@ -279,6 +275,8 @@ class BreakerService:
             self.accept(vote, max_age_ms=self.params.max_vote_age_ms, limit=True, relay=relay)
         except VoteRejected as exc:
             self.stats.rejected[exc.code] += 1
+            if isinstance(exc, Replayed):  # never valid again (epochs only grow): drop copies unchecked
+                self._mark_seen(data)
             self._poke()
             if exc.peer_fault and forwarder != self.host.get_id():
                 self._penalise(forwarder, exc)
@@ -318,6 +316,12 @@ class BreakerService:
             self._log_transition(vote.model, added.transition)
         self._note_changes([vote.model])
         self._mark_dirty([vote.model], [vote])
+
+    def _mark_seen(self, data: bytes) -> None:
+        """Mark the gossipsub message carrying ``data`` as seen: later copies of it are
+        dropped before their signatures are checked, and never relayed."""
+        if self.pubsub is not None:
+            self.pubsub.seen_messages.add(net.message_id(rpc_pb2.Message(data=data)))
 
     def _penalise(self, peer: ID, exc: VoteRejected) -> None:
         self._faults[peer] += 1
@@ -419,8 +423,13 @@ class BreakerService:
     def _log_transition(self, model: bytes, t: Transition) -> None:
         log.info(
             "breaker state changed",
-            extra=kv(model=model.hex()[:16], state=t.state.name, halt=t.halt_stake, resume=t.resume_stake,
-                     total=t.total_stake),
+            extra=kv(
+                model=model.hex()[:16],
+                state=t.state.name,
+                halt=t.halt_stake,
+                resume=t.resume_stake,
+                total=t.total_stake,
+            ),
         )
 
     def halted_since(self, model: bytes) -> int | None:
@@ -435,7 +444,7 @@ class BreakerService:
             await self._changed.wait()
 
     async def wait_votes(self, count: int) -> None:
-        while sum(1 for _ in self.tally.votes()) < count:
+        while self.tally.vote_count() < count:
             await self._changed.wait()
 
     # ------------------------------------------------------------ catch-up
@@ -522,6 +531,9 @@ class BreakerService:
                 if exc.peer_fault:
                     self._penalise(peer, exc)
                 continue
+            # Counted here already: gossiped copies still on their way are neither checked
+            # nor relayed (this node's peers repair their own gaps by anti-entropy too).
+            self._mark_seen(encode_vote(vote))
             counted += 1
         return counted
 
@@ -575,6 +587,12 @@ class BreakerService:
         mesh = getattr(router, "mesh", {})
         return len(mesh.get(TOPIC, ()))
 
+    def stream_peers(self) -> int:
+        """Peers this node has its own gossip stream to (only those can join its mesh)."""
+        if self.pubsub is None:
+            return 0
+        return len(getattr(self.pubsub.router, "peer_protocol", {}))
+
     def topic_peers(self) -> int:
         if self.pubsub is None:
             return 0
@@ -584,7 +602,7 @@ class BreakerService:
         return {
             "models": len(self.tally.models()),
             "halted": len(self.tally.halted_models()),
-            "votes": sum(1 for _ in self.tally.votes()),
+            "votes": self.tally.vote_count(),
             "accepted": self.stats.accepted,
             "rejected": dict(self.stats.rejected),
             "caught_up": self.stats.caught_up,
@@ -596,6 +614,7 @@ class BreakerService:
             "sync_errors": self.stats.sync_errors,
             "mesh_peers": self.mesh_peers(),
             "topic_peers": self.topic_peers(),
+            "stream_peers": self.stream_peers(),
             **(self.recorder.statistics() if self.recorder is not None else {}),
         }
 

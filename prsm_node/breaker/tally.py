@@ -153,6 +153,7 @@ class Tally:
         self.local_voter = local_voter
         self._votes: dict[bytes, dict[bytes, Vote]] = {}  # model -> voter -> latest vote
         self._records: dict[bytes, ModelRecord] = {}
+        self._count = 0  # sum of len(by_voter): waits on it run after every vote counted
 
     @classmethod
     def restore(
@@ -170,6 +171,7 @@ class Tally:
             current = tally._votes.setdefault(vote.model, {}).get(vote.voter)
             if current is None or vote.epoch > current.epoch:
                 tally._votes[vote.model][vote.voter] = vote
+                tally._count += current is None
         tally._records.update((m, r) for m, r in records.items() if r != _DEFAULT)
         return tally
 
@@ -198,6 +200,10 @@ class Tally:
         """The epoch of ``voter``'s counted vote on ``model`` (for check_vote's last_epoch_of)."""
         vote = self._votes.get(model, {}).get(voter)
         return None if vote is None else vote.epoch
+
+    def vote_count(self) -> int:
+        """How many votes :meth:`votes` yields (the latest of each voter on each model)."""
+        return self._count
 
     def votes(self, model: bytes | None = None) -> Iterator[Vote]:
         """The latest vote of every voter, by (model, voter) key order."""
@@ -260,6 +266,7 @@ class Tally:
         if previous is not None and vote.epoch <= previous.epoch:
             raise Replayed(vote.voter, vote.model, previous.epoch, vote.epoch)
         by_voter[vote.voter] = vote
+        self._count += previous is None
         if self.local_voter is not None and vote.voter == self.local_voter:
             r = self.record(vote.model)
             self._set(vote.model, ModelRecord(r.state, vote.action is Action.HALT, r.changed, r.evidence))

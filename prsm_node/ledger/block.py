@@ -299,8 +299,11 @@ def _pbft_proof(f: list[Any]) -> PbftProof:
     if [i for i, _ in skipped] != sorted({i for i, _ in skipped}):
         raise LedgerDecodeError("certificate skipped indexes must be unique and ascending")
     return PbftProof(
-        _uint(f[1], "certificate view"), _uint(f[2], "certificate seq"), _bin(f[3], HASH_SIZE, "certificate digest"),
-        meta, tuple(skipped),
+        _uint(f[1], "certificate view"),
+        _uint(f[2], "certificate seq"),
+        _bin(f[3], HASH_SIZE, "certificate digest"),
+        meta,
+        tuple(skipped),
     )
 
 

@@ -78,17 +78,24 @@ def parse_account_hex(text: object, where: str) -> bytes:
 
 def genesis_balances(genesis: Genesis) -> dict[bytes, int]:
     """Genesis balances as ``{account: amount}``, zero balances dropped, total <= 2**128-1."""
+    return genesis_holdings(genesis)[0]
+
+
+def genesis_holdings(genesis: Genesis) -> tuple[dict[bytes, int], dict[bytes, int]]:
+    """Genesis ``(balances, stakes)``, each ``{account: amount}`` with zeros dropped; the sum of
+    both (the genesis supply) is at most 2**128-1."""
     genesis_chain_id(genesis.chain_id)
-    balances: dict[bytes, int] = {}
     total = 0
-    for key, amount in genesis.balances.items():
-        account = parse_account_hex(key, "balances")
-        if not isinstance(amount, str) or not _DIGITS.fullmatch(amount):
-            raise GenesisError(f"balances[{key}]: {amount!r} is not a decimal integer string in smallest units")
-        value = int(amount)
-        total += value
-        if value > MAX_AMOUNT or total > MAX_AMOUNT:
-            raise GenesisError(f"balances[{key}]: total genesis supply exceeds 2**128-1")
-        if value:
-            balances[account] = value
-    return balances
+    out: tuple[dict[bytes, int], dict[bytes, int]] = ({}, {})
+    for name, amounts, parsed in (("balances", genesis.balances, out[0]), ("stakes", genesis.stakes, out[1])):
+        for key, amount in amounts.items():
+            account = parse_account_hex(key, name)
+            if not isinstance(amount, str) or not _DIGITS.fullmatch(amount):
+                raise GenesisError(f"{name}[{key}]: {amount!r} is not a decimal integer string in smallest units")
+            value = int(amount)
+            total += value
+            if value > MAX_AMOUNT or total > MAX_AMOUNT:
+                raise GenesisError(f"{name}[{key}]: total genesis supply exceeds 2**128-1")
+            if value:
+                parsed[account] = value
+    return out

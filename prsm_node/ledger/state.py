@@ -37,7 +37,7 @@ from .exceptions import (
     SupplyViolation,
     WrongChain,
 )
-from .params import LedgerParams, genesis_balances, genesis_chain_id
+from .params import LedgerParams, genesis_chain_id, genesis_holdings
 from .signing import verify_receipt_signature, verify_tx_signature
 from .types import (
     ACCOUNT_SIZE,
@@ -181,9 +181,12 @@ class LedgerState:
 
     @classmethod
     def from_genesis(cls, genesis: Genesis) -> LedgerState:
-        balances = genesis_balances(genesis)
+        balances, stakes = genesis_holdings(genesis)
         params = LedgerParams.from_genesis_params(genesis.params)
-        return cls(genesis.chain_id, params, accounts={k: Account(balance=v) for k, v in balances.items()})
+        accounts = {
+            k: Account(balance=balances.get(k, 0), stake=stakes.get(k, 0)) for k in balances.keys() | stakes.keys()
+        }
+        return cls(genesis.chain_id, params, accounts=accounts)
 
     # ------------------------------------------------------------ reads
 
@@ -450,9 +453,7 @@ class LedgerState:
                 f" the ledger recorded epoch {last.vote.epoch}"
             )
 
-    def _transfer(
-        self, tx: Tx, body: Transfer, start: Account, proposer: bytes, verify: bool
-    ) -> dict[bytes, Account]:
+    def _transfer(self, tx: Tx, body: Transfer, start: Account, proposer: bytes, verify: bool) -> dict[bytes, Account]:
         """The hot path of ``_execute`` for a transfer: the same rules and result (sender
         debited amount + fee with its nonce advanced, recipient credited, proposer paid the fee;
         any of them may be the same account), without the general bookkeeping."""
@@ -460,9 +461,7 @@ class LedgerState:
         if amount <= 0:
             raise AmountOutOfRange(f"{_who(tx)}: transfer amount must be positive, got 0")
         if start.balance < amount + fee:
-            raise InsufficientFunds(
-                f"{_who(tx)}: balance {start.balance} does not cover amount {amount} + fee {fee}"
-            )
+            raise InsufficientFunds(f"{_who(tx)}: balance {start.balance} does not cover amount {amount} + fee {fee}")
         touched = {sender: Account(start.balance - amount - fee, start.nonce + 1, start.stake, start.unbonding)}
         r = touched.get(body.to) or self.account(body.to)
         touched[body.to] = Account(r.balance + amount, r.nonce, r.stake, r.unbonding)

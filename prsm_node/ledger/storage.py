@@ -46,7 +46,7 @@ from .block import (
 )
 from .codec import AMOUNT_SIZE, decode_account, decode_vote_record, encode_account, encode_vote_record, tx_hash
 from .exceptions import LedgerDecodeError, LedgerError
-from .params import LedgerParams, genesis_balances
+from .params import LedgerParams, genesis_holdings
 from .state import LedgerState, StateChanges
 from .types import BreakerVote, Settle, Transfer, Tx
 
@@ -122,7 +122,7 @@ class LedgerStore:
             accounts = {k[2:]: decode_account(v) for k, v in self._ns.scan(b"a/")}
             settled = [k[2:] for k, _ in self._ns.scan(b"r/")]
             votes = {k[2:]: decode_vote_record(v) for k, v in self._ns.scan(b"v/")}
-            supply = sum(genesis_balances(self._genesis).values())
+            supply = sum(sum(part.values()) for part in genesis_holdings(self._genesis))
             state = LedgerState(
                 self._genesis.chain_id,
                 LedgerParams.from_genesis_params(self._genesis.params),
