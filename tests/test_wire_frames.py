@@ -8,32 +8,10 @@ from __future__ import annotations
 import random
 
 import pytest
-import trio
 
 from prsm_node.wire import READ_SIZE, FrameError, encode_uvarint, read_frame
 
-
-class Pieces:
-    """Stands in for a libp2p stream: each read returns the next piece (at most ``n`` bytes of it)."""
-
-    def __init__(self, data: bytes, cuts: list[int]) -> None:
-        self.pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True) if b > a]
-        self.reads = 0
-
-    async def read(self, n: int) -> bytes:
-        await trio.lowlevel.checkpoint()
-        self.reads += 1
-        if not self.pieces:
-            return b""
-        piece = self.pieces.pop(0)
-        if len(piece) > n:
-            piece, rest = piece[:n], piece[n:]
-            self.pieces.insert(0, rest)
-        return piece
-
-
-def frames(bodies: list[bytes]) -> bytes:
-    return b"".join(encode_uvarint(len(b)) + b for b in bodies)
+from .pieces import Pieces, frames
 
 
 async def read_all(stream: Pieces, count: int, limit: int = 1 << 22) -> list[bytes]:
