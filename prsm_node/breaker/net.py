@@ -15,6 +15,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
 
 import trio
 from libp2p.abc import IHost, INetStream
@@ -65,6 +66,8 @@ PRUNE_BACKOFF = 10
 BACKOFF_SLACK = 3
 SPAM_LIMIT_PER_SECOND = 1024  # per topic per forwarding peer (a 1 s window: the burst, too)
 OUTBOUND_QUEUE = 1024
+# One coalesced RPC stays within one Noise message (65,535 bytes with its tag and length).
+COALESCE_BYTES = 60_000
 SUBSCRIPTION_CHANNEL = 1024
 SEEN_TTL = 600  # s: as long as the vote freshness window, so a vote is not taken twice
 MAX_INBOUND_RPC = 1 << 20
@@ -78,13 +81,57 @@ class BreakerNetError(BreakerError):
 
     code = "catchup_failed"
 
+    def __init__(self, message: str, kind: str = "error") -> None:
+        super().__init__(message)
+        self.kind = kind  # a short label for statistics: "open: ExcType", "stream: ExcType", "reply"
+
+
+class CoalescingRpcQueue(RpcQueue):
+    """py-libp2p's per-peer outbound RPC queue, but ``pop`` returns every RPC waiting (in
+    order, up to COALESCE_BYTES) merged into one.
+
+    py-libp2p writes each queued RPC on its own: one protobuf encode, Noise encryption,
+    yamux frame and socket write for each ~250-byte vote, and one read, decryption and
+    parse on the other side. While the sending loop keeps up nothing changes; when it falls
+    behind (a burst of votes) the RPCs that piled up go out as one, so the per-write cost
+    is paid once per batch. The wire format is unchanged: an RPC may carry many messages
+    and control entries, and receivers handle each one in order."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._held: rpc_pb2.RPC | None = None  # popped, but did not fit the last batch
+
+    def __len__(self) -> int:
+        return super().__len__() + (self._held is not None)
+
+    async def pop(self) -> rpc_pb2.RPC | None:
+        first, self._held = self._held, None
+        if first is None:
+            first = await super().pop()
+            if first is None:
+                return None
+        size = first.ByteSize()
+        merged: rpc_pb2.RPC | None = None
+        while (following := self._queue.pop()) is not None:
+            extra = following.ByteSize()
+            if size + extra > COALESCE_BYTES:
+                self._held = following
+                break
+            if merged is None:  # an RPC may be queued for several peers: never change it
+                merged = rpc_pb2.RPC()
+                merged.CopyFrom(first)
+            merged.MergeFrom(following)
+            size += extra
+        return first if merged is None else merged
+
 
 def raise_pubsub_limits() -> None:
-    """Raise py-libp2p's per-peer outbound queue and subscription channel (default 32 each)."""
+    """Raise py-libp2p's per-peer outbound queue and subscription channel (default 32 each),
+    and make the queue coalesce (CoalescingRpcQueue)."""
     if getattr(pubsub_module, "_prsm_limits_raised", False):
         return
     pubsub_module.SUBSCRIPTION_CHANNEL_SIZE = SUBSCRIPTION_CHANNEL
-    pubsub_module.RpcQueue = functools.partial(RpcQueue, max_size=OUTBOUND_QUEUE)  # type: ignore[attr-defined,assignment]
+    pubsub_module.RpcQueue = functools.partial(CoalescingRpcQueue, max_size=OUTBOUND_QUEUE)  # type: ignore[attr-defined,assignment]
     pubsub_module._prsm_limits_raised = True  # type: ignore[attr-defined]
 
 
@@ -239,13 +286,13 @@ async def _catchup_stream(host: IHost, peer: ID, what: str) -> AsyncIterator[INe
     try:
         stream = await host.new_stream(peer, [CATCHUP])
     except Exception as exc:  # py-libp2p raises many types, some grouped
-        raise BreakerNetError(f"cannot open {PROTOCOL_ID} to {peer}: {exc!r}") from None
+        raise BreakerNetError(f"cannot open {PROTOCOL_ID} to {peer}: {exc!r}", f"open: {type(exc).__name__}") from None
     try:
         yield stream
     except BreakerError:
         raise
     except Exception as exc:  # stream errors of py-libp2p have no common base we can name
-        raise BreakerNetError(f"{what} with {peer} failed: {exc!r}") from None
+        raise BreakerNetError(f"{what} with {peer} failed: {exc!r}", f"stream: {type(exc).__name__}") from None
     finally:
         await _close(stream)
 
@@ -262,7 +309,7 @@ async def sync_votes(
             await write_frame(stream, encode_message(GetDigest(before_ms)))
             reply = decode_message(await read_frame(stream, MAX_REPLY_SIZE))
             if not isinstance(reply, Digest) or reply.before_ms != before_ms:
-                raise BreakerNetError(f"{peer} answered GET_DIGEST with {type(reply).__name__}")
+                raise BreakerNetError(f"{peer} answered GET_DIGEST with {type(reply).__name__}", "reply")
             differ = differing_buckets(my_digest(before_ms), reply.digest)
             request: GetBuckets | None = GetBuckets(bucket_set(differ), before_ms) if differ else None
             pages = 0
@@ -270,7 +317,7 @@ async def sync_votes(
                 await write_frame(stream, encode_message(request))
                 votes = decode_message(await read_frame(stream, MAX_REPLY_SIZE))
                 if not isinstance(votes, Votes):
-                    raise BreakerNetError(f"{peer} answered GET_BUCKETS with {type(votes).__name__}")
+                    raise BreakerNetError(f"{peer} answered GET_BUCKETS with {type(votes).__name__}", "reply")
                 out.extend(votes.votes)
                 request = next_bucket_request(request, votes)
                 pages += 1
@@ -291,7 +338,7 @@ async def fetch_votes(host: IHost, peer: ID, model: bytes = b"") -> list[Vote]:
                 await write_frame(stream, encode_message(request))
                 reply = decode_message(await read_frame(stream, MAX_REPLY_SIZE))
                 if not isinstance(reply, Votes):
-                    raise BreakerNetError(f"{peer} answered GET_VOTES with {reply!r}")
+                    raise BreakerNetError(f"{peer} answered GET_VOTES with {reply!r}", "reply")
                 out.extend(reply.votes)
                 request = next_request(request, reply)
                 pages += 1

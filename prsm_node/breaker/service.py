@@ -96,6 +96,8 @@ class Statistics:
     syncs: int = 0
     sync_mismatches: int = 0
     sync_errors: int = 0
+    # why exchanges (anti-entropy and catch-up) failed: "timeout", or the error's kind
+    failures: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
 class _Notifee(INotifee):
@@ -507,6 +509,7 @@ class BreakerService:
             return 0
         except (net.BreakerNetError, trio.TooSlowError) as exc:
             self.stats.catchup_errors += 1
+            self.stats.failures[_failure_kind(exc)] += 1
             log.debug("catch-up failed", extra=kv(peer=str(peer), error=str(exc)))
             return 0
         counted = self._accept_from(peer, votes, skip_known=False)
@@ -568,6 +571,7 @@ class BreakerService:
             return 0
         except (net.BreakerNetError, trio.TooSlowError) as exc:
             self.stats.sync_errors += 1
+            self.stats.failures[_failure_kind(exc)] += 1
             log.debug("anti-entropy failed", extra=kv(peer=str(peer), error=str(exc)))
             return 0
         if differ:
@@ -612,11 +616,19 @@ class BreakerService:
             "syncs": self.stats.syncs,
             "sync_mismatches": self.stats.sync_mismatches,
             "sync_errors": self.stats.sync_errors,
+            "exchange_failures": dict(self.stats.failures),
             "mesh_peers": self.mesh_peers(),
             "topic_peers": self.topic_peers(),
             "stream_peers": self.stream_peers(),
             **(self.recorder.statistics() if self.recorder is not None else {}),
         }
+
+
+def _failure_kind(exc: Exception) -> str:
+    """A short, bounded label for why an exchange failed (for statistics)."""
+    if isinstance(exc, trio.TooSlowError):
+        return "timeout"
+    return getattr(exc, "kind", "error")
 
 
 def message_digest(data: bytes) -> bytes:

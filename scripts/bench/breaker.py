@@ -318,10 +318,14 @@ def burst(pool: ThreadPoolExecutor, dn: Devnet, args: argparse.Namespace, counte
     def delta(key: str) -> int:
         return sum(a["statistics"][key] - b["statistics"][key] for a, b in zip(after, before, strict=True))
 
-    rejected: dict[str, int] = {}
-    for a, b in zip(after, before, strict=True):
-        for code, c in a["statistics"]["rejected"].items():
-            rejected[code] = rejected.get(code, 0) + c - b["statistics"]["rejected"].get(code, 0)
+    def counter_delta(key: str) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for a, b in zip(after, before, strict=True):
+            for code, c in a["statistics"].get(key, {}).items():
+                out[code] = out.get(code, 0) + c - b["statistics"].get(key, {}).get(code, 0)
+        return {k: v for k, v in out.items() if v}
+
+    rejected = counter_delta("rejected")
     print(
         f"burst: {total} votes on {len(models)} models cast in {cast_s:.1f} s; delivery ratio (worst node) "
         f"{window_ratio * 100:.2f}% after the {args.burst_wait:.0f} s gossip window "
@@ -333,7 +337,8 @@ def burst(pool: ThreadPoolExecutor, dn: Devnet, args: argparse.Namespace, counte
     print(
         f"  of the {total * (n - 1)} deliveries to other nodes: {delta('repaired')} by anti-entropy, "
         f"{delta('caught_up')} by catch-up, the rest by gossip; {delta('sync_mismatches')} digest "
-        f"mismatches in {delta('syncs')} exchanges ({delta('sync_errors')} failed); rejections {rejected}",
+        f"mismatches in {delta('syncs')} exchanges ({delta('sync_errors')} failed: "
+        f"{counter_delta('exchange_failures')}); rejections {rejected}",
         flush=True,
     )
     t1 = time.monotonic()
