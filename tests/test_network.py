@@ -117,6 +117,36 @@ async def test_bad_kad_input_leaves_the_node_serving(short_tmp: Path, caplog: py
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("prsm_node")]
 
 
+async def test_peers_whose_identify_failed_do_not_verify_each_other_forever(short_tmp: Path) -> None:
+    """Two peers with addresses but no identify record of each other's protocols: a request
+    served starts a verification of the requester (it might be a client); its answer proves it
+    serves kad. Found in a 50-node devnet: without remembering that, each verification's request
+    started the other side's, forever (~30 streams/s and half a core on each node)."""
+    async with running_nodes(short_tmp, ["alice", "bob"]) as nodes:
+        alice, bob = nodes["alice"], nodes["bob"]
+        assert alice.kad is not None and bob.kad is not None
+        with trio.fail_after(10):
+            await bob.kad.wait_table_size(1)
+            await alice.kad.wait_table_size(1)
+            while alice.kad._verifying or bob.kad._verifying:
+                await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+        a, b = alice.host.get_id(), bob.host.get_id()
+        alice.host.get_peerstore().remove_protocols(b, [PROTOCOL_ID])
+        bob.host.get_peerstore().remove_protocols(a, [PROTOCOL_ID])
+        served = alice.kad.requests_served + bob.kad.requests_served
+        with trio.fail_after(10):
+            await bob.kad.request(a, m.KadMessage(type=m.MessageType.PING))
+            # settles: at most one verification on alice's side (bob answered a request of
+            # hers), none on bob's (alice answered his)
+            while alice.kad._verifying or bob.kad._verifying:
+                await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+        assert alice.kad.requests_served + bob.kad.requests_served - served <= 3
+        with trio.fail_after(5):
+            await trio.testing.wait_all_tasks_blocked(cushion=0.2)
+        assert not alice.kad._verifying and not bob.kad._verifying
+        assert alice.kad.requests_served + bob.kad.requests_served - served <= 3
+
+
 async def test_several_requests_share_one_stream(short_tmp: Path) -> None:
     async with running_nodes(short_tmp, ["alice", "bob"]) as nodes:
         alice, bob = nodes["alice"], nodes["bob"]

@@ -511,8 +511,21 @@ class Kademlia:
         if response.type != msg.type:
             self._failed(peer_id)
             raise DiscoveryError(f"{peer_id}: answered {response.type.name} to {msg.type.name}")
+        # It answered a kad request: it serves kad, whatever identify said (or failed to say).
+        # Without this, two peers whose identify exchange failed verify each other forever:
+        # each request one serves starts a verification of the requester, whose request the
+        # other serves... (measured: two nodes of a 50-node devnet at ~30 streams/s and half
+        # a core each, for as long as they ran).
+        self._mark_serves_kad(peer_id)
         self._seen(peer_id)
         return response
+
+    def _mark_serves_kad(self, peer_id: ID) -> None:
+        if not self._advertises_kad(peer_id):
+            try:
+                self.host.get_peerstore().add_protocols(peer_id, [PROTOCOL_ID])
+            except Exception:  # PeerStoreError: the peer is gone from the peerstore
+                pass
 
     # ---- lookups ----------------------------------------------------------------------
 
