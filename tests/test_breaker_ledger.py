@@ -20,6 +20,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from prsm_node.breaker import net
 from prsm_node.breaker.control import BreakerMethods
 from prsm_node.breaker.exceptions import RateLimited
+from prsm_node.breaker.messages import Votes, catchup_order, encode_message
 from prsm_node.breaker.params import MAX_WINDOW_MS
 from prsm_node.breaker.service import TOPIC
 from prsm_node.breaker.votes import Action, encode_vote, sign_vote
@@ -30,11 +31,13 @@ from prsm_node.host import build_host
 from prsm_node.keys import NodeKey
 from prsm_node.ledger.exceptions import DuplicateTx, StaleVote
 from prsm_node.ledger.types import BreakerVote
+from prsm_node.wire import read_frame, write_frame
 
 from .test_breaker_service import WAIT, N, Net, stake_everyone, wait_all, wait_mesh
 
 MODEL = bytes(range(32))
 OTHER = bytes(range(1, 33))
+THIRD = bytes(range(2, 34))
 
 
 @asynccontextmanager
@@ -121,6 +124,31 @@ async def test_votes_recorded_in_the_ledger_and_repaired_by_anti_entropy(short_t
         await net_.stop(6)
         node6 = await net_.start(6)
         assert node6.chain is not None and node6.chain.state.vote_record(MODEL, accounts[2]) is not None
+
+        # A peer that resets the stream after the first page of a catch-up: the votes of that
+        # page are counted all the same (each checked), not thrown away with the exchange.
+        now = int(time.time() * 1000)
+        page = tuple(catchup_order(
+            sign_vote(net_.nodes[i].key.signing_key, chain_id=chain_id, model=THIRD, action=Action.HALT,
+                      epoch=1, timestamp_ms=now - 1000 + i, reason="first page")
+            for i in (5, 6, 7)
+        ))
+
+        async def one_page_then_reset(stream: Any) -> None:
+            await read_frame(stream, 4096)
+            await write_frame(stream, encode_message(Votes(page, more=True)))
+            await stream.reset()
+
+        host = build_host(NodeKey.generate(), Config.for_tests())
+        host.set_stream_handler(net.CATCHUP, one_page_then_reset)
+        target = net_.breaker(3)
+        async with host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+            with trio.fail_after(WAIT):
+                await target.host.connect(info_from_p2p_addr(
+                    multiaddr.Multiaddr(f"{host.get_addrs()[0]}")))
+                await target.catch_up(host.get_id())
+        assert [target.tally.last_epoch(accounts[i], THIRD) for i in (5, 6, 7)] == [1, 1, 1]
+        assert target.stats.catchup_errors >= 1
 
 
 def seen(b: Any) -> int:

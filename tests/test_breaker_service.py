@@ -160,7 +160,8 @@ async def test_threshold_faults_catchup_restart_and_resume(short_tmp: Path) -> N
         await wait_all(net_, lambda b: b.is_halted(MODEL), [7])
         # (py-libp2p's gossipsub may also replay recent messages to a new peer; catch-up
         # serves the same votes, checked here directly.)
-        served = await net.fetch_votes(net_.nodes[7].host, net_.nodes[0].host.get_id(), MODEL)
+        served: list[Vote] = []
+        await net.fetch_votes(net_.nodes[7].host, net_.nodes[0].host.get_id(), served.extend, MODEL)
         voters = {v.voter for v in served}
         assert {net_.nodes[0].key.account, net_.nodes[1].key.account} <= voters
 

@@ -14,7 +14,7 @@ import hashlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
 import trio
@@ -71,7 +71,11 @@ COALESCE_BYTES = 60_000
 SUBSCRIPTION_CHANNEL = 1024
 SEEN_TTL = 600  # s: as long as the vote freshness window, so a vote is not taken twice
 MAX_INBOUND_RPC = 1 << 20
-CATCHUP_TIMEOUT = 10.0
+# Catch-up and anti-entropy: opening the stream and each request/reply get STEP_TIMEOUT, the
+# whole exchange EXCHANGE_LIMIT. Under load (50 nodes on 2 cores) a reply can take seconds;
+# one 10 s bound on the whole exchange lost most exchanges, and every page they had fetched.
+STEP_TIMEOUT = 10.0
+EXCHANGE_LIMIT = 60.0
 MAX_CATCHUP_PAGES = 4096  # 1 M votes: a bound on what one peer can make us read
 MAX_SYNC_PAGES = 16  # 4096 votes per anti-entropy exchange; the next exchange goes on
 
@@ -284,7 +288,8 @@ async def _catchup_stream(host: IHost, peer: ID, what: str) -> AsyncIterator[INe
     becomes a BreakerNetError naming ``what``; BreakerErrors raised inside (Malformed: the
     peer's fault) pass through unchanged."""
     try:
-        stream = await host.new_stream(peer, [CATCHUP])
+        with trio.fail_after(STEP_TIMEOUT):
+            stream = await host.new_stream(peer, [CATCHUP])
     except Exception as exc:  # py-libp2p raises many types, some grouped
         raise BreakerNetError(f"cannot open {PROTOCOL_ID} to {peer}: {exc!r}", f"open: {type(exc).__name__}") from None
     try:
@@ -297,49 +302,60 @@ async def _catchup_stream(host: IHost, peer: ID, what: str) -> AsyncIterator[INe
         await _close(stream)
 
 
+async def _ask(stream: INetStream, request: bytes) -> object:
+    """One request and its reply on a catch-up stream, under STEP_TIMEOUT."""
+    with trio.fail_after(STEP_TIMEOUT):
+        await write_frame(stream, request)
+        return decode_message(await read_frame(stream, MAX_REPLY_SIZE))
+
+
 async def sync_votes(
-    host: IHost, peer: ID, before_ms: int, my_digest: Callable[[int], bytes]
-) -> tuple[int, list[Vote]]:
+    host: IHost,
+    peer: ID,
+    before_ms: int,
+    my_digest: Callable[[int], bytes],
+    on_page: Callable[[Sequence[Vote]], None],
+) -> int:
     """One anti-entropy exchange: ``peer``'s digest of its votes older than ``before_ms``,
-    compared with ``my_digest(before_ms)``; then the votes of the buckets that differ.
-    Returns (the number of differing buckets, the votes fetched). Errors as fetch_votes."""
-    out: list[Vote] = []
-    with trio.fail_after(CATCHUP_TIMEOUT):
+    compared with ``my_digest(before_ms)``; then the votes of the buckets that differ,
+    handed to ``on_page`` a page at a time as they arrive (what came before an error is
+    kept). Returns the number of differing buckets. Errors as fetch_votes."""
+    with trio.fail_after(EXCHANGE_LIMIT):
         async with _catchup_stream(host, peer, "anti-entropy") as stream:
-            await write_frame(stream, encode_message(GetDigest(before_ms)))
-            reply = decode_message(await read_frame(stream, MAX_REPLY_SIZE))
+            reply = await _ask(stream, encode_message(GetDigest(before_ms)))
             if not isinstance(reply, Digest) or reply.before_ms != before_ms:
                 raise BreakerNetError(f"{peer} answered GET_DIGEST with {type(reply).__name__}", "reply")
             differ = differing_buckets(my_digest(before_ms), reply.digest)
             request: GetBuckets | None = GetBuckets(bucket_set(differ), before_ms) if differ else None
             pages = 0
             while request is not None and pages < MAX_SYNC_PAGES:
-                await write_frame(stream, encode_message(request))
-                votes = decode_message(await read_frame(stream, MAX_REPLY_SIZE))
+                votes = await _ask(stream, encode_message(request))
                 if not isinstance(votes, Votes):
                     raise BreakerNetError(f"{peer} answered GET_BUCKETS with {type(votes).__name__}", "reply")
-                out.extend(votes.votes)
+                on_page(votes.votes)
                 request = next_bucket_request(request, votes)
                 pages += 1
-    return len(differ), out
+    return len(differ)
 
 
-async def fetch_votes(host: IHost, peer: ID, model: bytes = b"") -> list[Vote]:
-    """Every vote ``peer`` serves (for ``model``, or all), page by page on one stream.
+async def fetch_votes(
+    host: IHost, peer: ID, on_page: Callable[[Sequence[Vote]], None], model: bytes = b""
+) -> None:
+    """Every vote ``peer`` serves (for ``model``, or all), page by page on one stream, each
+    page handed to ``on_page`` as it arrives (pages come in catch-up order, so counting them
+    one by one is counting them all in that order; what came before an error is kept).
 
-    Raises BreakerNetError on any failure and Malformed when the peer sent bytes that do not
-    decode (its fault)."""
-    out: list[Vote] = []
-    with trio.fail_after(CATCHUP_TIMEOUT):
+    Raises BreakerNetError on any failure, trio.TooSlowError when a step takes over
+    STEP_TIMEOUT or the exchange over EXCHANGE_LIMIT, and Malformed when the peer sent bytes
+    that do not decode (its fault)."""
+    with trio.fail_after(EXCHANGE_LIMIT):
         async with _catchup_stream(host, peer, "catch-up") as stream:
             request: GetVotes | None = GetVotes(model=model)
             pages = 0
             while request is not None and pages < MAX_CATCHUP_PAGES:
-                await write_frame(stream, encode_message(request))
-                reply = decode_message(await read_frame(stream, MAX_REPLY_SIZE))
+                reply = await _ask(stream, encode_message(request))
                 if not isinstance(reply, Votes):
                     raise BreakerNetError(f"{peer} answered GET_VOTES with {reply!r}", "reply")
-                out.extend(reply.votes)
+                on_page(reply.votes)
                 request = next_request(request, reply)
                 pages += 1
-    return out

@@ -23,7 +23,7 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -501,24 +501,28 @@ class BreakerService:
     async def catch_up(self, peer: ID) -> int:
         """Fetch the votes ``peer`` serves and apply them in catch-up order, each checked
         (no age limit). Returns how many were counted."""
+        counted = 0
+
+        def count(votes: Sequence[Vote]) -> None:
+            nonlocal counted
+            n = self._accept_from(peer, votes, skip_known=False)
+            counted += n
+            self.stats.caught_up += n
+
         try:
-            votes = await net.fetch_votes(self.host, peer)
+            await net.fetch_votes(self.host, peer, count)
         except Malformed as exc:
             self.stats.catchup_errors += 1
             self._penalise(peer, exc)
-            return 0
         except (net.BreakerNetError, trio.TooSlowError) as exc:
             self.stats.catchup_errors += 1
             self.stats.failures[_failure_kind(exc)] += 1
-            log.debug("catch-up failed", extra=kv(peer=str(peer), error=str(exc)))
-            return 0
-        counted = self._accept_from(peer, votes, skip_known=False)
-        self.stats.caught_up += counted
+            log.debug("catch-up failed", extra=kv(peer=str(peer), error=str(exc), counted=counted))
         if counted:
             log.info("caught up", extra=kv(peer=str(peer), votes=counted))
         return counted
 
-    def _accept_from(self, peer: ID, votes: list[Vote], *, skip_known: bool) -> int:
+    def _accept_from(self, peer: ID, votes: Iterable[Vote], *, skip_known: bool) -> int:
         """Count the votes ``peer`` sent, in catch-up order, each checked (no age limit); a
         vote that is its fault gets it penalised. ``skip_known``: a vote no newer than the
         voter's epoch here is passed over before its signature check. Returns how many counted."""
@@ -561,24 +565,28 @@ class BreakerService:
         differing buckets (0 when in sync or on error)."""
         self.stats.syncs += 1
         before_ms = _now_ms() - SYNC_GRACE_MS
+        repaired = differ = 0
+
+        def count(votes: Sequence[Vote]) -> None:
+            nonlocal repaired
+            n = self._accept_from(peer, votes, skip_known=True)
+            repaired += n
+            self.stats.repaired += n
+
         try:
-            differ, votes = await net.sync_votes(
-                self.host, peer, before_ms, lambda before: make_digest(self.tally.votes(), before)
+            differ = await net.sync_votes(
+                self.host, peer, before_ms, lambda before: make_digest(self.tally.votes(), before), count
             )
         except Malformed as exc:
             self.stats.sync_errors += 1
             self._penalise(peer, exc)
-            return 0
         except (net.BreakerNetError, trio.TooSlowError) as exc:
             self.stats.sync_errors += 1
             self.stats.failures[_failure_kind(exc)] += 1
-            log.debug("anti-entropy failed", extra=kv(peer=str(peer), error=str(exc)))
-            return 0
+            log.debug("anti-entropy failed", extra=kv(peer=str(peer), error=str(exc), repaired=repaired))
         if differ:
             self.stats.sync_mismatches += 1
-        repaired = self._accept_from(peer, votes, skip_known=True)
         if repaired:
-            self.stats.repaired += repaired
             log.info("votes repaired by anti-entropy", extra=kv(peer=str(peer), votes=repaired))
         return differ
 
