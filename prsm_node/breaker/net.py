@@ -23,6 +23,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.pubsub import pubsub as pubsub_module
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+from libp2p.pubsub.mcache import CacheEntry, MessageCache
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.pubsub.rpc_queue import RpcQueue
@@ -139,10 +140,31 @@ def raise_pubsub_limits() -> None:
     pubsub_module._prsm_limits_raised = True  # type: ignore[attr-defined]
 
 
+class ContentIdMessageCache(MessageCache):
+    """py-libp2p's gossip message cache, keyed by our message id (``message_id``).
+
+    py-libp2p's cache keys messages by ``from || seqno`` whatever message id the pubsub uses,
+    and gossip advertises those keys in IHAVE; a receiver looks them up in its seen cache,
+    which holds our ids, never finds them, and asks for every message with IWANT. Measured
+    on 20 nodes over 56 votes: 18,166 ids advertised, 18,159 asked for, and 22,765 copies of
+    votes sent (406 per vote), most of the CPU the nodes spent while votes moved."""
+
+    def put(self, msg: rpc_pb2.Message) -> None:
+        mid = message_id(msg)
+        if mid not in self.msgs:
+            self.msgs[mid] = msg
+            self.history[0].append(CacheEntry(mid, msg.topicIDs))
+
+
 class FloodPublishGossipSub(GossipSub):
     """GossipSub with flood publishing (gossipsub v1.1, on by default in go-libp2p): a node's
     *own* messages go to every peer subscribed to the topic, not only to its mesh, so a vote
-    reaches the voter's direct peers in one hop; relayed messages still follow the mesh."""
+    reaches the voter's direct peers in one hop; relayed messages still follow the mesh.
+    Its message cache is keyed by our message ids (ContentIdMessageCache)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.mcache = ContentIdMessageCache(self.mcache.window_size, self.mcache.history_size)
 
     def _get_peers_to_send(
         self, topic_ids: Iterable[str], msg_forwarder: ID, origin: ID, msg_id: bytes | None = None
