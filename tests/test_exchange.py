@@ -259,6 +259,37 @@ async def test_interrupted_fetch_resumes_without_fetching_a_chunk_twice(short_tm
         assert_identical(resumed, short_tmp / "src", tensors)
 
 
+async def test_a_resumed_fetch_refetches_an_earlier_chunk_damaged_meanwhile(short_tmp: Path) -> None:
+    """Resuming, the fetch receives the missing chunks, then finds a chunk of the earlier run
+    damaged on disk and fetches it in a second round, from the same provider."""
+    async with running_nodes(short_tmp, ["alice", "bob"]) as nodes:
+        alice, bob = nodes["alice"], nodes["bob"]
+        mid, tensors = await publish(alice, short_tmp / "src")
+        svc(alice).store = SlowStore(alice.home.data_dir)
+
+        f = svc(bob).start_fetch(mid)
+        with trio.fail_after(20):
+            await f.wait_until(lambda f: f.chunks_fetched >= 8)
+        f.cancel()
+        with trio.fail_after(10):
+            await f.done.wait()
+        store = svc(bob).store
+        m = store.get_manifest(mid)
+        present = store.present(m)
+        bad = present.index(True)
+        assert not all(present)
+        span = store.spans(mid)[bad]
+        path = store.partial_dir(mid) / m.files[span.file_index].path
+        data = bytearray(path.read_bytes())
+        data[span.offset + 5] ^= 0xFF  # a chunk of the earlier run, damaged behind the node's back
+        path.write_bytes(bytes(data))
+
+        resumed = await fetch(bob, mid)
+        assert resumed.chunks_present == sum(present) - 1
+        assert resumed.chunks_fetched == m.chunk_count - sum(present) + 1
+        assert_identical(resumed, short_tmp / "src", tensors)
+
+
 async def ask(client: Node, server: Node, body: bytes, limit: int = 1 << 20) -> object:
     with trio.fail_after(10):
         stream = await client.host.new_stream(server.host.get_id(), [SHARD])

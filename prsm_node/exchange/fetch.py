@@ -75,7 +75,10 @@ class Fetch:
         self.bytes_total = self.bytes_present = self.bytes_fetched = 0
         self.started = trio.current_time()
         self.finished: float | None = None
-        self.timings: dict[str, float] = {}  # seconds in each stage: resolve, transfer, assemble
+        # Seconds in each stage (resolve, transfer, assemble), and within them: ``lookup``, the
+        # provider lookups (DHT and connected peers), ``first_chunk``, from the start until the
+        # first CHUNK arrived.
+        self.timings: dict[str, float] = {}
         self.sched = Schedule(self.params, 1, self._notify)
         self._cancel = trio.CancelScope()
         self._changed = trio.Event()
@@ -159,7 +162,8 @@ class Fetch:
         else:
             paths = await self._write_model(m, missing)
         self.files = [str(p) for p in paths]
-        self.timings["assemble"] = trio.current_time() - self.started - sum(self.timings.values())
+        stages = self.timings["resolve"] + self.timings.get("transfer", 0.0)
+        self.timings["assemble"] = trio.current_time() - self.started - stages
         log.info("fetch done", extra=kv(id=mid.hex()[:16], fetched=self.chunks_fetched, present=self.chunks_present))
 
     async def _write_model(self, m: Manifest, missing: list[int]) -> list[Path]:
@@ -201,7 +205,7 @@ class Fetch:
         if await trio.to_thread.run_sync(self.store.has_manifest, mid):
             return await trio.to_thread.run_sync(self.store.get_manifest, mid)
         problems: list[str] = []
-        candidates = self._candidates = await self.providers_source.find(mid)
+        candidates = self._candidates = await self._find_providers()
         for peer in candidates:
             try:
                 ss = await ShardStream.open(self.host, self.kad, peer, open_timeout=self.params.open_timeout,
@@ -235,6 +239,13 @@ class Fetch:
         raise NoProviders(f"no peer serves manifest {mid.hex()} ({len(candidates)} asked){detail}")
 
     # ------------------------------------------------------------ providers
+
+    async def _find_providers(self) -> list[ID]:
+        started = trio.current_time()
+        try:
+            return await self.providers_source.find(self.manifest_id)
+        finally:
+            self.timings["lookup"] = self.timings.get("lookup", 0.0) + trio.current_time() - started
 
     async def _ask_have(self, peers: list[ID]) -> None:
         """HAVE to each peer at once; a peer that holds some of what we need becomes a provider."""
@@ -288,7 +299,7 @@ class Fetch:
         sched = self.sched
         candidates, self._candidates = self._candidates, None  # one DHT lookup, not two, for a new model
         if candidates is None:
-            candidates = await self.providers_source.find(self.manifest_id)
+            candidates = await self._find_providers()
         await self._ask_have(candidates)
         sched.start(missing)
         rediscoveries = 0
@@ -313,7 +324,7 @@ class Fetch:
                     if rediscoveries >= MAX_REDISCOVERIES:
                         break
                     rediscoveries += 1
-                    await self._ask_have(await self.providers_source.find(self.manifest_id))
+                    await self._ask_have(await self._find_providers())
                     continue
                 with trio.move_on_after(HALT_POLL):  # a halt comes with no event of ours
                     await self._changed.wait()
@@ -446,6 +457,8 @@ class Fetch:
                 buffer: list[ChunkMsg] = []
                 buffered = 0
                 while (chunk := await ss.next_chunk(chunk_size)) is not None:
+                    if "first_chunk" not in self.timings:
+                        self.timings["first_chunk"] = trio.current_time() - self.started
                     try:
                         at = batch.index(chunk.index, expected)
                     except ValueError:

@@ -93,7 +93,11 @@ class Schedule:
         self._retry: deque[int] = deque()
 
     def start(self, missing: list[int]) -> None:
-        """Queue ``missing``, rarest first among the providers known now, then by index."""
+        """Queue ``missing``, rarest first among the providers known now, then by index. No
+        worker runs now (a round ended, or none began): every provider is idle again, so a
+        second round (chunks of an earlier run found damaged) starts workers for them anew."""
+        for p in self.providers.values():
+            p.active = False
         self.pending = set(missing)
         rarity = {i: 0 for i in missing}
         for p in self.providers.values():
