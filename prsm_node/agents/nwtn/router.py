@@ -91,8 +91,10 @@ class Router:
         """The registry, refreshed when older than ``max_age`` (or ``force``). Providers of
         known models with one of ``capabilities`` are looked up in the DHT."""
         wanted = set(capabilities)
-        if self._refreshed is not None and self._lock.locked() and not force:
-            return self.candidates  # another query is refreshing it: the last registry will do
+        if self._refreshed is not None and not force and (
+            self._lock.locked() or trio.current_time() - self._refreshed < self.max_age
+        ):
+            return self.candidates  # fresh, or another query is refreshing it: the last registry will do
         async with self._lock:
             now = trio.current_time()
             if force or self._refreshed is None or now - self._refreshed >= self.max_age:
