@@ -6,6 +6,14 @@ schedule the woken thread). Here the runtime submits the next batch while the cu
 runs, and the thread goes from one to the next without waiting for the event loop. Results go
 back through the trio token; the awaiting task cannot cancel a batch already submitted (as
 with ``to_thread.run_sync``), so the device is never left mid-batch.
+
+Every wake-up of the event loop costs the device: the loop's thread takes the GIL while a
+torch op has released it, and the forward pass waits for it until the loop goes back to
+sleep. So results are handed back together: a finished job whose successor is already queued
+waits for it, up to ``HOLD`` results at a time (a result is late by at most one job; a job
+with nothing queued behind it is delivered at once). Measured with the runtime's batched path
+pinned to one core: per-job delivery ran at 0.90 of a bare forward loop, one delivery per 20
+jobs at 0.97.
 """
 
 from __future__ import annotations
@@ -18,11 +26,15 @@ from typing import Any
 import outcome
 import trio
 
+HOLD = 2  # results handed back to the event loop in one wake-up, at most
+
+_Finished = tuple[trio.lowlevel.TrioToken, Callable[[], None]]  # a job's event loop and its delivery
+
 
 class DeviceThread:
     def __init__(self, name: str = "prsm-device") -> None:
         self.name = name
-        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[Callable[[], _Finished] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -35,12 +47,9 @@ class DeviceThread:
             box.append(result)
             done.set()
 
-        def job() -> None:
+        def job() -> _Finished:
             result = outcome.capture(fn, *args)
-            try:
-                token.run_sync_soon(deliver, result)
-            except trio.RunFinishedError:  # the event loop is gone: nobody waits for it
-                pass
+            return token, lambda: deliver(result)
 
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
@@ -51,14 +60,36 @@ class DeviceThread:
         return box[0].unwrap()
 
     def _loop(self) -> None:
+        held: list[_Finished] = []
         while True:
             job = self._jobs.get()
             if job is None:
+                _hand_back(held)
                 return
-            job()
+            held.append(job())
+            if len(held) >= HOLD or self._jobs.empty():
+                _hand_back(held)
+                held = []
 
     def close(self) -> None:
         """Let the thread end once the batches already submitted have run."""
         if self._thread is not None:
             self._jobs.put(None)
             self._thread = None
+
+
+def _hand_back(held: list[_Finished]) -> None:
+    """Run the deliveries of finished jobs in their event loops, one wake-up per loop."""
+    by_token: dict[trio.lowlevel.TrioToken, list[Callable[[], None]]] = {}
+    for token, deliver in held:
+        by_token.setdefault(token, []).append(deliver)
+    for token, delivers in by_token.items():
+        try:
+            token.run_sync_soon(_run_all, delivers)
+        except trio.RunFinishedError:  # the event loop is gone: nobody waits for these
+            pass
+
+
+def _run_all(delivers: list[Callable[[], None]]) -> None:
+    for deliver in delivers:
+        deliver()
