@@ -2,10 +2,12 @@
 
 1. **Queries.** The Opticks embedder (``--query-model``; or the classifier) is trained here,
    published by the first executor node and fetched by the others; the asker nodes (the first
-   ``--askers``) host nothing. Then ``--queries`` simple queries go to the askers' control
-   sockets (``agents.ask``, round robin), ``--concurrency`` of them in flight at once (all of
-   them at once by default). A simple query is one the pipeline answers with one subtask: only
-   that model is on the network, so the architect's other steps have no model and are skipped,
+   ``--askers``, half the devnet by default: the queries come from across the network, as a
+   network's users do, not all through one node) host nothing. Then ``--queries`` simple
+   queries go to the askers' control sockets (``agents.ask``, round robin), ``--concurrency``
+   of them in flight at once (all of them at once by default). A simple query is one the
+   pipeline answers with one subtask: only that model is on the network, so the architect's
+   other steps have no model and are skipped,
    and the retrieval (the query and 15 corpus passages embedded) runs on another peer over
    ``/prsm/task/1.0.0``: routed, admitted, run, charged, paid with signed receipts (settled in
    batches through the ledger meanwhile). The asker keeps the passages' vectors it was paid for
@@ -23,7 +25,7 @@
    becomes (in a worker thread too). Items per second: medians over interleaved rounds; the
    ratio is the median of the rounds' own ratios. Target: the executor at least 90% of bare.
 
-    python scripts/bench/agents.py [--queries 1000] [--concurrency 0] [--nodes 4] [--askers 1]
+    python scripts/bench/agents.py [--queries 1000] [--concurrency 0] [--nodes 4] [--askers 2]
                                    [--exec-model embedder] [--exec-batch 16] [--quick]
 
 Every process started here (the devnet launcher and its daemons) is stopped at the end, on
@@ -426,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--concurrency", type=int, default=0, help="queries in flight at once (0: all of them)")
     ap.add_argument("--nodes", type=int, default=4)
-    ap.add_argument("--askers", type=int, default=1, help="nodes that ask (and host nothing)")
+    ap.add_argument("--askers", type=int, help="nodes that ask (and host nothing); default: half of --nodes")
     ap.add_argument("--tiny", action="store_true", help="tiny models (seconds of training)")
     ap.add_argument("--query-model", choices=("embedder", "classifier"), default="embedder")
     ap.add_argument("--exec-model", choices=("embedder", "classifier"), help="default: the query model")
@@ -446,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.queries, args.tiny, args.exec_rounds, args.exec_per_round = min(args.queries, 100), True, 6, 5
+    if args.askers is None:
+        args.askers = args.nodes // 2
     if not 2 <= args.nodes <= 16 or not 1 <= args.askers < args.nodes:
         ap.error("--nodes must be 2..16 and --askers 1..nodes-1")
     if not 1 <= args.queries <= 100_000 or args.concurrency < 0:
