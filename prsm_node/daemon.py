@@ -6,6 +6,7 @@ config error.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -134,6 +135,12 @@ async def _run(node: Node) -> None:
 
         nursery.start_soon(_watch_signals, node)
         ready = await nursery.start(run_node)
+        # Everything built so far (libp2p, the stores, the routing table) lives as long as the
+        # daemon: frozen, the collector no longer walks it. Without this a full collection
+        # walks the whole heap: 0.2-0.3 s on a busy node, landing in the middle of a query load
+        # (measured: one 261 ms pause in a 2 s load of 1,000 asks; none with the freeze).
+        gc.collect()
+        gc.freeze()
         print(ready.line(), flush=True)
 
 
