@@ -175,9 +175,9 @@ def role_fetch(kind: str, addr: str, root: str, size: int) -> None:
     trio.run(main)
 
 
-def baseline(kind: str, file: Path) -> tuple[float, float | None]:
-    """One baseline transfer; returns MB/s and the CPU seconds both processes spent on it
-    (bare stream only; None for Bitswap)."""
+def baseline(kind: str, file: Path) -> tuple[float, tuple[float, float] | None]:
+    """One baseline transfer; returns MB/s and the CPU seconds the fetcher and the server
+    spent on it (bare stream only; None for Bitswap)."""
     me = [sys.executable, __file__]
     server = subprocess.Popen([*me, "--role", f"{kind}-serve", "--file", str(file)], stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True)
@@ -194,7 +194,7 @@ def baseline(kind: str, file: Path) -> tuple[float, float | None]:
             raise RuntimeError(f"{kind}: got {result['bytes']} of {file.stat().st_size} bytes")
         cpu = None
         if kind == "bare":
-            cpu = result["cpu"] + json.loads(server.stdout.readline())["cpu"]
+            cpu = (result["cpu"], json.loads(server.stdout.readline())["cpu"])
         return float(result["bytes"] / result["seconds"] / 1e6), cpu
     finally:
         server.send_signal(signal.SIGTERM)
@@ -228,13 +228,19 @@ def profiled(pids: dict[str, int], folder: Path) -> list[subprocess.Popen[bytes]
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name, pid in pids.items()]
 
 
+def _ticks(stat: Path) -> int:
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime, stime
+
+
 def cpu_seconds(pids: list[int]) -> float:
     """CPU time (user + system, all threads) the processes have used so far."""
-    total = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / os.sysconf("SC_CLK_TCK")
+    return sum(_ticks(Path(f"/proc/{pid}/stat")) for pid in pids) / os.sysconf("SC_CLK_TCK")
+
+
+def main_thread_cpu(pids: list[int]) -> float:
+    """CPU time the processes' main threads (the trio loop: py-libp2p, Noise, yamux) have used."""
+    return sum(_ticks(Path(f"/proc/{pid}/task/{pid}/stat")) for pid in pids) / os.sysconf("SC_CLK_TCK")
 
 
 def page_faults(pids: list[int]) -> int:
@@ -243,19 +249,29 @@ def page_faults(pids: list[int]) -> int:
     return sum(int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7]) for pid in pids)
 
 
-def prsm_fetch(label: str, home: str, mid: str, size: int, pids: list[int]) -> tuple[float, float, float]:
+def prsm_fetch(label: str, home: str, mid: str, size: int, fetcher: int,
+               providers: list[int]) -> tuple[float, float, float]:
     """One timed fetch, printed; returns (end-to-end MB/s, transfer-stage MB/s, CPU seconds of
-    the fetcher and providers ``pids``). The model is removed from ``home`` afterwards, so the
-    next run fetches it all again."""
-    cpu, faults = cpu_seconds(pids), page_faults(pids)
+    the fetcher and the providers). The CPU is also printed per side, and each side's main
+    threads (the trio loop) apart from its worker threads (hashing, disk). The model is
+    removed from ``home`` afterwards, so the next run fetches it all again."""
+    pids = [fetcher, *providers]
+
+    def sample() -> tuple[float, float, float, float, int]:
+        return (cpu_seconds([fetcher]), main_thread_cpu([fetcher]), cpu_seconds(providers),
+                main_thread_cpu(providers), page_faults(pids))
+
+    before = sample()
     seconds, result = timed_fetch(home, mid)
-    cpu, faults = cpu_seconds(pids) - cpu, page_faults(pids) - faults
+    f_cpu, f_main, p_cpu, p_main, faults = (b - a for a, b in zip(before, sample(), strict=True))
+    cpu = f_cpu + p_cpu
     used = [p for p in result["providers"] if p["chunks"]]
     stages = result.get("timings_s") or {}
     transfer = result["bytes_fetched"] / max(stages.get("transfer", result["elapsed_s"]), 1e-9) / 1e6
     print(f"  {label}: {size / seconds / 1e6:.1f} MB/s end to end ({seconds:.2f} s), transfer stage "
           f"{transfer:.1f} MB/s, from {len(used)} providers {[p['chunks'] for p in used]}, stages {stages}, "
-          f"{cpu:.2f} CPU s, {faults} page faults", flush=True)
+          f"{cpu:.2f} CPU s (fetcher {f_cpu:.2f}: main thread {f_main:.2f}; providers {p_cpu:.2f}: main "
+          f"threads {p_main:.2f}), {faults} page faults", flush=True)
     call(home, "model.rm", {"id": mid})
     return size / seconds / 1e6, transfer, cpu
 
@@ -293,23 +309,25 @@ def interleaved_runs(args: argparse.Namespace, workdir: Path, one_dir: Path, fou
         for run in range(args.runs):
             print(f"run {run + 1}: load {os.getloadavg()}", flush=True)
             bare, bare_cpu = baseline("bare", one_dir / "model.safetensors")
-            print(f"  bare stream: {bare:.1f} MB/s, {bare_cpu:.2f} CPU s", flush=True)
+            assert bare_cpu is not None
+            print(f"  bare stream: {bare:.1f} MB/s, {sum(bare_cpu):.2f} CPU s (fetcher {bare_cpu[0]:.2f}, "
+                  f"server {bare_cpu[1]:.2f})", flush=True)
             spies = []
             if args.profile is not None and run == 0:
                 spies = profiled({"fetcher": nodes[4]["pid"], "provider0": nodes[0]["pid"]},
                                  args.profile / "prsm-1-provider")
             one, one_transfer, one_cpu = prsm_fetch("prsm 1 provider", homes[4], mids["one"], size,
-                                                    [nodes[0]["pid"], nodes[4]["pid"]])
+                                                    nodes[4]["pid"], [nodes[0]["pid"]])
             for spy in spies:
                 spy.send_signal(signal.SIGINT)
                 spy.wait(timeout=60)
             four, four_transfer, _ = prsm_fetch("prsm 4 providers", homes[5], mids["four"], size,
-                                                [n["pid"] for n in nodes[:4]] + [nodes[5]["pid"]])
+                                                nodes[5]["pid"], [n["pid"] for n in nodes[:4]])
             print(f"  ratios: 1 provider / bare = {one / bare:.2f}, 4 / 1 providers = {four / one:.2f}", flush=True)
             for k, v in (("bare stream", bare), ("prsm 1 provider", one), ("prsm 4 providers", four),
                          ("prsm 1 provider (transfer)", one_transfer), ("prsm 4 providers (transfer)", four_transfer),
                          ("ratio 1 provider / bare", one / bare), ("ratio 4 / 1 providers", four / one),
-                         ("CPU s bare stream", bare_cpu or 0.0), ("CPU s prsm 1 provider", one_cpu)):
+                         ("CPU s bare stream", sum(bare_cpu)), ("CPU s prsm 1 provider", one_cpu)):
                 out[k].append(v)
     finally:
         proc.send_signal(signal.SIGINT)
