@@ -19,7 +19,7 @@ from libp2p.abc import INetStream
 from safetensors.torch import load_file, save_file
 
 from prsm_node.exchange import Fetch, FetchBusy, FetchParams
-from prsm_node.exchange.client import SHARD
+from prsm_node.exchange.client import RECEIVE_WINDOW, SHARD, widen_receive_window
 from prsm_node.exchange.registry import (
     InvalidRecord,
     decode_record,
@@ -288,6 +288,21 @@ async def test_a_resumed_fetch_refetches_an_earlier_chunk_damaged_meanwhile(shor
         assert resumed.chunks_present == sum(present) - 1
         assert resumed.chunks_fetched == m.chunk_count - sum(present) + 1
         assert_identical(resumed, short_tmp / "src", tensors)
+
+
+async def test_a_chunk_stream_gets_the_large_receive_window(short_tmp: Path) -> None:
+    """On a real yamux stream: widen_receive_window reaches py-libp2p's window target (a
+    py-libp2p that renamed it would silently leave fetches at 256-512 KiB of credit)."""
+    async with running_nodes(short_tmp, ["alice", "bob"]) as nodes:
+        with trio.fail_after(10):
+            stream = await nodes["bob"].host.new_stream(nodes["alice"].host.get_id(), [SHARD])
+        try:
+            muxed = stream.muxed_stream  # type: ignore[attr-defined]
+            assert muxed.target_recv_window < RECEIVE_WINDOW
+            widen_receive_window(stream)
+            assert muxed.target_recv_window == RECEIVE_WINDOW
+        finally:
+            await stream.close()
 
 
 async def ask(client: Node, server: Node, body: bytes, limit: int = 1 << 20) -> object:

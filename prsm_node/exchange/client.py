@@ -62,7 +62,7 @@ def widen_receive_window(stream: INetStream, size: int = RECEIVE_WINDOW) -> None
     to a near peer that RTT was measured idle (0.1 ms on loopback), so the window may stay at
     256-512 KiB for a whole fetch: a WINDOW_UPDATE for every 1-2 frames received, the
     provider stalling on credit. Measured on a 256 MiB fetch, 2 daemons on 127.0.0.1: target
-    stuck at 512 KiB (~870 updates, 59-65 MB/s) in about half the runs, else grown to 16 MiB
+    stuck at 512 KiB (~870 updates, 59-65 MB/s) in 2 of ~6 runs, else grown to 16 MiB
     (~170 updates, 85-95 MB/s). A fresh connection (the bench's bare stream) measures its RTT
     under load and always grows. A bulk requester knows it wants the large window from the
     start; the bytes a provider can send ahead are bounded by it (we read them promptly)."""

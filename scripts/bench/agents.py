@@ -182,10 +182,10 @@ SUBTASK = {"embedder": "retrieve", "classifier": "classify"}
 
 
 class _Query:
-    __slots__ = ("i", "asker", "request", "t0", "sock", "buf")
+    __slots__ = ("asker", "request", "t0", "sock", "buf")
 
-    def __init__(self, i: int, asker: int, request: bytes) -> None:
-        self.i, self.asker, self.request = i, asker, request
+    def __init__(self, asker: int, request: bytes) -> None:
+        self.asker, self.request = asker, request
         self.t0 = 0.0
         self.sock: socket.socket | None = None
         self.buf = bytearray()
@@ -223,7 +223,7 @@ def run_load(askers: list[dict[str, Any]], queries: int, concurrency: int, deadl
         if len(samples) < 3:
             samples.append(step)
 
-    pending = deque(_Query(i, i % len(askers), request(i)) for i in range(queries))  # not let in yet
+    pending = deque(_Query(i % len(askers), request(i)) for i in range(queries))  # not let in yet
     waiting: list[deque[_Query]] = [deque() for _ in askers]  # let in, not connected yet
     admitted = 0  # let in and not finished
     paths = [n["control"] for n in askers]
