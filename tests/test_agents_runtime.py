@@ -229,6 +229,35 @@ async def test_max_batch_size_splits_the_queue(tmp_path: Path, monkeypatch: pyte
         assert len(results) == 6
 
 
+async def test_full_batches_waiting_for_a_busy_device_go_in_one_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = RuntimeConfig(device="cpu", max_batch_size=2, max_batch_wait_s=0.0, torch_threads=1)
+    async with open_runtime(cfg) as rt:
+        await rt.load("clf", CLF, make_model(tmp_path, "clf", CLF))
+        jobs: list[int] = []
+        run_batches = runtime_module._run_batches
+
+        def counted(spec: Any, module: Any, batches: list[Any], device: str) -> Any:
+            jobs.append(len(batches))
+            return run_batches(spec, module, batches, device)
+
+        monkeypatch.setattr(runtime_module, "_run_batches", counted)
+        gate = Gate(monkeypatch)
+        results: dict[Any, RunResult] = {}
+        async with trio.open_nursery() as nursery:
+            await collect(nursery, lambda: rt.run("clf", {"text": "first"}), results, -1)
+            await gate.wait_entered(1)
+            for i in range(2 * runtime_module.BATCHES_PER_JOB + 1):
+                await collect(nursery, lambda i=i: rt.run("clf", {"text": f"t{i}"}), results, i)  # type: ignore[misc]
+            await trio.testing.wait_all_tasks_blocked()
+            gate.allow(runtime_module.BATCHES_PER_JOB + 2)
+        k = runtime_module.BATCHES_PER_JOB
+        assert jobs == [1, k, 1]  # the waiting full batches in one job; the odd one alone behind it
+        assert [len(b) for b in gate.batches] == [1] + [2] * k + [1]
+        assert len(results) == 2 * k + 2
+
+
 async def test_first_request_waits_for_company(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
     cfg = RuntimeConfig(device="cpu", max_batch_size=8, max_batch_wait_s=1.0, torch_threads=1)
     async with open_runtime(cfg) as rt:

@@ -48,7 +48,8 @@ from .inputs import ClassifyInput, EmbedInput, GenerateInput, ModelInput, RunRes
 from .specs import CLASSIFIER_FAMILY, EMBEDDER_FAMILY, FAMILY_TAGS, LM_FAMILY, ModelSpec, parse_spec
 
 DEVICES = ("auto", "cpu", "cuda")
-DEVICE_DEPTH = 3  # batches handed to the device thread: one running, up to two full ones queued
+DEVICE_DEPTH = 3  # jobs handed to the device thread: one running, up to two queued
+BATCHES_PER_JOB = 4  # full batches one device job may run back to back (while the device is busy)
 WeightSource = str | Path | Sequence[str | Path]
 
 
@@ -219,6 +220,20 @@ def _run(spec: ModelSpec, module: Any, inputs: list[ModelInput], device: str) ->
     if device == "cuda":
         torch.cuda.synchronize()
     return results, (time.perf_counter() - start) * 1000.0
+
+
+def _run_batches(
+    spec: ModelSpec, module: Any, batches: list[list[ModelInput]], device: str
+) -> list[tuple[list[Any], float] | Exception]:
+    """Run batches one after another (one device job); each one's outcome: a batch that fails
+    (torch's errors: device out of memory, ...) fails alone."""
+    out: list[tuple[list[Any], float] | Exception] = []
+    for inputs in batches:
+        try:
+            out.append(_run(spec, module, inputs, device))
+        except Exception as e:
+            out.append(e)
+    return out
 
 
 class ModelRuntime:
@@ -406,7 +421,13 @@ class ModelRuntime:
     async def _batcher(self, model: _Model) -> None:
         """Forms batches and hands them to the device thread. While the device is busy, the
         next batch fills up (up to max_batch_size items) and, once full, is queued right behind
-        the running one, so that the device goes from one forward pass straight to the next."""
+        the running one, so that the device goes from one forward pass straight to the next.
+
+        Full batches already waiting when the device is busy go in one job, up to
+        BATCHES_PER_JOB: each job handed to the device thread and back costs the event loop a
+        wake-up and some work, and the forward passes on the device thread slow down while the
+        loop's thread runs (it competes for the GIL and, on a small machine, for the core). A
+        batch's results may then come back up to BATCHES_PER_JOB - 1 forward passes later."""
         cfg = self.config
         slots = self._device_slots
         try:
@@ -422,13 +443,17 @@ class ModelRuntime:
                             with trio.move_on_after(cfg.max_batch_wait_s):
                                 while not model.full(cfg.max_batch_size):
                                     await self._wait_wakeup(model)
-                        batch = self._take_batch(model)
-                        if not batch:
+                        batches = [self._take_batch(model)]
+                        if not batches[0]:
                             continue
-                        model.running.extend(batch)
+                        full = cfg.max_batch_size
+                        while slots.borrowed_tokens and len(batches) < BATCHES_PER_JOB and model.full(full):
+                            batches.append(self._take_batch(model))
+                        for batch in batches:
+                            model.running.extend(batch)
                         token = object()
                         await slots.acquire_on_behalf_of(token)
-                        forwards.start_soon(self._run_batch, model, batch, token)
+                        forwards.start_soon(self._run_job, model, batches, token)
         finally:
             error = model.closed_error or RuntimeClosed("the model runtime stopped")
             for request in [*model.running, *model.queue]:
@@ -440,22 +465,28 @@ class ModelRuntime:
             model.module = None
             model.stopped.set()
 
-    def _fail(self, model: _Model, batch: list[_Request], e: Exception) -> None:
-        for request in batch:
-            request.error = InferenceFailed(f"{model.info.model_id}: {type(e).__name__}: {e}")
-            request.done.set()
-        model.running = [r for r in model.running if r not in batch]
-
-    async def _run_batch(self, model: _Model, batch: list[_Request], token: object) -> None:
-        """Run one batch on the device (holding the slot the batcher took for it) and deliver."""
+    async def _run_job(self, model: _Model, batches: list[list[_Request]], token: object) -> None:
+        """Run batches on the device as one job (holding the slot the batcher took for it) and
+        deliver each batch's results."""
         device = model.info.device
         try:
-            try:
-                results, wall_ms = await self._device_thread.run(
-                    _run, model.spec, model.module, [r.input for r in batch], device)
-            except Exception as e:  # torch's errors (device out of memory, ...): fail this batch only
-                self._fail(model, batch, e)
-                return
+            outcomes = await self._device_thread.run(
+                _run_batches, model.spec, model.module, [[r.input for r in batch] for batch in batches], device)
+            for batch, result in zip(batches, outcomes, strict=True):
+                self._deliver(model, batch, result)
+        finally:
+            self._device_slots.release_on_behalf_of(token)
+            for m in self._models.values():  # the device is free: batchers waiting on it may go
+                m.wakeup.set()
+
+    def _deliver(self, model: _Model, batch: list[_Request], result: tuple[list[Any], float] | Exception) -> None:
+        device = model.info.device
+        if isinstance(result, Exception):
+            for request in batch:
+                request.error = InferenceFailed(f"{model.info.model_id}: {type(result).__name__}: {result}")
+                request.done.set()
+        else:
+            results, wall_ms = result
             model.batches += 1
             self._batches += 1
             for request, (output, tokens_in, tokens_out) in zip(batch, results, strict=True):
@@ -466,11 +497,8 @@ class ModelRuntime:
                 model.served += 1
                 self._served += 1
                 request.done.set()
-            model.running = [r for r in model.running if r not in batch]
-        finally:
-            self._device_slots.release_on_behalf_of(token)
-            for m in self._models.values():  # the device is free: batchers waiting on it may go
-                m.wakeup.set()
+        finished = set(map(id, batch))
+        model.running = [r for r in model.running if id(r) not in finished]
 
     # ------------------------------------------------------------ status
 
