@@ -138,7 +138,9 @@ def test_known_txs_skip_decoding_and_verification_but_give_the_same_block() -> N
     forged[-1] ^= 1  # the signature's last byte
     batch = (encode_meta(VALIDATORS[0], 1_700_000_000_000), *good)
     decoded = {hashlib.sha256(raw).digest(): decode_tx(raw) for raw in good}
-    check_batch(cid, vals, batch, known=decoded.get)
+    assert check_batch(cid, vals, batch, known=decoded.get) == []  # nothing left to check
+    checked = check_batch(cid, vals, batch)  # what it checked itself, for the caller to remember
+    assert [(d, encode_tx(tx)) for d, tx in checked] == [(hashlib.sha256(raw).digest(), raw) for raw in good]
     bad = (batch[0], good[0], bytes(forged))
     with pytest.raises(BadBatch, match="signature"):
         check_batch(cid, vals, bad, known=decoded.get)
@@ -156,3 +158,39 @@ def test_known_txs_skip_decoding_and_verification_but_give_the_same_block() -> N
         known=decoded.get,
     )
     assert fast.block == plain.block and fast.skipped == plain.skipped == ()
+
+
+async def test_a_tx_verified_in_a_batch_is_not_verified_again(short_tmp: Path) -> None:
+    """A tx whose signature a backup checked in a PRE-PREPARE's batch (``remember_verified``)
+    is admitted from a late forwarded copy, and taken in a synced block, without a second
+    check; a copy with other bytes (another signature) is still checked, and refused."""
+    genesis = _genesis()
+    cid = genesis.chain_id
+    raws = [_transfer(cid, n, 5) for n in range(3)]
+    batch = (encode_meta(VALIDATORS[0], 1_700_000_000_000), *raws)
+    forged = bytearray(raws[2])
+    forged[-1] ^= 1
+    store = Store(short_tmp / "db")
+    store.open()
+    try:
+        chain = ChainService(store, genesis, KEYS[4], LedgerSection())
+        async with trio.open_nursery() as nursery:
+            await nursery.start(chain.run)
+            chain.remember_verified(check_batch(cid, frozenset(VALIDATORS), batch[:3]))  # txs 0 and 1
+            assert chain.known_tx(hashlib.sha256(raws[0]).digest()) is not None
+            assert chain.known_tx(hashlib.sha256(raws[2]).digest()) is None
+            with trio.fail_after(10):
+                out = await chain.submit_many([decode_tx(r) for r in raws[:2]] + [decode_tx(bytes(forged))])
+            assert [type(r).__name__ for r in out] == ["Pending", "Pending", "BadSignature"]
+            assert chain.verifier.verified == 1  # only the forged copy was checked
+            scratch = LedgerState.from_genesis(genesis)
+            done = execute_batch(scratch, batch, prev_hash=ZERO_HASH, prev_time_ms=0, null_proposer=VALIDATORS[0])
+            view, digest, sigs = _certify(cid, 1, batch, KEYS[:3])
+            cert = Certificate(sigs, PbftProof(view, 1, digest, batch[0], ()))
+            with trio.fail_after(10):
+                assert await chain.apply_synced([(encode_block(done.block), encode_certificate(cert))]) == 1
+            assert chain.verifier.verified == 2  # tx 2 only: txs 0 and 1 were checked before
+            assert chain.state.state_hash() == scratch.state_hash()
+            nursery.cancel_scope.cancel()
+    finally:
+        store.close()

@@ -56,6 +56,8 @@ def test_follower_transfer_is_forwarded_committed_and_synced(short_tmp: Path) ->
         block = ledger_json(homes[1], "block", str(height))
         assert [t["hash"] for t in block["txs"]] == [sent["hash"]]
         assert block["proposer"] == accounts[0]
+        header = control(homes[1], "ledger.block", height=height, txs=False)
+        assert "txs" not in header and header == {k: v for k, v in block.items() if k != "txs"}
         history = ledger_json(homes[2], "history", accounts[2])
         assert [t["hash"] for t in history["txs"]] == [sent["hash"]]
 

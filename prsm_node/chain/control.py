@@ -248,7 +248,8 @@ class LedgerMethods:
         height = param(params, "height", int, self.chain.tip.height)
         if height < 1 or height > self.chain.tip.height:
             raise RequestError("not_found", f"no block {height}: the ledger holds blocks 1 to {self.chain.tip.height}")
-        return block_json(self.chain.ledger.block(height))
+        with_txs = param(params, "txs", bool, True)
+        return block_json(self.chain.ledger.block(height), with_txs=with_txs)
 
     async def history(self, params: dict[str, Any]) -> dict[str, Any]:
         key = parse_account(param(params, "account", str))

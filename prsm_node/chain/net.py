@@ -40,7 +40,7 @@ REQUEST_TIMEOUT = 10.0
 SYNC_WAIT_MS = 10_000
 SYNC_BATCH = 64
 SYNC_BACKOFF_MAX = 10.0
-CONSENSUS_SYNC_POLL = 1.0  # seconds between a PBFT validator's catch-up polls while in step
+CONSENSUS_SYNC_POLL = 1.0  # seconds a PBFT validator's tip must stand still before it polls
 REBROADCAST_BATCH = 256
 MAX_FORWARD_QUEUE = 65536  # txs waiting on one validator link
 
@@ -249,14 +249,21 @@ class ChainNet:
         return first + [p for p in validators + others if p != self._preferred]
 
     async def _sync_loop(self) -> None:
-        """Long-poll a source for the next blocks; apply each after checking it."""
+        """Long-poll a source for the next blocks; apply each after checking it. A PBFT
+        validator gets its blocks from consensus: it polls only to catch up, when its tip has
+        stood still for CONSENSUS_SYNC_POLL (or the last poll brought blocks). Polling while
+        consensus commits would fetch, decode and check each block a second time (and, with
+        the tip moving during every poll, poll again at once, a stream per poll)."""
         backoff = 0.5
+        caught_up = True  # the last poll brought no block
         while True:
+            if self.chain.consensus_running and caught_up:
+                await self._wait_tip_still(CONSENSUS_SYNC_POLL)
             progressed = False
-            height_before = self.chain.tip.height
+            caught_up = True
             for peer in self._sync_sources():
                 try:
-                    progressed = await self._sync_from(peer)
+                    progressed, applied = await self._sync_from(peer)
                 except (OSError, IOException, FrameError, m.MessageError, DiscoveryError, trio.TooSlowError) as exc:
                     self.sync_errors += 1
                     self._preferred = None if self._preferred == peer else self._preferred
@@ -270,18 +277,25 @@ class ChainNet:
                     continue
                 if progressed:
                     self._preferred = peer
+                    caught_up = not applied
                     break  # else: a source that claims more blocks than it sends; try the next
-            if progressed and self.chain.consensus_running and self.chain.tip.height == height_before:
-                await trio.sleep(CONSENSUS_SYNC_POLL)  # in step with the others: poll again later
-            elif progressed:
+            if progressed:
                 backoff = 0.5
             else:
                 await trio.sleep(backoff * random.uniform(0.75, 1.25))
                 backoff = min(backoff * 2, SYNC_BACKOFF_MAX)
 
-    async def _sync_from(self, peer: ID) -> bool:
-        """One long-poll round with ``peer``; True when at least one block was applied or the
-        peer confirmed we are at its tip."""
+    async def _wait_tip_still(self, seconds: float) -> None:
+        """Return once the tip has not moved for ``seconds``."""
+        while True:
+            height = self.chain.tip.height
+            await trio.sleep(seconds)
+            if self.chain.tip.height == height:
+                return
+
+    async def _sync_from(self, peer: ID) -> tuple[bool, int]:
+        """One long-poll round with ``peer``: (progressed, blocks applied); progressed when
+        the peer sent blocks (all applied) or confirmed we are at its tip."""
         start = self.chain.tip.height + 1
         # A validator whose consensus runs gets each block from PBFT; it only polls, to catch
         # up when it fell behind (a long-poll would fetch, decode and drop every block again).
@@ -292,8 +306,8 @@ class ChainNet:
         if isinstance(reply, m.ErrorReply):
             raise FrameError(f"{reply.code}: {reply.message}")
         tip, blocks = reply
-        await self.chain.apply_synced(blocks)
-        return bool(blocks) or tip <= self.chain.tip.height
+        applied = await self.chain.apply_synced(blocks)
+        return bool(blocks) or tip <= self.chain.tip.height, applied
 
     def statistics(self) -> dict[str, int]:
         return {

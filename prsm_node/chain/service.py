@@ -20,9 +20,10 @@ uses the state's undo journal, which a block in flight must keep).
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -66,6 +67,11 @@ from ..store import Store
 from .verifier import SignatureVerifier
 
 log = logging.getLogger(__name__)
+
+# Txs whose signatures this node checked outside admission (in a PRE-PREPARE's batch) that it
+# remembers by hash, so that another copy (forwarded late) is not checked again: a batch or
+# two of them, far more than wait between a PRE-PREPARE and the block it becomes.
+VERIFIED_KEPT = 16384
 
 
 class _Verdict:
@@ -112,6 +118,7 @@ class ChainService:
         self._new_block = trio.Event()
         self._new_tx = trio.Event()
         self.verifier = SignatureVerifier()
+        self._verified: dict[bytes, Tx] = {}  # tx hash -> tx, oldest first (VERIFIED_KEPT)
         self.blocks_made = 0
         # (txs, ms) of recent blocks this node made: select, apply, state hash, synced write.
         self.block_timings: collections.deque[tuple[int, float]] = collections.deque(maxlen=1024)
@@ -174,7 +181,7 @@ class ChainService:
                 if refused is not None:
                     self.mempool.rejected += 1
                     raise refused
-            if not await self.verifier.verify(tx):
+            if tx_hash(tx) not in self._verified and not await self.verifier.verify(tx):
                 raise BadSignature(f"tx from {tx.sender.hex()} nonce {tx.nonce}: a signature does not verify")
         async with self._lock:
             if tx is None:
@@ -220,12 +227,18 @@ class ChainService:
             decoded.append(i)
         async with self._lock:  # the mempool matches the state only between blocks
             refusals = self.mempool.precheck([txs[i] for i in decoded], limit=limit)
+        checked_before: list[int] = []
         for i, refused in zip(decoded, refusals, strict=True):
-            if refused is None:
-                to_check.append(i)
-            else:
+            if refused is not None:
                 out[i] = refused
+            elif tx_hash(txs[i]) in self._verified:
+                checked_before.append(i)  # its very bytes were verified in a PRE-PREPARE
+            else:
+                to_check.append(i)
         oks = await self.verifier.verify_many([txs[i] for i in to_check])
+        if checked_before:
+            to_check += checked_before
+            oks += [True] * len(checked_before)
         admitted: list[Pending] = []
         async with self._lock:
             now = time.monotonic()
@@ -252,9 +265,22 @@ class ChainService:
         self._new_tx = trio.Event()
 
     def known_tx(self, digest: bytes) -> Tx | None:
-        """The decoded tx of this hash if the mempool holds it (admitted: canonical, checked)."""
+        """The decoded tx of this hash if the mempool holds it (admitted: canonical, checked)
+        or its signatures were checked in a batch (``remember_verified``)."""
         entry = self.mempool.get(digest)
-        return entry.tx if entry is not None else None
+        return entry.tx if entry is not None else self._verified.get(digest)
+
+    def remember_verified(self, checked: Iterable[tuple[bytes, Tx]]) -> None:
+        """Remember txs (by the hash of their signed encoding) whose signatures this node
+        checked outside admission, the most recent VERIFIED_KEPT of them: a copy that comes
+        later (forwarded by another validator after the PRE-PREPARE that carried it) is
+        admitted without a second check, and a block holding it skips the check too."""
+        for digest, tx in checked:
+            self._verified[digest] = tx
+        excess = len(self._verified) - VERIFIED_KEPT
+        if excess > 0:
+            for digest in list(itertools.islice(self._verified, excess)):
+                del self._verified[digest]
 
     def locate(self, digest: bytes) -> Committed | None:
         where = self.ledger.locate(digest)
@@ -360,7 +386,11 @@ class ChainService:
         return applied
 
     async def _check_signatures(self, txs: list[Tx], verdict: _Verdict) -> None:
-        verdict.bad = await self.verifier.first_invalid(txs)
+        """Checks the txs not checked here before (admitted to the mempool, or in a batch:
+        ``known_tx``): a validator that polls finds blocks its consensus is about to commit."""
+        todo = [i for i, tx in enumerate(txs) if self.known_tx(tx_hash(tx)) is None]
+        bad = await self.verifier.first_invalid([txs[i] for i in todo]) if todo else None
+        verdict.bad = None if bad is None else todo[bad]
         verdict.done.set()
 
     def _check_pbft_certificate(self, block: Block, cert: Certificate) -> None:
@@ -508,6 +538,7 @@ class ChainService:
             "height": self.tip.height,
             "blocks_made": self.blocks_made,
             "blocks_synced": self.blocks_synced,
+            "signatures_verified": self.verifier.verified,
             **{f"mempool_{k}": v for k, v in self.mempool.statistics().items()},
         }
 

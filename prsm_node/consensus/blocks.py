@@ -69,14 +69,17 @@ def check_batch(
     batch: Sequence[bytes],
     *,
     known: Known = _unknown,
-) -> None:
+) -> list[tuple[bytes, Tx]]:
     """What a backup checks before it accepts a PRE-PREPARE (BadBatch on any defect): the
     meta names a validator; every tx decodes canonically, is for this chain, appears once,
     and its signatures verify. A tx ``known`` by the hash of its bytes (in the mempool:
     decoded, canonical and verified on admission) is not decoded or verified again.
-    Nothing here depends on the ledger state, so every honest replica agrees."""
+    Nothing here depends on the ledger state, so every honest replica agrees.
+    Returns the txs it decoded and verified itself, with their hashes (for the caller to
+    remember, so that another copy of one costs no second check)."""
+    checked: list[tuple[bytes, Tx]] = []
     if not batch:
-        return
+        return checked
     proposer, _ = decode_meta(batch[0])
     if proposer not in validators:
         raise BadBatch("the batch's proposer is not a validator")
@@ -99,6 +102,8 @@ def check_batch(
             raise BadBatch(f"batch tx {i} is for chain {tx.chain_id!r}")
         if not signatures_valid(tx):
             raise BadBatch(f"batch tx {i}: a signature does not verify")
+        checked.append((digest, tx))
+    return checked
 
 
 @dataclass

@@ -87,6 +87,7 @@ class ConsensusService:
         self.batches_committed = 0
         self.evidence = 0
         self.inbox_dropped = 0
+        self.batch_txs_checked = 0  # txs of accepted batches not in the mempool: checked there
 
     # ------------------------------------------------------------ lifecycle
 
@@ -270,10 +271,12 @@ class ConsensusService:
 
     def _validate(self, seq: int, batch: Batch) -> bool:
         try:
-            check_batch(self.chain.genesis.chain_id, self.chain.validators, batch, known=self.chain.known_tx)
+            checked = check_batch(self.chain.genesis.chain_id, self.chain.validators, batch, known=self.chain.known_tx)
         except BadBatch as exc:
             log.warning("batch refused", extra=kv(seq=seq, error=str(exc)))
             return False
+        self.batch_txs_checked += len(checked)
+        self.chain.remember_verified(checked)
         return True
 
     def _want_proposal(self) -> bool:
@@ -390,6 +393,7 @@ class ConsensusService:
                     "batches_proposed": self.batches_proposed,
                     "batches_committed": self.batches_committed,
                     "evidence": self.evidence,
+                    "batch_txs_checked": self.batch_txs_checked,
                     "records_appended": self.records.appended,
                     "messages_sent": net.sent if net else 0,
                     "messages_received": net.received if net else 0,
