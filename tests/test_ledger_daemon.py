@@ -74,6 +74,11 @@ def test_follower_transfer_is_forwarded_committed_and_synced(short_tmp: Path) ->
         assert ledger_json(homes[2], "balance")["unbonding"] == []
         for h in homes:
             assert ledger_json(h, "verify")["ok"] is True
+        # Each follower long-polled the validator for every block on one reused stream
+        # (a fresh stream per round opened one per block).
+        for h in homes[1:]:
+            status = ledger_json(h, "status")
+            assert status["blocks_synced"] >= 10 and status["sync_streams_opened"] <= 2, status
 
 
 def test_bad_requests_get_clear_errors_and_the_node_runs_on(short_tmp: Path) -> None:

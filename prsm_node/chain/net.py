@@ -37,7 +37,9 @@ SYNC = TProtocol(m.SYNC_PROTOCOL)
 MAX_REQUESTS_PER_STREAM = 256
 INBOUND_IDLE_TIMEOUT = 30.0
 REQUEST_TIMEOUT = 10.0
-SYNC_WAIT_MS = 10_000
+# A follower at its source's tip costs the source one request per block or per SYNC_WAIT_MS;
+# below INBOUND_IDLE_TIMEOUT, so the stream is never reset as idle between requests.
+SYNC_WAIT_MS = 25_000
 SYNC_BATCH = 64
 SYNC_BACKOFF_MAX = 10.0
 CONSENSUS_SYNC_POLL = 1.0  # seconds a PBFT validator's tip must stand still before it polls
@@ -57,6 +59,10 @@ class ChainNet:
         self.bad_blocks = 0
         self._preferred: ID | None = None
         self._validator_ids = set(chain.validator_peers.values())
+        # The follower's GET_BLOCKS stream, reused round after round (see _sync_request).
+        self._sync_stream: tuple[ID, INetStream] | None = None
+        self._sync_used = 0
+        self.sync_streams_opened = 0
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.host.set_stream_handler(TX, guarded_handler(m.TX_PROTOCOL, self._handle_tx))
@@ -118,21 +124,6 @@ class ChainNet:
             return await self.host.new_stream(peer, [protocol])
         except Exception as exc:  # py-libp2p raises many types, some grouped
             raise DiscoveryError(f"cannot open {protocol} to {peer}: {exc!r}") from None
-
-    async def _request(self, peer: ID, protocol: TProtocol, body: bytes, limit: int, seconds: float = 0) -> bytes:
-        with trio.fail_after(seconds or REQUEST_TIMEOUT):
-            stream = await self._open(peer, protocol)
-            try:
-                await write_frame(stream, body)
-                return await read_frame(stream, limit)
-            except StreamEOF:
-                raise FrameError(f"{peer} closed the stream without a reply") from None
-            finally:
-                with trio.move_on_after(1):
-                    try:
-                        await stream.close()
-                    except Exception:  # the peer may be gone; nothing left to close
-                        pass
 
     async def _rebroadcast_loop(self) -> None:
         """A follower sends its txs that no block has taken yet to the validators again
@@ -301,7 +292,7 @@ class ChainNet:
         # up when it fell behind (a long-poll would fetch, decode and drop every block again).
         wait_ms = 0 if self.chain.consensus_running else SYNC_WAIT_MS
         body = m.encode_get_blocks(start, SYNC_BATCH, wait_ms)
-        data = await self._request(peer, SYNC, body, m.MAX_SYNC_REPLY, REQUEST_TIMEOUT + SYNC_WAIT_MS / 1000)
+        data = await self._sync_request(peer, body, REQUEST_TIMEOUT + wait_ms / 1000)
         reply = m.decode_blocks_reply(data)
         if isinstance(reply, m.ErrorReply):
             raise FrameError(f"{reply.code}: {reply.message}")
@@ -309,12 +300,57 @@ class ChainNet:
         applied = await self.chain.apply_synced(blocks)
         return bool(blocks) or tip <= self.chain.tip.height, applied
 
+    async def _sync_request(self, peer: ID, body: bytes, seconds: float) -> bytes:
+        """One GET_BLOCKS to ``peer`` on the sync stream kept open to it, opened if needed.
+
+        A follower long-polls its source for as long as it runs, one request per block or per
+        ``wait_ms``: a fresh stream for each (two multistream round trips, yamux and Noise
+        frames, a handler task on the source) made the sync loop most of an idle devnet
+        validator's CPU, with every follower polling it. A reused stream that fails (the
+        source closed it after MAX_REQUESTS_PER_STREAM, reset it as idle, or restarted) is
+        replaced once; a fresh stream that fails raises."""
+        with trio.fail_after(seconds):
+            for _ in range(2):
+                held = self._sync_stream
+                fresh = held is None or held[0] != peer or self._sync_used >= MAX_REQUESTS_PER_STREAM - 1
+                if held is None or fresh:
+                    await self._drop_sync_stream()
+                    held = self._sync_stream = (peer, await self._open(peer, SYNC))
+                    self._sync_used = 0
+                    self.sync_streams_opened += 1
+                stream = held[1]
+                try:
+                    await write_frame(stream, body)
+                    reply = await read_frame(stream, m.MAX_SYNC_REPLY)
+                except (StreamEOF, FrameError, OSError, IOException) as exc:
+                    await self._drop_sync_stream()
+                    if fresh:
+                        raise FrameError(f"{peer}: {exc!r}") from None
+                    continue
+                except BaseException:
+                    await self._drop_sync_stream()  # cancelled or failed mid-request: out of step
+                    raise
+                self._sync_used += 1
+                return reply
+        raise AssertionError("unreachable")
+
+    async def _drop_sync_stream(self) -> None:
+        held, self._sync_stream = self._sync_stream, None
+        if held is not None:
+            with trio.move_on_after(1) as scope:
+                scope.shield = True
+                try:
+                    await held[1].reset()
+                except Exception:  # the peer may be gone already
+                    pass
+
     def statistics(self) -> dict[str, int]:
         return {
             "txs_received": self.txs_received,
             "txs_forwarded": self.txs_forwarded,
             "sync_errors": self.sync_errors,
             "bad_blocks": self.bad_blocks,
+            "sync_streams_opened": self.sync_streams_opened,
         }
 
 
