@@ -115,9 +115,16 @@ async def test_votes_recorded_in_the_ledger_and_repaired_by_anti_entropy(short_t
         chain_id = net_.nodes[0].genesis.chain_id
         silent = sign_vote(net_.nodes[4].key.signing_key, chain_id=chain_id, model=OTHER, action=Action.HALT,
                            epoch=1, timestamp_ms=int(time.time() * 1000) - 5000, reason="never gossiped")
+        def exchanged(i: int) -> int:
+            return net_.breaker(i).stats.repaired + net_.breaker(i).stats.caught_up
+
+        before = [exchanged(i) for i in range(N)]
         net_.breaker(5).accept(silent, max_age_ms=None)
         await wait_all(net_, lambda b: b.tally.last_epoch(accounts[4], OTHER) == 1)
-        assert sum(net_.breaker(i).stats.repaired for i in range(N)) >= N - 1
+        # every other node counted it from an exchange (anti-entropy, or a catch-up that came
+        # first), not from gossip, which never carried it
+        assert sum(exchanged(i) - before[i] for i in range(N)) >= N - 1
+        assert sum(net_.breaker(i).stats.repaired for i in range(N)) >= 1
         await wait_ledger(net_, lambda c: c.state.vote_record(OTHER, accounts[4]) is not None)
 
         # The ledger state survives a restart of a follower (loaded and hash-checked).
