@@ -59,10 +59,8 @@ class ChainNet:
         self.bad_blocks = 0
         self._preferred: ID | None = None
         self._validator_ids = set(chain.validator_peers.values())
-        # The follower's GET_BLOCKS stream, reused round after round (see _sync_request).
-        self._sync_stream: tuple[ID, INetStream] | None = None
-        self._sync_used = 0
-        self.sync_streams_opened = 0
+        self._sync: _ReusedStream | None = None  # the follower's GET_BLOCKS stream (_sync_request)
+        self._sync_opened_before = 0  # streams opened to earlier sync sources
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.host.set_stream_handler(TX, guarded_handler(m.TX_PROTOCOL, self._handle_tx))
@@ -301,48 +299,23 @@ class ChainNet:
         return bool(blocks) or tip <= self.chain.tip.height, applied
 
     async def _sync_request(self, peer: ID, body: bytes, seconds: float) -> bytes:
-        """One GET_BLOCKS to ``peer`` on the sync stream kept open to it, opened if needed.
+        """One GET_BLOCKS to ``peer`` on the sync stream kept open to it (see _ReusedStream).
 
         A follower long-polls its source for as long as it runs, one request per block or per
         ``wait_ms``: a fresh stream for each (two multistream round trips, yamux and Noise
         frames, a handler task on the source) made the sync loop most of an idle devnet
-        validator's CPU, with every follower polling it. A reused stream that fails (the
-        source closed it after MAX_REQUESTS_PER_STREAM, reset it as idle, or restarted) is
-        replaced once; a fresh stream that fails raises."""
+        validator's CPU, with every follower polling it."""
+        if self._sync is None or self._sync.peer != peer:
+            if self._sync is not None:
+                self._sync_opened_before += self._sync.opened
+                await self._sync.drop()
+            self._sync = _ReusedStream(self, peer, SYNC, m.MAX_SYNC_REPLY)
         with trio.fail_after(seconds):
-            for _ in range(2):
-                held = self._sync_stream
-                fresh = held is None or held[0] != peer or self._sync_used >= MAX_REQUESTS_PER_STREAM - 1
-                if held is None or fresh:
-                    await self._drop_sync_stream()
-                    held = self._sync_stream = (peer, await self._open(peer, SYNC))
-                    self._sync_used = 0
-                    self.sync_streams_opened += 1
-                stream = held[1]
-                try:
-                    await write_frame(stream, body)
-                    reply = await read_frame(stream, m.MAX_SYNC_REPLY)
-                except (StreamEOF, FrameError, OSError, IOException) as exc:
-                    await self._drop_sync_stream()
-                    if fresh:
-                        raise FrameError(f"{peer}: {exc!r}") from None
-                    continue
-                except BaseException:
-                    await self._drop_sync_stream()  # cancelled or failed mid-request: out of step
-                    raise
-                self._sync_used += 1
-                return reply
-        raise AssertionError("unreachable")
+            return await self._sync.request(body)
 
-    async def _drop_sync_stream(self) -> None:
-        held, self._sync_stream = self._sync_stream, None
-        if held is not None:
-            with trio.move_on_after(1) as scope:
-                scope.shield = True
-                try:
-                    await held[1].reset()
-                except Exception:  # the peer may be gone already
-                    pass
+    @property
+    def sync_streams_opened(self) -> int:
+        return self._sync_opened_before + (self._sync.opened if self._sync is not None else 0)
 
     def statistics(self) -> dict[str, int]:
         return {
@@ -366,8 +339,7 @@ class _TxLink:
     def __init__(self, net: ChainNet, peer: ID) -> None:
         self._net = net
         self._peer = peer
-        self._stream: INetStream | None = None
-        self._used = 0
+        self._stream = _ReusedStream(net, peer, TX, m.MAX_MANY_REPLY)
         self._lock = trio.Lock()
         self._queue: collections.deque[bytes] = collections.deque()
         self._wake = trio.Event()
@@ -418,27 +390,52 @@ class _TxLink:
     async def request(self, body: bytes) -> bytes:
         async with self._lock:
             with trio.fail_after(REQUEST_TIMEOUT):
-                for attempt in range(2):
-                    if self._stream is None or self._used >= MAX_REQUESTS_PER_STREAM - 1:
-                        await self._drop()
-                        self._stream = await self._net._open(self._peer, TX)
-                        self._used = 0
-                    try:
-                        await write_frame(self._stream, body)
-                        reply = await read_frame(self._stream, m.MAX_MANY_REPLY)
-                    except (StreamEOF, FrameError, OSError, IOException) as exc:
-                        await self._drop()
-                        if attempt:
-                            raise FrameError(f"{self._peer}: {exc!r}") from None
-                        continue
-                    except BaseException:
-                        await self._drop()  # cancelled or failed mid-request: out of step
-                        raise
-                    self._used += 1
-                    return reply
+                return await self._stream.request(body)
+
+
+class _ReusedStream:
+    """One stream to ``peer`` on ``protocol`` that carries request after request (a frame out,
+    a frame back), opened when first needed: opening a stream costs two multistream round
+    trips, yamux and Noise frames and a handler task on the peer, far more than a request.
+    A reused stream that fails (the peer closed it after MAX_REQUESTS_PER_STREAM, reset it as
+    idle, or restarted) is replaced once, transparently; a fresh one that fails raises
+    FrameError. A request cancelled or failed midway drops the stream (it is out of step).
+    One request at a time: callers serialise."""
+
+    def __init__(self, net: ChainNet, peer: ID, protocol: TProtocol, reply_limit: int) -> None:
+        self._net = net
+        self.peer = peer
+        self._protocol = protocol
+        self._reply_limit = reply_limit
+        self._stream: INetStream | None = None
+        self._used = 0
+        self.opened = 0  # streams opened so far
+
+    async def request(self, body: bytes) -> bytes:
+        for _ in range(2):
+            fresh = self._stream is None or self._used >= MAX_REQUESTS_PER_STREAM - 1
+            if fresh:
+                await self.drop()
+                self._stream = await self._net._open(self.peer, self._protocol)
+                self._used = 0
+                self.opened += 1
+            assert self._stream is not None
+            try:
+                await write_frame(self._stream, body)
+                reply = await read_frame(self._stream, self._reply_limit)
+            except (StreamEOF, FrameError, OSError, IOException) as exc:
+                await self.drop()
+                if fresh:
+                    raise FrameError(f"{self.peer}: {exc!r}") from None
+                continue
+            except BaseException:
+                await self.drop()  # cancelled or failed mid-request: out of step
+                raise
+            self._used += 1
+            return reply
         raise AssertionError("unreachable")
 
-    async def _drop(self) -> None:
+    async def drop(self) -> None:
         stream, self._stream = self._stream, None
         if stream is not None:
             with trio.move_on_after(1) as scope:
