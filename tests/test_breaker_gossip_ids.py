@@ -56,3 +56,28 @@ async def test_an_ihave_of_seen_messages_asks_for_nothing() -> None:
     with trio.fail_after(5):
         await receiver.handle_ihave(ihave, NodeKey.generate().peer_id)
     assert asked == [[net.message_id(msgs[3])]]
+
+
+def test_a_seen_copy_is_dropped_before_a_task_is_started_for_it() -> None:
+    pubsub = _router().pubsub
+    pubsub.subscribed_topics_receive[TOPIC] = None  # what subscribe() makes topic_ids hold
+    fresh, seen, other = _message(1), _message(2), _message(3)
+    other.ClearField("topicIDs")
+    other.topicIDs.append("another/topic")
+    pubsub.seen_messages.add(net.message_id(seen))
+    assert pubsub._is_subscribed_to_msg(fresh)
+    assert not pubsub._is_subscribed_to_msg(seen)
+    assert not pubsub._is_subscribed_to_msg(other)
+
+
+def test_gossipsub_builds_no_signed_peer_record() -> None:
+    """py-libp2p's routers build one for every message forwarded and every control RPC (a
+    getsockname and multiaddr parse per listener), which write_msg strips anyway."""
+    from libp2p.pubsub import gossipsub
+
+    host = _router().pubsub.host
+    calls: list[int] = []
+    real = host.get_addrs
+    host.get_addrs = lambda: calls.append(1) or real()  # type: ignore[method-assign]
+    envelope, _ = gossipsub.env_to_send_in_RPC(host)
+    assert envelope == b"" and calls == []
