@@ -22,7 +22,9 @@
    ``--exec-batch`` requests at once: parsed, batched ``--exec-batch`` at a time, encoded to
    tensors, one forward pass per batch in a worker thread, outputs decoded and delivered)
    against ``module(batch)`` called directly, back to back, on the tensors one such batch
-   becomes (in a worker thread too). Items per second: medians over interleaved rounds; the
+   becomes, on the runtime's device thread too (the same OS thread: on another thread, which
+   core each side got biased whole runs by -2 to +9%). Items per second: medians over
+   interleaved rounds; the
    ratio is the median of the rounds' own ratios, with their quartiles beside it (a round is
    ~75 ms a side, and a 2-core machine shared with other work moves single rounds' ratios by
    ±15% or more: the 100 rounds keep the median's own spread near ±2%, where 30 left it near
@@ -371,14 +373,14 @@ async def executor_vs_bare(models: Path, name: str, batch: int, rounds: int, per
         for _ in range(3):  # warm up every path
             for requests in shapes.values():
                 await executor_batches(requests, 2)
-            bare_batches()
+            await runtime._device_thread.run(bare_batches)
         before = runtime.statistics().batches
         times: dict[str, list[float]] = {"bare": [], **{k: [] for k in shapes}}
         order = list(times)
         for r in range(rounds):
             for which in order[r % len(order):] + order[: r % len(order)]:  # rotate who goes first
                 if which == "bare":
-                    times["bare"].append(await trio.to_thread.run_sync(bare_batches))  # a worker thread too
+                    times["bare"].append(await runtime._device_thread.run(bare_batches))  # the same thread
                 else:
                     t0 = time.perf_counter()
                     await executor_batches(shapes[which], per_round)
