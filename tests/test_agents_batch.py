@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from prsm_node.agents import task_messages as m
 from prsm_node.agents.exceptions import RuntimeBusy
 from prsm_node.agents.inputs import Usage
 from prsm_node.agents.nwtn.architect import PassageIndex, candidate_passages, load_passages
-from prsm_node.agents.nwtn.cache import EmbeddingCache, VectorsUnavailable
+from prsm_node.agents.nwtn.cache import EmbeddingCache, VectorsUnavailable, cosines, unit_vector
 from prsm_node.agents.pricing import Charge, charge_for
 from prsm_node.agents.runtime import RuntimeConfig, open_runtime
 from prsm_node.agents.task import TASK, expected_receipts, sign_auth
@@ -359,3 +360,28 @@ async def test_a_cached_retrieval_answers_as_an_uncached_one(short_tmp: Path, tr
         assert r1["cached"] == 0 and r2["cached"] > 0
         assert r2["units"] < r1["units"] and int(r2["cost"]) < int(r1["cost"])  # only the query was embedded
         assert first["answer"] == second["answer"] and "Nearest passage" in first["answer"]
+
+
+def test_cosines_of_unit_vectors_match_the_definition_and_a_kept_vector_is_normalised_once() -> None:
+    rng = random.Random(7)
+    query = [rng.uniform(-1, 1) for _ in range(64)]
+    vectors = [[rng.uniform(-1, 1) for _ in range(64)] for _ in range(15)] + [[0.0] * 64, list(query)]
+
+    def cosine(a: list[float], b: list[float]) -> float:
+        den = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(x * x for x in b))
+        return sum(x * y for x, y in zip(a, b, strict=True)) / den if den else 0.0
+
+    got = cosines(unit_vector(query), [unit_vector(v) for v in vectors])
+    assert got == pytest.approx([cosine(query, v) for v in vectors], abs=1e-12)
+    assert got[-2] == 0.0 and got[-1] == pytest.approx(1.0)
+    assert cosines(unit_vector([0.0] * 64), [unit_vector(query)]) == [0.0]
+    cache = EmbeddingCache(limit=1)
+    mid = b"\x0a" * 32
+    cache.put(mid, "a", vectors[0])
+    first = cache.unit(mid, "a", vectors[0])
+    assert first == unit_vector(vectors[0]) and cache.unit(mid, "a", vectors[0]) is first  # kept
+    assert cache.unit(mid, "a", vectors[1]) == unit_vector(vectors[1])  # not the kept vector: its own
+    cache.put(mid, "a", vectors[2])  # replaced: the old unit vector is not reused
+    assert cache.unit(mid, "a", vectors[2]) == unit_vector(vectors[2])
+    cache.put(mid, "b", vectors[3])  # evicts "a", and its unit vector
+    assert cache._units.keys() <= {(mid, "b")}

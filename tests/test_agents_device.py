@@ -10,7 +10,7 @@ import trio
 import trio.testing
 
 from prsm_node.agents import device as device_module
-from prsm_node.agents.device import HOLD, DeviceThread
+from prsm_node.agents.device import DeviceThread
 
 
 async def _submit_behind_a_gate(dt: DeviceThread, nursery: trio.Nursery, n: int, order: list[int],
@@ -45,7 +45,8 @@ async def test_jobs_run_in_order_and_every_caller_gets_its_result() -> None:
     assert results == {i: i * i for i in range(7)}
 
 
-async def test_results_of_queued_jobs_are_handed_back_together(monkeypatch: pytest.MonkeyPatch) -> None:
+async def _handed_back(monkeypatch: pytest.MonkeyPatch, n: int) -> list[int]:
+    """How many results each wake-up of the loop delivered, for ``n`` jobs queued together."""
     handed: list[int] = []
     real = device_module._run_all
 
@@ -59,11 +60,21 @@ async def test_results_of_queued_jobs_are_handed_back_together(monkeypatch: pyte
     gate = threading.Event()
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            await _submit_behind_a_gate(dt, nursery, 2 * HOLD, [], results, gate)
+            await _submit_behind_a_gate(dt, nursery, n, [], results, gate)
             gate.set()
     dt.close()
-    assert results == {i: i * i for i in range(2 * HOLD)}
-    assert handed == [HOLD, HOLD]  # one wake-up per HOLD results, not one per job
+    assert results == {i: i * i for i in range(n)}
+    return handed
+
+
+async def test_results_of_queued_jobs_are_handed_back_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(device_module, "HOLD_S", 60.0)
+    assert await _handed_back(monkeypatch, 5) == [5]  # one wake-up once nothing is queued, not one per job
+
+
+async def test_held_results_wait_at_most_hold_s(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(device_module, "HOLD_S", 0.0)  # every job is older than that when it ends
+    assert await _handed_back(monkeypatch, 3) == [1, 1, 1]
 
 
 async def test_a_held_result_is_delivered_when_the_thread_closes() -> None:

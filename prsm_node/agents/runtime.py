@@ -49,7 +49,7 @@ from .specs import CLASSIFIER_FAMILY, EMBEDDER_FAMILY, FAMILY_TAGS, LM_FAMILY, M
 
 DEVICES = ("auto", "cpu", "cuda")
 DEVICE_DEPTH = 3  # jobs handed to the device thread: one running, up to two queued
-BATCHES_PER_JOB = 4  # full batches one device job may run back to back (while the device is busy)
+BATCHES_PER_JOB = 8  # full batches one device job may run back to back (while the device is busy)
 WeightSource = str | Path | Sequence[str | Path]
 
 
@@ -427,7 +427,10 @@ class ModelRuntime:
         BATCHES_PER_JOB: each job handed to the device thread and back costs the event loop a
         wake-up and some work, and the forward passes on the device thread slow down while the
         loop's thread runs (it competes for the GIL and, on a small machine, for the core). A
-        batch's results may then come back up to BATCHES_PER_JOB - 1 forward passes later."""
+        batch's results may then come back up to BATCHES_PER_JOB - 1 forward passes later (and
+        the device thread holds finished jobs' results while more are queued, up to
+        ``device.HOLD_S``: with 8 batches a job, a burst of 10 full batches is three jobs, all
+        handed to the device at once and handed back in one wake-up; see ``device.py``)."""
         cfg = self.config
         slots = self._device_slots
         try:

@@ -27,8 +27,6 @@ row per subtask: model, peer, milliseconds, compute units and cost.
 from __future__ import annotations
 
 import logging
-import math
-import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +42,7 @@ from ..specs import EmbedderConfig
 from ..task import TaskFailed, TaskService
 from . import prompter
 from .architect import PassageIndex, Subtask, load_passages, plan, waves
-from .cache import EmbeddingCache
+from .cache import EmbeddingCache, cosines, unit_vector
 from .router import Candidate, Router
 
 log = logging.getLogger(__name__)
@@ -108,15 +106,6 @@ class Answer:
             "cost": str(self.cost), "cost_ftns": format_amount(self.cost), "ms": round(self.ms, 2),
             "trace": [s.trace() for s in self.steps], "registry": self.registry,
         }
-
-
-def _cosines(query: list[float], vectors: list[list[float]]) -> list[float]:
-    qn = math.hypot(*query)
-    out = []
-    for v in vectors:
-        den = qn * math.hypot(*v)
-        out.append(sum(map(operator.mul, query, v)) / den if den else 0.0)
-    return out
 
 
 class Pipeline:
@@ -231,7 +220,7 @@ class Pipeline:
             step.attempts.append({"peer": peer, "model_id": c.model_id.hex(), "error": None})
             step.model, step.model_id, step.peer = c.name, c.model_id.hex(), peer
             step.output, step.units, step.cost, step.receipts, step.batch = output, used, cost, receipts, batch
-            results[step.task.name] = self._interpret(step, output, passages)
+            results[step.task.name] = self._interpret(step, c.model_id, output, passages)
             step.result = results[step.task.name]
             return
         if halted and all(a["error"] == "halted" for a in step.attempts):
@@ -239,13 +228,15 @@ class Pipeline:
         else:
             step.error = f"every provider failed ({len(step.attempts)} attempts)"
 
-    def _interpret(self, step: Step, output: Any, passages: list[str]) -> dict[str, Any]:
+    def _interpret(self, step: Step, model_id: bytes, output: Any, passages: list[str]) -> dict[str, Any]:
         name = step.task.name
         if name == "retrieve":
             vectors = output
             if not passages or len(vectors) < 2:
                 return {"passage": None, "similarity": None}
-            scores = _cosines(vectors[0], vectors[1:])
+            unit = self.embeddings.unit  # a kept passage's unit vector is computed once
+            units = [unit(model_id, t, v) for t, v in zip(passages, vectors[1:], strict=False)]
+            scores = cosines(unit_vector(vectors[0]), units)
             best = max(range(len(scores)), key=lambda i: scores[i])
             return {"passage": passages[best], "similarity": round(scores[best], 4)}
         if name == "classify":
