@@ -24,8 +24,8 @@
    against ``module(batch)`` called directly, back to back, on the tensors one such batch
    becomes, on the runtime's device thread too (the same OS thread: on another thread, which
    core each side got biased whole runs by -2 to +9%). Items per second: medians over
-   interleaved rounds; the
-   ratio is the median of the rounds' own ratios, with their quartiles beside it (a round is
+   interleaved rounds; the ratio is the median of the rounds' own ratios, with their
+   quartiles beside it (a round is
    ~75 ms a side, and a 2-core machine shared with other work moves single rounds' ratios by
    ±15% or more: the 100 rounds keep the median's own spread near ±2%, where 30 left it near
    ±4%). Target: the executor at least 90% of bare.
