@@ -20,6 +20,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from prsm_node.breaker import net
 from prsm_node.breaker.service import TOPIC, BreakerService
+from prsm_node.breaker.tally import ModelState
 from prsm_node.breaker.votes import Action, Vote, encode_vote, sign_vote
 from prsm_node.config import Config
 from prsm_node.genesis import Validator, development_genesis
@@ -177,6 +178,20 @@ async def test_threshold_faults_catchup_restart_and_resume(short_tmp: Path) -> N
         await wait_all(net_, lambda b: not b.is_halted(MODEL))
         for i in range(N):
             assert not net_.breaker(i).tally.record(MODEL).self_halted
+
+        # Stake alone moves a model: node 0's halt on another model is 299 of 900, under
+        # the threshold; once it stakes 2 more (301 of 902, over 300.67) the block that
+        # records that halts the model on every node, with no new vote.
+        other = bytes(31) + b"\x02"
+        await net_.breaker(0).vote(other, Action.HALT, "stake test")
+        await wait_all(net_, lambda b: b.tally.last_epoch(net_.nodes[0].key.account, other) == 1)
+        assert not any(net_.breaker(i).is_halted(other) for i in range(1, N))
+        node0 = net_.nodes[0]
+        assert node0.chain_net is not None and node0.chain is not None
+        entry = await node0.chain_net.submit(body=Stake(2))
+        with trio.fail_after(WAIT):
+            await node0.chain.wait_committed(entry.hash)
+        await wait_all(net_, lambda b: b.tally.state(other) is ModelState.HALTED)
 
 
 async def inject_bad_votes(net_: Net) -> None:

@@ -159,6 +159,7 @@ class BreakerService:
         self.pubsub: Pubsub | None = None
         self.stats = Statistics()
         self._stakes: tuple[int, StakeTable] | None = None
+        self._evaluated: StakeTable | None = None  # the stake table every model was last evaluated against
         self._own: set[bytes] = set()  # vote ids of own votes being published
         self._dirty_models: set[bytes] = set()
         self._dirty_votes: list[Vote] = []
@@ -195,7 +196,8 @@ class BreakerService:
         now = _now_ms()
         for model in self.tally.halted_models():
             self._halted_since[model] = now
-        changes = self.tally.recompute(self._stake_table(), height=self.chain.tip.height)
+        self._evaluated = self._stake_table()
+        changes = self.tally.recompute(self._evaluated, height=self.chain.tip.height)
         self._note_changes([m for m, _ in changes])
         if changes:
             await trio.to_thread.run_sync(lambda: self.store.save_models(self.tally, [m for m, _ in changes]))
@@ -250,11 +252,19 @@ class BreakerService:
         return self._stakes[1]
 
     async def _block_loop(self) -> None:
-        """After every committed block, re-evaluate the tally against the new stake table."""
+        """After every committed block that changed the stake table, re-evaluate the tally
+        against it. A model's state depends only on its votes and the stakes, and each vote
+        is evaluated as it is counted: while the stakes stay the same (blocks of transfers,
+        recorded votes) there is nothing to re-evaluate, and every model's votes would be
+        summed again for nothing after each block."""
         while True:
             height = self.chain.tip.height
             await self.chain.wait_height(height + 1)
-            changes = self.tally.recompute(self._stake_table(), height=self.chain.tip.height)
+            stakes = self._stake_table()
+            if stakes == self._evaluated:
+                continue
+            self._evaluated = stakes
+            changes = self.tally.recompute(stakes, height=self.chain.tip.height)
             if changes:
                 for model, t in changes:
                     log.info("breaker state changed by stake", extra=kv(model=model.hex()[:16], state=t.state.name))

@@ -74,6 +74,13 @@ class StakeTable:
     def total_stake(self) -> int:
         return self._total
 
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, StakeTable):
+            return NotImplemented
+        return self._total == other._total and self._stakes == other._stakes
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-looking; compared, never hashed
+
 
 @dataclass(frozen=True)
 class Transition:
