@@ -79,8 +79,6 @@ class StakeTable:
             return NotImplemented
         return self._total == other._total and self._stakes == other._stakes
 
-    __hash__ = None  # type: ignore[assignment]  # mutable-looking; compared, never hashed
-
 
 @dataclass(frozen=True)
 class Transition:
