@@ -83,7 +83,7 @@ async def test_votes_recorded_in_the_ledger_and_repaired_by_anti_entropy(short_t
         # Two gossiped votes: node 0 (the validator) records both; every node's ledger has them.
         await net_.breaker(1).vote(MODEL, Action.HALT, "leaks training data")
         await net_.breaker(2).vote(MODEL, Action.HALT, "confirmed")
-        await wait_ledger(net_, lambda c: all(c.state.vote_record(MODEL, a) for a in accounts[1:3]))
+        await wait_ledger(net_, lambda c: all(c.committed_vote_record(MODEL, a) for a in accounts[1:3]))
         heights = {n.chain.state.vote_record(MODEL, accounts[1]).height for n in net_.nodes}  # type: ignore[union-attr]
         assert len(heights) == 1  # one consensus order
         tip = net_.nodes[0].chain.tip.height  # type: ignore[union-attr]
@@ -125,7 +125,7 @@ async def test_votes_recorded_in_the_ledger_and_repaired_by_anti_entropy(short_t
         # first), not from gossip, which never carried it
         assert sum(exchanged(i) - before[i] for i in range(N)) >= N - 1
         assert sum(net_.breaker(i).stats.repaired for i in range(N)) >= 1
-        await wait_ledger(net_, lambda c: c.state.vote_record(OTHER, accounts[4]) is not None)
+        await wait_ledger(net_, lambda c: c.committed_vote_record(OTHER, accounts[4]) is not None)
 
         # The ledger state survives a restart of a follower (loaded and hash-checked).
         await net_.stop(6)

@@ -66,7 +66,7 @@ class BreakerMethods:
 
     def _recorded(self, model: bytes, voter: bytes) -> dict[str, Any] | None:
         """The ledger's record of this voter's latest vote on the model: epoch and height."""
-        record = self.service.chain.state.vote_record(model, voter)
+        record = self.service.chain.committed_vote_record(model, voter)
         if record is None:
             return None
         return {"epoch": record.vote.epoch, "action": record.vote.action.name.lower(), "height": record.height}
@@ -177,7 +177,7 @@ class BreakerMethods:
         got = 0
         with trio.move_on_after(timeout):
             while True:
-                got = sum(1 for _ in chain.state.vote_records(model))
+                got = sum(1 for _ in chain.committed_vote_records(model))
                 if got >= count:
                     return {"recorded": got, "height": chain.tip.height}
                 await chain.wait_height(chain.tip.height + 1)

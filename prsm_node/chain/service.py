@@ -23,7 +23,7 @@ import collections
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -61,7 +61,7 @@ from ..ledger.mempool import CommitRate, Mempool, Pending
 from ..ledger.signing import sign_tx
 from ..ledger.state import LedgerState
 from ..ledger.storage import LedgerStore, Tip, touched_accounts
-from ..ledger.types import Body, Tx
+from ..ledger.types import Body, Tx, VoteRecord
 from ..logs import kv
 from ..store import Store
 from .verifier import SignatureVerifier
@@ -524,6 +524,17 @@ class ChainService:
         self.commit_rate.committed(time.monotonic(), len(included))
         self._new_block.set()
         self._new_block = trio.Event()
+
+    def committed_vote_records(self, model: bytes | None = None) -> Iterator[VoteRecord]:
+        """The breaker votes recorded by committed blocks (of ``model``, or all). A block is
+        applied to ``state`` before it is written (synced, in a thread); what it records is
+        not shown here until it is durable (and in ``ledger.vote_history``)."""
+        tip = self.tip.height
+        return (r for r in self.state.vote_records(model) if r.height <= tip)
+
+    def committed_vote_record(self, model: bytes, voter: bytes) -> VoteRecord | None:
+        record = self.state.vote_record(model, voter)
+        return record if record is not None and record.height <= self.tip.height else None
 
     def block_and_cert(self, height: int) -> tuple[bytes, bytes] | None:
         block = self.ledger.block_bytes(height)
