@@ -3,7 +3,8 @@
 
 py-libp2p 0.8.1 keeps two of the limits breaker.md asks to raise as module constants (the
 outbound queue per peer, 32, and the subscription channel, 32) that its ``Pubsub`` reads when
-a peer or a subscription is added; :func:`raise_pubsub_limits` sets them, once per process.
+a peer or a subscription is added; :func:`tune_pubsub_module` sets them, and stops its routers
+building signed peer records that are never sent, once per process.
 """
 
 from __future__ import annotations
@@ -143,17 +144,17 @@ def _no_peer_record(host: IHost) -> tuple[bytes, bool]:
     return b"", False
 
 
-def raise_pubsub_limits() -> None:
+def tune_pubsub_module() -> None:
     """Raise py-libp2p's per-peer outbound queue and subscription channel (default 32 each),
     make the queue coalesce (CoalescingRpcQueue), and stop it building signed peer records
     (_no_peer_record)."""
-    if getattr(pubsub_module, "_prsm_limits_raised", False):
+    if getattr(pubsub_module, "_prsm_tuned", False):
         return
     pubsub_module.SUBSCRIPTION_CHANNEL_SIZE = SUBSCRIPTION_CHANNEL
     pubsub_module.RpcQueue = functools.partial(CoalescingRpcQueue, max_size=OUTBOUND_QUEUE)  # type: ignore[attr-defined,assignment]
     for module in (gossipsub_module, floodsub_module):
         module.env_to_send_in_RPC = _no_peer_record  # type: ignore[attr-defined]
-    pubsub_module._prsm_limits_raised = True  # type: ignore[attr-defined]
+    pubsub_module._prsm_tuned = True  # type: ignore[attr-defined]
 
 
 class ContentIdMessageCache(MessageCache):
@@ -281,7 +282,7 @@ def build_pubsub(
     from the Noise session. An origin signature would add an Ed25519 check to every node for
     every vote (and a signature to every publish) and prove nothing the vote does not.
     """
-    raise_pubsub_limits()
+    tune_pubsub_module()
     router = FloodPublishGossipSub(
         protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11],
         degree=DEGREE,
