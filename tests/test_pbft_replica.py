@@ -279,6 +279,9 @@ def test_backups_retransmit_few_requests_and_only_when_the_primary_stalls() -> N
     requests = [m for m in step.messages if decode(m.data).kind == Kind.REQUEST]
     assert len(requests) == RETRANSMIT_REQUESTS
     assert [decode(m.data).request for m in requests][:2] == [b"req-0", b"req-1"]
+    # To every replica (to=None), as a client broadcasts: the host may have sent a request to
+    # the primary alone, and the other backups must time it too.
+    assert all(m.to is None for m in requests)
     step = r.tick(0.6 + P.status_interval)
     again = [decode(m.data).request for m in step.messages if decode(m.data).kind == Kind.REQUEST]
     assert again[0] == b"req-%d" % RETRANSMIT_REQUESTS  # each at most once per timeout

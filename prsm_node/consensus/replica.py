@@ -100,7 +100,7 @@ from .viewchange import NewViewPlan, check_new_view, check_view_change, plan_new
 ValidateBatch = Callable[[int, Batch], bool]
 OWN_VIEW_CHANGES_KEPT = 4  # past views whose VIEW-CHANGE a replica still resends to laggards
 ROUND_TIMEOUT_FACTOR = 4.0  # the request timer is at least this many recent commit rounds
-RETRANSMIT_REQUESTS = 64  # most REQUESTs a backup retransmits to the primary per status interval
+RETRANSMIT_REQUESTS = 64  # most requests a backup retransmits (to every replica) per status interval
 
 _M = TypeVar("_M", Request, PrePrepare, Prepare, Commit, Checkpoint, ViewChange, NewView, Status, Committed)
 
@@ -815,7 +815,10 @@ class Replica:
         view-change timeout when nothing was delivered for that long, or waiting four request
         timeouts while batches commit (a long queue under load is not a lost request). Oldest
         first, each at most once per timeout, and at most RETRANSMIT_REQUESTS per status
-        interval, so that a backlog never turns into a storm of signed REQUESTs."""
+        interval, so that a backlog never turns into a storm of signed REQUESTs. They go to
+        every replica, as a Castro-Liskov client broadcasts a request that got no reply: the
+        host may have sent a request to the primary alone, and the other replicas must time
+        it too, or a primary that drops it is never replaced."""
         timeout = self.params.view_change_timeout
         old = now - timeout / 2
         if self._last_progress > old:
@@ -832,7 +835,7 @@ class Replica:
                 busy = self._in_flight()
             if digest in busy:
                 continue
-            self._send(self._sign(Request(self.me, request)), self.primary)
+            self._send(self._sign(Request(self.me, request)))
             self._resent[digest] = now
             sent += 1
 
