@@ -153,6 +153,9 @@ class Node:
                 params=self.cfg.consensus.params(),
                 test_fault=self.test_fault,
             )
+            # Txs go to the primary of the active view; a new view gets what this node holds.
+            self.chain_net.primary = self.consensus.active_primary
+            self.consensus.on_new_view = self.chain_net.forward_pending
             await nursery.start(self.consensus.run)
             bcfg = self.cfg.breaker
             self.breaker = BreakerService(

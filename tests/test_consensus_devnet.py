@@ -80,6 +80,16 @@ def test_four_validators_commit_survive_a_crash_a_restart_and_the_loss_of_the_pr
         follower = homes[4]
         to = control(homes[2], "id")["account"]
 
+        # A backup sends its client's tx to the primary alone; the other backups get it in the
+        # PRE-PREPARE, not over /prsm/tx.
+        h0 = transfer(homes[1], to)
+        same_state(homes[:4], h0)
+        status = [control(h, "ledger.status") for h in homes[:4]]
+        received = [st["txs_received"] for st in status]
+        assert received[0] >= 1 and received[2] == received[3] == 0, received
+        # ... whose signatures they check on their verifier, not on the event loop
+        assert all(st["signatures_verified"] >= 1 for st in status[2:]), status
+
         # A follower's transfer goes to the validators, commits through PBFT, syncs back.
         h1 = transfer(follower, to)
         same_state(homes, h1)

@@ -15,12 +15,14 @@ from libp2p.network.stream.exceptions import StreamEOF, StreamReset
 
 from prsm_node.chain import messages as m
 from prsm_node.chain.net import SYNC, TX
+from prsm_node.config import Config
 from prsm_node.ledger import Transfer, encode_tx, sign_tx
 from prsm_node.ledger.codec import tx_hash
 from prsm_node.node import Node
 from prsm_node.wire import FrameError, encode_uvarint, read_frame, write_frame
 
 from .conftest import running_nodes
+from .test_agents_task import agent_network
 
 STRANGER = nacl.signing.SigningKey(b"\x42" * 32)
 
@@ -135,3 +137,34 @@ async def test_submit_many_answers_each_tx_and_refuses_a_bad_batch(short_tmp: Pa
         assert [r.get("code") for r in out["results"]] == ["bad_nonce", "invalid_params", "bad_nonce"]
         with pytest.raises(Exception, match="1..1024"):
             await methods["ledger.submit_many"]({"txs": []})
+
+
+
+def _small_mempool(name: str, cfg: Config) -> None:
+    cfg.ledger.mempool_size = 8
+    cfg.ledger.block_interval = 3.0
+    cfg.ledger.rebroadcast_interval = 60.0
+
+
+async def test_txs_a_validator_turns_away_for_load_are_forwarded_again_after_its_next_block(short_tmp: Path) -> None:
+    # alice (the solo validator) holds 8 pending txs at most and makes a block at most every
+    # 3 s; bob forwards 8 txs while her mempool is full. They must commit well before bob's
+    # rebroadcast (60 s) would send them again: bob's link retries after alice's next block.
+    async with agent_network(short_tmp, ["alice", "bob"], _small_mempool) as nodes:
+        alice, bob = nodes["alice"], nodes["bob"]
+        assert alice.chain is not None and alice.chain_net is not None and bob.chain_net is not None
+        chain = alice.genesis.chain_id
+        mine, yours = alice.key.signing_key, bob.key.signing_key
+        first = sign_tx(mine, chain_id=chain, nonce=0, fee=0, body=Transfer(b"\x01" * 32, 1))
+        with trio.fail_after(20):
+            await alice.chain_net.submit(first)
+            await alice.chain.wait_committed(tx_hash(first))
+        # alice's next block is ~3 s away: fill her mempool, then bob's txs arrive
+        own = [sign_tx(mine, chain_id=chain, nonce=n, fee=0, body=Transfer(b"\x01" * 32, 1)) for n in range(1, 9)]
+        assert all(not isinstance(r, Exception) for r in await alice.chain.submit_many(own))
+        theirs = [sign_tx(yours, chain_id=chain, nonce=n, fee=0, body=Transfer(b"\x02" * 32, 1)) for n in range(8)]
+        assert all(not isinstance(r, Exception) for r in await bob.chain_net.submit_many(theirs))
+        with trio.fail_after(30):
+            for tx in theirs:
+                await alice.chain.wait_committed(tx_hash(tx))
+        assert bob.chain_net.statistics()["txs_retried"] >= 1

@@ -6,9 +6,11 @@ follower's sync loop. See protocols/tx.md and protocols/sync.md.
 from __future__ import annotations
 
 import collections
+import hashlib
 import logging
 import random
 import time
+from collections.abc import Callable
 
 import trio
 from libp2p.abc import IHost, INetStream
@@ -22,7 +24,7 @@ from ..exceptions import DiscoveryError
 from ..kad.service import Kademlia
 from ..ledger.block import BlockRejected
 from ..ledger.codec import decode_tx
-from ..ledger.exceptions import BadNonce, DuplicateTx, LedgerDecodeError, TxRejected
+from ..ledger.exceptions import BadNonce, DuplicateTx, LedgerDecodeError, MempoolFull, TooManyPending, TxRejected
 from ..ledger.mempool import Pending
 from ..ledger.types import Body, Tx
 from ..logs import kv
@@ -45,6 +47,9 @@ SYNC_BACKOFF_MAX = 10.0
 CONSENSUS_SYNC_POLL = 1.0  # seconds a PBFT validator's tip must stand still before it polls
 REBROADCAST_BATCH = 256
 MAX_FORWARD_QUEUE = 65536  # txs waiting on one validator link
+# Refusals for load, and the gap such a refusal leaves: sent again after the next block
+RETRY_CODES = frozenset({MempoolFull.code, TooManyPending.code, BadNonce.code})
+RETRY_WAIT = 1.0  # most seconds a link waits for a block before it sends refused txs again
 
 
 class ChainNet:
@@ -61,6 +66,10 @@ class ChainNet:
         self._validator_ids = set(chain.validator_peers.values())
         self._sync: _ReusedStream | None = None  # the follower's GET_BLOCKS stream (_sync_request)
         self._sync_opened_before = 0  # streams opened to earlier sync sources
+        # The account of the PBFT primary of this validator's active view (ConsensusService.
+        # active_primary), or None: then admitted txs go to every validator.
+        self.primary: Callable[[], bytes | None] | None = None
+        chain.backlog_shares = self._backlog_shares
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.host.set_stream_handler(TX, guarded_handler(m.TX_PROTOCOL, self._handle_tx))
@@ -81,9 +90,7 @@ class ChainNet:
         self, tx: Tx | None = None, *, body: Body | None = None, fee: int = 0, from_validator: bool = False
     ) -> Pending:
         """Admit a tx (from a peer or a client, or ``body`` signed by this node) and send it
-        on toward the validators. A PBFT validator sends it to the other validators too
-        (unless one of them sent it): each must time the request, so that a primary that
-        ignores it is replaced."""
+        on toward the validators (``_forward``), unless a validator sent it here."""
         entry = await self.chain.submit(tx, body=body, fee=fee, from_validator=from_validator)
         if self._forwards(from_validator):
             self._forward([entry])
@@ -102,11 +109,47 @@ class ChainNet:
         return not self.chain.solo and not (self.chain.is_validator and from_validator)
 
     def _forward(self, entries: list[Pending]) -> None:
-        """Queue the txs on the link to every other validator; each link sends its queue in
-        SUBMIT_MANY batches from its own task, so a validator that is down delays no one."""
-        for account, peer in self.chain.validator_peers.items():
-            if account != self.chain.account:
-                self._link(ID.from_base58(peer)).enqueue([e.encoded for e in entries])
+        """Queue the txs on the link to each validator of ``_forward_peers``; each link sends
+        its queue in SUBMIT_MANY batches from its own task, so a validator that is down delays
+        no one."""
+        encoded = [e.encoded for e in entries]
+        for peer in self._forward_peers():
+            self._link(peer).enqueue(encoded)
+
+    def _forward_peers(self) -> list[ID]:
+        """A PBFT validator in an active view sends the txs it admits to that view's primary
+        only (none when it is the primary): the backups get them in the PRE-PREPARE, as in
+        Castro-Liskov, and a request that waits too long is broadcast by the replica's
+        retransmission, so that every replica times it (protocols/pbft.md rule 18). Anyone
+        else (a follower, or a validator while views change) sends them to every validator."""
+        primary = self._active_primary()
+        if primary is not None:
+            if primary == self.chain.account:
+                return []
+            peer = self.chain.validator_peers.get(primary)
+            if peer is not None:
+                return [ID.from_base58(peer)]
+        return [ID.from_base58(p) for a, p in self.chain.validator_peers.items() if a != self.chain.account]
+
+    def _active_primary(self) -> bytes | None:
+        """The primary of this validator's active PBFT view (None: not a validator, no view)."""
+        return self.primary() if self.primary is not None and self.chain.is_validator else None
+
+    def _backlog_shares(self) -> int:
+        """How many validators' clients share the backlog: all of them when this validator
+        sends its txs to another one, the primary (whose mempool holds everyone's)."""
+        primary = self._active_primary()
+        if primary is None or primary == self.chain.account:
+            return 1
+        return len(self.chain.validator_peers)
+
+    def forward_pending(self) -> None:
+        """A new view is active: send every tx this node holds to its primary (the primary
+        of the old view may have held them alone, and lost them)."""
+        if self.chain.is_validator and not self.chain.solo:
+            pending = list(self.chain.mempool.pending())
+            if pending:
+                self._forward(pending)
 
     def _link(self, peer: ID) -> _TxLink:
         link = self._links.get(peer)
@@ -321,6 +364,7 @@ class ChainNet:
         return {
             "txs_received": self.txs_received,
             "txs_forwarded": self.txs_forwarded,
+            "txs_retried": sum(link.retried for link in self._links.values()),
             "sync_errors": self.sync_errors,
             "bad_blocks": self.bad_blocks,
             "sync_streams_opened": self.sync_streams_opened,
@@ -344,6 +388,7 @@ class _TxLink:
         self._queue: collections.deque[bytes] = collections.deque()
         self._wake = trio.Event()
         self.dropped = 0
+        self.retried = 0
 
     def enqueue(self, encoded: list[bytes]) -> None:
         self._queue.extend(encoded)
@@ -382,10 +427,25 @@ class _TxLink:
             log.info("validator refused a batch", extra=kv(peer=str(self._peer), code=reply.code, error=reply.message))
             return
         net.txs_forwarded += len(batch)
-        # duplicate / bad_nonce: it had the tx already, or committed it meanwhile
-        refused = collections.Counter(c for c in reply if c not in (None, DuplicateTx.code, BadNonce.code))
+        refused = collections.Counter(c for c in reply if c not in (None, DuplicateTx.code, *RETRY_CODES))
         if refused:
             log.info("validator refused txs", extra=kv(peer=str(self._peer), codes=dict(refused)))
+        retry = [tx for tx, code in zip(batch, reply, strict=True) if code in RETRY_CODES]
+        if retry:
+            await self._retry(retry)
+
+    async def _retry(self, txs: list[bytes]) -> None:
+        """The validator turned ``txs`` away for load (a full mempool or sender queue, or the
+        nonce gap that left): after its next block (or RETRY_WAIT), those this node still
+        holds go out again, ahead of what queued meanwhile. The ones it no longer holds were
+        committed (a bad_nonce can also mean that) or dropped. A backup sends its clients'
+        txs to the primary alone, so they must not be lost to a passing overload."""
+        chain = self._net.chain
+        with trio.move_on_after(RETRY_WAIT):
+            await chain.wait_height(chain.tip.height + 1)
+        again = [tx for tx in txs if hashlib.sha256(tx).digest() in chain.mempool]
+        self._queue.extendleft(reversed(again))
+        self.retried += len(again)
 
     async def request(self, body: bytes) -> bytes:
         async with self._lock:

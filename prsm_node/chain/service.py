@@ -119,6 +119,7 @@ class ChainService:
         self._new_tx = trio.Event()
         self.verifier = SignatureVerifier()
         self._verified: dict[bytes, Tx] = {}  # tx hash -> tx, oldest first (VERIFIED_KEPT)
+        self.backlog_shares: Callable[[], int] = lambda: 1  # set by ChainNet
         self.blocks_made = 0
         # (txs, ms) of recent blocks this node made: select, apply, state hash, synced write.
         self.block_timings: collections.deque[tuple[int, float]] = collections.deque(maxlen=1024)
@@ -193,8 +194,11 @@ class ChainService:
         return entry
 
     def backlog_limit(self) -> int:
-        """How many pending txs admission lets in now at the minimum fee (``CommitRate``)."""
-        return self.commit_rate.limit(time.monotonic())
+        """How many pending txs admission lets in now at the minimum fee (``CommitRate``),
+        divided by ``backlog_shares()``: a validator that sends its clients' txs to the
+        primary alone (``ChainNet``) holds its share of the network's backlog, not all of it,
+        while the primary holds everyone's."""
+        return max(1, self.commit_rate.limit(time.monotonic()) // self.backlog_shares())
 
     async def submit_many(self, txs: Sequence[Tx], *, from_validator: bool = False) -> list[Pending | TxRejected]:
         """Admit many signed txs, in order: one batched signature check (on the verifier's

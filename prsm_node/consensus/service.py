@@ -17,8 +17,10 @@ validators run too): it waits until the ledger holds the certified checkpoint's 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -32,12 +34,13 @@ from ..keys import NodeKey
 from ..ledger.codec import decode_tx
 from ..ledger.exceptions import LedgerDecodeError, TxRejected
 from ..ledger.mempool import Pending
+from ..ledger.types import Tx
 from ..logs import kv
 from ..store import Store
 from .blocks import BadBatch, check_batch, encode_meta
 from .exceptions import HostError, InvalidMessage, ProposalRefused
 from .faults import Fault
-from .messages import Batch, KeySigner
+from .messages import Batch, KeySigner, PrePrepare, decode
 from .net import PbftNet
 from .outputs import FetchState, Step
 from .params import PbftParams
@@ -80,6 +83,7 @@ class ConsensusService:
         self._submitted: set[bytes] = set()
         self._proposed: tuple[int, int] = (-1, 0)  # (view, seq) of this node's last proposal
         self._view_seen: tuple[int, bool] = (0, True)
+        self.on_new_view: Callable[[], None] | None = None  # a view became active (ChainNet.forward_pending)
         self._next_propose_at = 0.0
         self._fetch_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
@@ -170,14 +174,21 @@ class ConsensusService:
         if kind == "msg":
             _, acct, data = item
             try:
-                step = r.receive(data, now)
+                m = decode(data)
+                if isinstance(m, PrePrepare) and len(m.batch) > 1:
+                    r.vs.check(m)
+                    await self._preverify(m.batch)
+                    now = trio.current_time()
+                step = r.receive_message(m, now)
             except InvalidMessage as exc:
                 assert self.net is not None
                 self.net.penalise(acct, f"{type(exc).__name__}: {exc}")
                 return
             await self._handle(step)
         elif kind == "submit":
-            # The chain's tx links have sent these to every validator, the primary included.
+            # The chain's tx links have sent these to the primary (or, with no active view,
+            # to every validator); the replica only times them, and broadcasts them in
+            # REQUESTs if they wait too long (protocols/pbft.md rule 18).
             step = Step()
             for data, digest in item[1]:
                 try:
@@ -190,6 +201,15 @@ class ConsensusService:
         elif kind == "transferred":
             _, seq, digest = item
             await self._handle(r.state_transferred(seq, digest, now))
+
+    def active_primary(self) -> bytes | None:
+        """The account of the primary of this validator's view while the view is active: where
+        the chain's tx links send the txs this node admits. None while views change, or when
+        this node runs no replica."""
+        r = self.replica
+        if r is None or not r.active:
+            return None
+        return r.primary
 
     @property
     def _replica(self) -> Replica:
@@ -231,6 +251,8 @@ class ConsensusService:
         self._view_seen = (r.view, r.active)
         if r.active:
             log.info("view active", extra=kv(view=r.view, primary=r.primary.hex()[:16], height=self.chain.tip.height))
+            if self.on_new_view is not None:
+                self.on_new_view()
         else:
             log.warning(
                 "view change: requests waited too long, or a quorum moved on",
@@ -268,6 +290,29 @@ class ConsensusService:
             await self.chain.submit(decode_tx(request), from_validator=True)
         except (TxRejected, LedgerDecodeError) as exc:
             log.debug("forwarded request refused", extra=kv(error=str(exc)))
+
+    async def _preverify(self, batch: Batch) -> None:
+        """Check the signatures of a PRE-PREPARE's txs that this node does not hold on the
+        verifier's worker process, then remember those that verify, before the replica's
+        ``check_batch`` (``_validate``) finds them known: the event loop goes on meanwhile,
+        where checking them in ``check_batch`` would hold it for the whole batch. A tx that
+        does not decode or verify is left for ``check_batch`` to refuse."""
+        chain = self.chain
+        todo: list[tuple[bytes, Tx]] = []
+        for raw in batch[1:]:
+            digest = hashlib.sha256(raw).digest()
+            if chain.known_tx(digest) is not None:
+                continue
+            try:
+                tx = decode_tx(raw)
+            except LedgerDecodeError:
+                continue
+            todo.append((digest, tx))
+        if todo:
+            oks = await chain.verifier.verify_many([tx for _, tx in todo])
+            good = [pair for pair, ok in zip(todo, oks, strict=True) if ok]
+            chain.remember_verified(good)
+            self.batch_txs_checked += len(good)
 
     def _validate(self, seq: int, batch: Batch) -> bool:
         try:
