@@ -314,6 +314,16 @@ def tx_counts(sock: str, lo: int, hi: int) -> dict[int, int]:
         return {h: c.call("ledger.block", {"height": h, "txs": False})["tx_count"] for h in range(lo, hi + 1)}
 
 
+def link_counts(socks: list[str]) -> list[int]:
+    """(txs the nodes received over /prsm/tx, txs their links sent again after a refusal)."""
+    out = [0, 0]
+    for sock in socks:
+        st = call(sock, "ledger.status")
+        out[0] += st["txs_received"]
+        out[1] += st.get("txs_retried", 0)
+    return out
+
+
 def pct(xs: list[float], q: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
@@ -397,6 +407,7 @@ def main() -> None:
                     for a in range(k_acc)
                 ]
                 h0 = call(vsocks[0], "ledger.status")["height"]
+                links0 = link_counts(vsocks)
                 sampler = HeightSampler(vsocks[0])
                 sampler.start()
                 start, end, sent, refused, errors = offer(
@@ -430,6 +441,7 @@ def main() -> None:
                 # the next rate signs on from what the ledger holds (turned-away txs were never used)
                 drain(vsocks[0], args.drain)
                 acc.resync(vsocks[0], load_idx)
+                links = [b - a for a, b in zip(links0, link_counts(vsocks), strict=True)]
                 timings.append(verify_ceiling(args.verify)[0])  # the devnet idle again
                 here = cores / (args.validators * (timings[-2] + timings[-1]) / 2)
                 if steady > best:
@@ -438,6 +450,9 @@ def main() -> None:
                 print(f"{rate:>10.0f} {sent:>7} {refused:>8} {errors:>7} {committed:>10} {steady:>12.1f} "
                       f"{100 * steady / here:>9.1f}% {blocks:>7} {committed / max(blocks, 1):>9.1f} "
                       f"{here:>8,.0f}")  # fmt: skip
+                print(f"{'':>10} validators received {links[0]:,} txs over /prsm/tx "
+                      f"({links[0] / max(committed, 1):.2f} per committed tx), "
+                      f"links sent {links[1]:,} again")  # fmt: skip
             median = cores / (args.validators * statistics.median(timings))
             print(f"verification timings: {', '.join(f'{t * 1e6:.1f}' for t in timings)} us "
                   f"(median ceiling {median:,.0f} tx/s)")  # fmt: skip
