@@ -175,9 +175,12 @@ class ConsensusService:
             _, acct, data = item
             try:
                 m = decode(data)
-                if isinstance(m, PrePrepare) and len(m.batch) > 1:
-                    r.vs.check(m)
-                    await self._preverify(m.batch)
+                # Only a PRE-PREPARE signed by its view's primary, for this view or a later one,
+                # gets its txs checked ahead: another validator's cannot make us check a batch.
+                if isinstance(m, PrePrepare) and len(m.batch) > 1 and m.view >= r.view:
+                    if m.sender == r.vs.primary(m.view):
+                        r.vs.check(m)
+                        await self._preverify(m.batch)
                     now = trio.current_time()
                 step = r.receive_message(m, now)
             except InvalidMessage as exc:
