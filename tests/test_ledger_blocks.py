@@ -4,6 +4,7 @@ independent stores reaching the same state hash, and a corrupt or foreign databa
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 
 import msgpack
@@ -23,10 +24,12 @@ from prsm_node.ledger.block import (
     apply_block,
     decode_block,
     decode_certificate,
+    decode_stored_block,
     encode_block,
     encode_certificate,
     make_block,
     sign_commit,
+    tx_root,
     verify_certificate,
 )
 from prsm_node.ledger.exceptions import LedgerDecodeError
@@ -94,6 +97,25 @@ def test_decode_block_rejects(mutate, message: str) -> None:  # type: ignore[no-
     fields = msgpack.unpackb(encode_block(block))
     with pytest.raises(LedgerDecodeError, match=message):
         decode_block(msgpack.packb(mutate(fields)))
+
+
+def test_a_stored_block_is_read_without_decoding_each_tx_but_its_root_still_binds_them() -> None:
+    state = LedgerState.from_genesis(genesis())
+    [(block, _)] = build_chain(state, [[transfer(0, 1, 5, 0), transfer(1, 2, 7, 0)]])
+    assert decode_stored_block(encode_block(block)) == block
+    # bytes no tx decodes from, under a matching root: only the full decode looks inside
+    junk = [b"junk", b"\xc1"]
+    header = dataclasses.replace(block.header, tx_root=tx_root([hashlib.sha256(t).digest() for t in junk]))
+    odd = encode_block(Block(header, tuple(junk)))
+    assert decode_stored_block(odd).txs == tuple(junk)
+    with pytest.raises(LedgerDecodeError, match="block tx 0"):
+        decode_block(odd)
+    fields = msgpack.unpackb(encode_block(block))
+    reordered = [fields[0], fields[1][::-1]]
+    miscounted = [[*fields[0][:6], 5, fields[0][7]], fields[1]]
+    for changed, message in [(reordered, "tx_root"), (miscounted, "counts")]:
+        with pytest.raises(LedgerDecodeError, match=message):
+            decode_stored_block(msgpack.packb(changed))
 
 
 def test_decode_block_rejects_junk_and_non_canonical() -> None:

@@ -14,7 +14,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from .codec import MAX_TX_SIZE, _array, _bin, _chain, _pack, _uint, _unpack, decode_tx, encode_tx, tx_hash
+from .codec import MAX_TX_SIZE, _array, _bin, _chain, _pack, _uint, _unpack, decode_tx, encode_tx
 from .exceptions import LedgerDecodeError, LedgerError, TxRejected
 from .signing import _verify
 from .state import LedgerState
@@ -95,6 +95,18 @@ def decode_block(data: bytes) -> tuple[Block, list[Tx]]:
 
     Any defect raises LedgerDecodeError. Returns the block and its decoded txs.
     """
+    return _parse_block(data, decode_txs=True)
+
+
+def decode_stored_block(data: bytes) -> Block:
+    """Parse a block this node stored after checking it: its structure, count, tx root and
+    canonical form, but not each tx (``decode_tx`` each one that is read). Reading a block of
+    1,000 txs for its header or one tx costs ~1 ms instead of ~10. Any defect raises
+    LedgerDecodeError."""
+    return _parse_block(data, decode_txs=False)[0]
+
+
+def _parse_block(data: bytes, *, decode_txs: bool) -> tuple[Block, list[Tx]]:
     f = _array(_unpack(data, MAX_BLOCK_SIZE, "block"), 2, "block")
     h = _array(f[0], 8, "block header")
     header = Header(
@@ -114,14 +126,16 @@ def decode_block(data: bytes) -> tuple[Block, list[Tx]]:
     for i, item in enumerate(raw):
         if type(item) is not bytes or len(item) > MAX_TX_SIZE:
             raise LedgerDecodeError(f"block tx {i} must be bin of at most {MAX_TX_SIZE} bytes")
-        try:
-            txs.append(decode_tx(item))
-        except LedgerDecodeError as exc:
-            raise LedgerDecodeError(f"block tx {i}: {exc}") from None
+        if decode_txs:
+            try:
+                txs.append(decode_tx(item))
+            except LedgerDecodeError as exc:
+                raise LedgerDecodeError(f"block tx {i}: {exc}") from None
     block = Block(header, tuple(raw))
     if header.tx_count != len(raw):
         raise LedgerDecodeError(f"block header counts {header.tx_count} txs, the block holds {len(raw)}")
-    if header.tx_root != tx_root([tx_hash(tx) for tx in txs]):
+    # a tx's hash is the SHA-256 of its canonical bytes (those of a decoded tx are)
+    if header.tx_root != tx_root([hashlib.sha256(item).digest() for item in raw]):
         raise LedgerDecodeError("block tx_root does not match its txs")
     if encode_block(block) != bytes(data):
         raise LedgerDecodeError("block is not in canonical form (a non-minimal msgpack encoding)")

@@ -41,6 +41,7 @@ from .block import (
     apply_block,
     decode_block,
     decode_certificate,
+    decode_stored_block,
     encode_block,
     encode_certificate,
 )
@@ -207,7 +208,7 @@ class LedgerStore:
         if data is None:
             raise StoreError(f"the stored ledger is corrupt: block {height} is missing")
         try:
-            return decode_block(data)[0]
+            return decode_stored_block(data)
         except LedgerDecodeError as exc:
             raise StoreError(f"the stored ledger is corrupt: block {height}: {exc}") from None
 
