@@ -5,12 +5,14 @@ clear error code, and the node goes on serving."""
 from __future__ import annotations
 
 import hashlib
+import threading
 from pathlib import Path
 
 import msgpack
 import nacl.signing
 import pytest
 import trio
+import trio.testing
 from libp2p.network.stream.exceptions import StreamEOF, StreamReset
 
 from prsm_node.chain import messages as m
@@ -168,3 +170,45 @@ async def test_txs_a_validator_turns_away_for_load_are_forwarded_again_after_its
             for tx in theirs:
                 await alice.chain.wait_committed(tx_hash(tx))
         assert bob.chain_net.statistics()["txs_retried"] >= 1
+
+
+async def test_ledger_readers_wait_for_a_block_that_is_applied_but_not_yet_written(short_tmp: Path) -> None:
+    # A block is applied in memory, then written (synced) in a thread, then becomes the tip.
+    # While its write is held back here, ledger.balance and ledger.status must not report it.
+    async with running_nodes(short_tmp, ["alice"]) as nodes:
+        alice = nodes["alice"]
+        assert alice.chain is not None and alice.chain_net is not None
+        ledger = alice.chain.ledger
+        real_commit = ledger.commit
+        release = threading.Event()
+        writing = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+
+        def held_commit(*args: object) -> None:
+            trio.from_thread.run_sync(writing.set, trio_token=token)
+            release.wait(30)
+            real_commit(*args)  # type: ignore[arg-type]
+
+        ledger.commit = held_commit  # type: ignore[method-assign]
+        owner = alice.key.signing_key
+        to = b"\x07" * 32
+        tx = sign_tx(owner, chain_id=alice.genesis.chain_id, nonce=0, fee=0, body=Transfer(to, 5))
+        methods = alice.control._methods
+        seen: dict[str, object] = {}
+
+        async def read(name: str, params: dict[str, object]) -> None:
+            seen[name] = await methods[name](params)
+
+        with trio.fail_after(20):
+            await alice.chain_net.submit(tx)
+            await writing.wait()  # the block is applied, its write is held
+            assert alice.chain.state.account(to).balance == 5
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read, "ledger.balance", {"account": to.hex()})
+                nursery.start_soon(read, "ledger.status", {})
+                await trio.testing.wait_all_tasks_blocked()
+                assert not seen  # both wait for the write
+                release.set()
+        assert seen["ledger.balance"]["balance"]["units"] == "5"  # type: ignore[index]
+        assert seen["ledger.status"]["height"] == 1  # type: ignore[index]
+        assert seen["ledger.status"]["state_hash"] == alice.chain.ledger.block(1).header.state_hash.hex()  # type: ignore[index]

@@ -126,23 +126,24 @@ class LedgerMethods:
             server.register(f"ledger.{name}", getattr(self, name))
 
     async def status(self, params: dict[str, Any]) -> dict[str, Any]:
-        state = self.chain.state
-        return {
-            "chain_id": state.chain_id,
-            "height": self.chain.tip.height,
-            "block_hash": self.chain.tip.hash.hex(),
-            "state_hash": state.state_hash().hex(),
-            "total_supply": amount_json(state.total_supply),
-            "minted": amount_json(state.minted),
-            "validators": len(self.chain.validators),
-            **self.chain.statistics(),
-            **self.net.statistics(),
-        }
+        async with self.chain.committed_state() as state:
+            return {
+                "chain_id": state.chain_id,
+                "height": self.chain.tip.height,
+                "block_hash": self.chain.tip.hash.hex(),
+                "state_hash": state.state_hash().hex(),
+                "total_supply": amount_json(state.total_supply),
+                "minted": amount_json(state.minted),
+                "validators": len(self.chain.validators),
+                **self.chain.statistics(),
+                **self.net.statistics(),
+            }
 
     async def balance(self, params: dict[str, Any]) -> dict[str, Any]:
         text = param(params, "account", str, "")
         key = parse_account(text) if text else self.chain.account
-        return account_json(key, self.chain.state.account(key), self.chain.mempool.next_nonce(key))
+        async with self.chain.committed_state() as state:
+            return account_json(key, state.account(key), self.chain.mempool.next_nonce(key))
 
     async def transfer(self, params: dict[str, Any]) -> dict[str, Any]:
         to = parse_account(param(params, "to", str), "to")
@@ -282,7 +283,8 @@ class LedgerMethods:
 
     async def verify(self, params: dict[str, Any]) -> dict[str, Any]:
         """Replay every stored block from genesis (all signatures re-checked) and compare."""
-        live_height, live_hash = self.chain.tip.height, self.chain.state.state_hash()
+        async with self.chain.committed_state() as state:
+            live_height, live_hash = self.chain.tip.height, state.state_hash()
         try:
             replayed = await trio.to_thread.run_sync(self.chain.ledger.replay)
         except StoreError as exc:

@@ -23,7 +23,8 @@ import collections
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import trio
@@ -192,6 +193,15 @@ class ChainService:
             entry = self.mempool.add(tx, now=time.monotonic(), verified=True)
         self._admitted([entry])
         return entry
+
+    @asynccontextmanager
+    async def committed_state(self) -> AsyncIterator[LedgerState]:
+        """The state at the committed tip, for readers that report it. A block is applied to
+        ``state`` before its synced write, and the tip moves after (or the state is rolled
+        back if the write fails): between the two, ``state`` shows what may never commit.
+        Every block is applied and written under ``_lock``, so holding it sees no such block."""
+        async with self._lock:
+            yield self.state
 
     def backlog_limit(self) -> int:
         """How many pending txs admission lets in now at the minimum fee (``CommitRate``),
