@@ -178,7 +178,9 @@ class ShardsSection:
         "Chunk size for models this node publishes (a power of two, 1 KiB to 4 MiB).", default=1 << 20
     )
     max_streams_per_peer: int = _doc("Concurrent shard streams served to one peer (1 to 4).", default=4)
-    fetch_parallel_peers: int = _doc("Providers one fetch pulls chunks from at once.", default=4)
+    fetch_parallel_peers: int = _doc(
+        "Most providers one fetch pulls chunks from at once (it ramps up from one while that raises its rate).",
+        default=4)
     fetch_response_timeout: float = _doc("Seconds to wait for each frame of a provider's answer.", default=30.0)
     fetch_max_failures: int = _doc("Bad or failed answers before a provider is dropped from a fetch.", default=3)
 

@@ -51,7 +51,7 @@ from prsm_node.wire import encode_uvarint, guarded_handler, read_frame, write_fr
 from .conftest import running_nodes
 
 CHUNK = 64 * 1024
-TEST_FETCH = FetchParams(open_timeout=3.0, response_timeout=5.0)
+TEST_FETCH = FetchParams(open_timeout=3.0, response_timeout=5.0, ramp_bytes=0)  # all providers from the start
 
 
 def make_model(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -113,9 +113,10 @@ async def publish(node: Node, folder: Path) -> tuple[bytes, dict[str, dict[str, 
 
 
 async def fetch(node: Node, mid: bytes, *, params: FetchParams = TEST_FETCH) -> Fetch:
-    svc(node).fetch_params = params
+    service = svc(node)  # svc() sets TEST_FETCH: ``params`` after it
+    service.fetch_params = params
     with trio.fail_after(30):
-        f = await svc(node).fetch(mid)
+        f = await service.fetch(mid)
     assert f.state == "done", f.error
     return f
 
@@ -161,6 +162,21 @@ async def test_publish_then_fetch_from_one_then_from_two_in_parallel(short_tmp: 
         again = await fetch(carol, mid)  # everything is stored: nothing goes over the network
         assert (again.chunks_fetched, again.chunks_present) == (0, total)
         assert served(alice) + served(bob) == sum(before) + total
+
+
+async def test_a_ramped_fetch_starts_with_one_provider_and_completes(short_tmp: Path) -> None:
+    """With the ramp on (the default; here a step every 4 chunks) a fetch starts with one
+    provider and measures each step; whichever count it settles on, the files come out whole."""
+    async with running_nodes(short_tmp, ["alice", "bob", "carol"]) as nodes:
+        alice, bob, carol = nodes["alice"], nodes["bob"], nodes["carol"]
+        mid, tensors = await publish(alice, short_tmp / "src")
+        await fetch(bob, mid)
+        await connect(carol, bob)
+        f = await fetch(carol, mid, params=replace(TEST_FETCH, ramp_bytes=4 * CHUNK, max_batch=2))
+        ramp = f.progress()["ramp"]
+        assert ramp["steps"] and ramp["steps"][0][0] == 1
+        assert f.chunks_fetched == f.chunks_total
+        assert_identical(f, short_tmp / "src", tensors)
 
 
 async def test_corrupt_provider_is_penalised_and_its_chunks_come_from_others(short_tmp: Path) -> None:

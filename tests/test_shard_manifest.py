@@ -120,6 +120,29 @@ def test_file_an_exact_multiple_of_the_chunk_size(tmp_path: Path) -> None:
     assert m.chunk_count == size // SMALL and all(s.length == SMALL for s in m.chunk_spans())
 
 
+def test_the_chunks_of_a_valid_manifest_tile_every_file_exactly(tmp_path: Path) -> None:
+    """What lets a fetch skip the whole-file hash: each file's chunk spans start at 0, each
+    starts where the previous ended, none is empty or longer than the chunk size, the last
+    ends at the file's size; a chunk count that could leave a gap or overlap is refused."""
+    for n in (1, 250, 255, 256, 257, 700):
+        folder = tmp_path / f"m{n}"
+        folder.mkdir()
+        save_file({"x": torch.zeros(n, dtype=torch.int32)}, folder / "a.safetensors")
+        save_file({"y": torch.ones(3 * n, dtype=torch.uint8)}, folder / "b.safetensors")
+        m = build(folder, chunk_size=SMALL)
+        spans = list(m.chunk_spans())
+        for file_index, f in enumerate(m.files):
+            mine = [s for s in spans if s.file_index == file_index]
+            assert [s.hash for s in mine] == list(f.chunks)
+            assert mine[0].offset == 0 and mine[-1].offset + mine[-1].length == f.size
+            assert all(a.offset + a.length == b.offset for a, b in zip(mine, mine[1:], strict=False))
+            assert all(1 <= s.length <= m.chunk_size for s in mine)
+        f = m.files[0]
+        for chunks in (f.chunks[:-1], (*f.chunks, f.chunks[-1])):
+            with pytest.raises(InvalidManifest, match="chunk hashes"):
+                validate_manifest(dataclasses.replace(m, files=(dataclasses.replace(f, chunks=chunks), m.files[1])))
+
+
 def test_only_empty_tensors(tmp_path: Path) -> None:
     save_file({"a": torch.zeros(0), "b": torch.zeros(3, 0, dtype=torch.int64)}, tmp_path / "e.safetensors")
     m = build(tmp_path / "e.safetensors", chunk_size=SMALL)

@@ -275,6 +275,24 @@ def test_finishing_checks_file_hash_and_tensor_table(tmp_path: Path, model: tupl
     assert not store.model_dir(lying_id).exists()
 
 
+def test_a_file_assembled_from_verified_chunks_is_not_hashed_again(
+        tmp_path: Path, model: tuple[Path, Manifest]) -> None:
+    """A fetch writes only chunks it verified against the manifest, and the chunks tile each
+    file, so finishing does not hash whole files (protocols/shard.md, Decoding and
+    verification): a manifest whose file hash lies assembles from its chunks (a publish of it
+    is refused, above); its tensor table is still checked."""
+    folder, m = model
+    f = m.files[0]
+    bad_hash = _force_sign(dataclasses.replace(m, files=(dataclasses.replace(f, sha256=bytes(32)), m.files[1])))
+    store, mid = stored(tmp_path, bad_hash)
+    asm = store.open_assembly(bad_hash)
+    for i, data in enumerate(chunk_data(folder, bad_hash)):
+        asm.write(i, data)
+    paths = asm.finish()
+    asm.close()
+    assert [p.read_bytes() for p in paths] == [(folder / g.path).read_bytes() for g in m.files]
+
+
 def test_a_symlink_out_of_the_model_folder_is_refused(tmp_path: Path, model: tuple[Path, Manifest]) -> None:
     _, m = model
     store, mid = stored(tmp_path, m)

@@ -281,11 +281,12 @@ class Fetch:
                     nursery.start_soon(ask, peer)
 
     def _activate(self) -> None:
-        """Start workers for the most useful idle providers, up to ``parallel_peers`` at once."""
+        """Start workers for the most useful idle providers, as many as the ramp allows (schedule.py)."""
         assert self._nursery is not None
         for p in self.sched.to_activate():
             for _ in range(self.params.streams_per_peer):
                 self.sched.workers += 1
+                p.workers += 1
                 self._nursery.start_soon(self._worker, p)
 
     def _notify(self) -> None:
@@ -378,7 +379,7 @@ class Fetch:
         ss, p.spare = p.spare, None
         ahead: list[int] = []  # requested on ``ss``, answer not read yet
         try:
-            while not p.dropped and not sched.finished():
+            while not p.dropped and (ahead or not p.parked) and not sched.finished():  # parked: after ``ahead``
                 wait = p.resume_at - trio.current_time()
                 if wait > 0:
                     await trio.sleep(wait)
@@ -400,7 +401,8 @@ class Fetch:
                                                         response_timeout=self.params.response_timeout)
                         await ss.request_chunks(self.manifest_id, batch)
                     assert ss is not None
-                    if self.params.pipeline and not ss.worn_out and not self.is_halted(self.manifest_id):
+                    if self.params.pipeline and not ss.worn_out and not p.parked \
+                            and not self.is_halted(self.manifest_id):
                         ahead = sched.take(p)
                         if ahead:
                             await ss.request_chunks(self.manifest_id, ahead)
@@ -432,7 +434,7 @@ class Fetch:
                 self._fatal = exc
         finally:
             sched.requeue(ahead, p)
-            sched.workers -= 1
+            sched.stopped(p)
             if ss is not None:
                 await ss.aclose()
             self._notify()
@@ -501,6 +503,8 @@ class Fetch:
 
         results = await trio.to_thread.run_sync(write)
         self._flush_when_due()
+        self.sched.received(sum(len(c.data) for c, ok in zip(chunks, results, strict=True) if ok),
+                            trio.current_time())
         for c, ok in zip(chunks, results, strict=True):
             if ok:
                 if self.sched.done(c.index):
@@ -568,4 +572,6 @@ class Fetch:
             "files": self.files,
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
             "providers": [p.json() for p in self.providers.values()],
+            "ramp": {"providers": self.sched.target, "settled": self.sched.ramp_settled,
+                     "steps": [[n, round(rate)] for n, rate in self.sched.ramp_steps]},
         }

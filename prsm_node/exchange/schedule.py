@@ -8,6 +8,15 @@ near the end so no provider sits on a large tail. A provider is penalised for a 
 dropped after ``max_failures``; whatever it held in flight goes back to the queue. A provider
 whose rate falls far below the best (``slow_factor``) is marked slow and only gets chunks
 nobody else holds.
+
+How many providers work at once ramps up (``ramp_bytes``): a fetch starts with one, and after
+each ``ramp_bytes`` received it compares the fetch's rate over that window with the rate before
+the last provider was added; a provider is added while the rate still rose by ``ramp_gain``,
+else the last one added is parked and the count stays (settled). Where one provider cannot
+fill the fetcher (a far peer, a slow disk) the fetch spreads over several; where the fetcher
+is the bottleneck (one machine's CPUs, as on a loopback devnet) extra providers only add
+work, and it keeps the one. A dropped provider's place goes to an idle one, and a provider is
+activated beyond the count whenever it holds pending chunks no active provider holds.
 """
 
 from __future__ import annotations
@@ -43,6 +52,8 @@ class FetchParams:
     busy_backoff_max: float = 60.0
     pipeline: bool = True  # send the next GET_CHUNKS before reading the current answer
     store_flush_bytes: int = 2 << 20  # received chunks are verified and written in one thread call per this much
+    ramp_bytes: int = 32 << 20  # bytes received per ramp step (see above); 0: parallel_peers at once from the start
+    ramp_gain: float = 0.1  # a provider added is kept when the fetch's rate rose by at least this fraction
 
 
 @dataclass
@@ -58,6 +69,8 @@ class Provider:
     dropped: str | None = None
     slow: bool = False
     active: bool = False
+    workers: int = 0
+    parked: bool = False  # its workers stop after their batch: the ramp took it out
     backoff: float = 0.0
     resume_at: float = 0.0
 
@@ -91,13 +104,21 @@ class Schedule:
         self.workers = 0
         self._order: list[int] = []
         self._retry: deque[int] = deque()
+        self.target = 1 if params.ramp_bytes else params.parallel_peers  # providers at once (the ramp's count)
+        self.ramp_settled = not params.ramp_bytes
+        self.ramp_steps: list[tuple[int, float]] = []  # (providers, rate in bytes/s) of each ramp window
+        self._window_start: float | None = None
+        self._window_bytes = 0
+        self._ramp_before = 0.0  # the rate before the last provider was added
+        self._ramp_adding = False  # the next provider activated is the ramp's
+        self._ramp_added: Provider | None = None
 
     def start(self, missing: list[int]) -> None:
         """Queue ``missing``, rarest first among the providers known now, then by index. No
         worker runs now (a round ended, or none began): every provider is idle again, so a
         second round (chunks of an earlier run found damaged) starts workers for them anew."""
         for p in self.providers.values():
-            p.active = False
+            p.active = p.parked = False
         self.pending = set(missing)
         rarity = {i: 0 for i in missing}
         for p in self.providers.values():
@@ -116,17 +137,80 @@ class Schedule:
         return self.in_flight.pop(index, None) is not None
 
     def to_activate(self) -> list[Provider]:
-        """Idle providers to start workers for, most useful first, up to ``parallel_peers`` active."""
+        """Idle providers to start workers for, most useful first, up to ``target`` active; beyond
+        it, those holding pending chunks that no active provider holds (the fetch never waits on
+        a provider the ramp left out)."""
         live = self.live()
-        room = self.params.parallel_peers - sum(p.active for p in live)
+        active = [p for p in live if p.active]
+        room = min(self.target, self.params.parallel_peers) - len(active)
         out: list[Provider] = []
-        for p in sorted((p for p in live if not p.active), key=lambda p: -len(p.have & self.pending)):
+        idle = sorted((p for p in live if not p.active), key=lambda p: -len(p.have & self.pending))
+        for p in idle:
             if len(out) >= room:
                 break
             if p.have & self.pending:
-                p.active = True
                 out.append(p)
+        if out and self._ramp_adding:
+            self._ramp_added, self._ramp_adding = out[0], False
+        rest = [p for p in idle if p not in out]
+        if rest and self.pending:
+            uncovered = set(self.pending)
+            for p in active + out:
+                uncovered -= p.have
+            while uncovered and rest:
+                best = max(rest, key=lambda p: len(p.have & uncovered))
+                if not best.have & uncovered:
+                    break
+                rest.remove(best)
+                out.append(best)
+                uncovered -= best.have
+        for p in out:
+            p.active, p.parked = True, False
         return out
+
+    def stopped(self, p: Provider) -> None:
+        """A worker of ``p`` ended; with its last, ``p`` is idle again (it may be activated anew)."""
+        self.workers -= 1
+        p.workers -= 1
+        if p.workers <= 0:
+            p.active = False
+
+    def received(self, nbytes: int, now: float) -> None:
+        """``nbytes`` arrived verified at time ``now``: one step of the ramp when a window of
+        ``ramp_bytes`` is full (see the module docstring). The first window starts at the first
+        bytes received (the round trips before them are not a rate)."""
+        if self.ramp_settled:
+            return
+        if self._window_start is None:
+            self._window_start = now
+            return
+        self._window_bytes += nbytes
+        if self._window_bytes < self.params.ramp_bytes:
+            return
+        rate = self._window_bytes / max(now - self._window_start, 1e-6)
+        active = [p for p in self.live() if p.active and not p.parked]
+        self.ramp_steps.append((len(active), rate))
+        self._window_start, self._window_bytes = now, 0
+        added = self._ramp_added
+        if added is not None and rate < self._ramp_before * (1 + self.params.ramp_gain):
+            self.ramp_settled = True
+            self.target = max(len(active), 1)
+            if len(active) > 1 and added in active:
+                added.parked = True  # its workers finish their batch and stop
+                self.target = len(active) - 1
+            log.info("fetch ramp settled", extra=kv(providers=self.target, rate=round(rate),
+                                                    before=round(self._ramp_before)))
+            self.on_change()
+            return
+        idle = [p for p in self.live() if not p.active and p.have & self.pending]
+        if len(active) >= self.params.parallel_peers or not idle:
+            self.ramp_settled = True
+            self.target = max(len(active), 1)
+            return
+        self._ramp_before = rate
+        self.target = len(active) + 1
+        self._ramp_adding = True
+        self.on_change()
 
     def batch_size(self) -> int:
         share = math.ceil(len(self.pending) / max(1, 2 * self.workers))

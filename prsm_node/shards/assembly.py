@@ -16,12 +16,16 @@ verified-chunk record; ``close()`` does the same for the rest. So a crash loses 
 last ``SYNC_EVERY`` bytes of chunks (fetched again), and the record never names a chunk whose
 bytes did not reach the disk.
 
-Each file's SHA-256 is fed as far as its chunks are contiguous while they arrive (a chunk that
-arrived early is hashed from its bytes, kept in memory up to ``EARLY_BYTES`` in all, or else
-read back from the file when its turn comes), so a fresh fetch needs no second pass.
-``finish()`` reads and re-hashes what an earlier run wrote (those chunks are verified again on
-the way), checks every file's SHA-256 and tensor table, fsyncs, and renames ``<id hex>.partial/``
-to ``<id hex>/``.
+No whole-file hash is computed on a fetch: a manifest's chunks tile each file exactly
+(chunk ``i`` of a file is bytes ``[i * chunk_size, min((i + 1) * chunk_size, size))`` and the
+manifest holds exactly ``ceil(size / chunk_size)`` of them, ``validate_manifest`` refuses any
+other count), and every chunk written here was verified against the signed manifest by the
+caller, so the files are the published bytes once every chunk is. The whole-file SHA-256 is
+checked where the bytes come from somewhere else: on publish (``import_into`` hashes each
+source file as it copies it in) and when a model is copied out (``ShardStore.assemble``).
+``finish()`` reads back and re-hashes the chunks an earlier run wrote (the disk may have
+damaged them since), checks every file's tensor table, fsyncs, and renames
+``<id hex>.partial/`` to ``<id hex>/``.
 """
 
 from __future__ import annotations
@@ -45,13 +49,12 @@ from .exceptions import (
     UnsafePath,
 )
 from .header import read_header
-from .manifest import ChunkSpan, Manifest
+from .manifest import Manifest
 
 if TYPE_CHECKING:
     from .store import ShardStore
 
 SYNC_EVERY = 32 << 20  # bytes written between flushes (and record updates)
-EARLY_BYTES = 64 << 20  # chunks written ahead of their file's hash kept in memory up to this (else read back)
 DIRECT_ALIGN = 4096  # offset, length and buffer alignment asked of O_DIRECT (any common block size divides it)
 
 
@@ -69,10 +72,6 @@ class Assembly:
         self._unrecorded: list[int] = []  # written, not in the store's record yet
         self._unsynced = 0
         self._first = [m.first_chunk(i) for i in range(len(m.files))]
-        self._next = list(self._first)  # per file: the first chunk index not hashed yet
-        self._hashes = [hashlib.sha256() for _ in m.files]
-        self._early: dict[int, bytes | memoryview] = {}  # written ahead of the hash: their bytes, kept
-        self._early_bytes = 0
         self._fds: list[int] = []
         self._direct: list[int | None] = []  # per file: an O_DIRECT descriptor, None where refused
         self._buffers = threading.local()  # per writer thread: an aligned buffer for direct I/O
@@ -105,8 +104,7 @@ class Assembly:
             raise
 
     def write(self, index: int, data: bytes | memoryview) -> None:
-        """Write verified chunk ``index`` (the caller checked its hash) at its place. ``data``
-        must not change afterwards: a chunk ahead of its file's hash keeps it until hashed."""
+        """Write verified chunk ``index`` (the caller checked its hash) at its place."""
         span = self._spans[index]
         if len(data) != span.length:
             raise ChunkHashMismatch(f"chunk {index} is {len(data)} bytes, the manifest says {span.length}")
@@ -120,11 +118,6 @@ class Assembly:
             if not self._written[index]:
                 self._written[index] = 1
                 self.written_chunks += 1
-            hashed = self._advance(span.file_index, index, data)
-            if not hashed and index > self._next[span.file_index] and index not in self._early \
-                    and self._early_bytes + len(data) <= EARLY_BYTES:
-                self._early[index] = data
-                self._early_bytes += len(data)
             self._unrecorded.append(index)
             self._unsynced += len(data)
 
@@ -166,21 +159,6 @@ class Assembly:
             view.release()
         return True
 
-    def _read(self, file_index: int, span: ChunkSpan) -> bytes | memoryview:
-        """A written chunk's bytes back from its file (direct when its write was: no cache pages)."""
-        fd = self._direct[file_index]
-        if fd is not None and not span.offset % DIRECT_ALIGN and not span.length % DIRECT_ALIGN:
-            buf = self._buffer(span.length)
-            try:
-                got = os.preadv(fd, [buf], span.offset)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-            else:
-                if got == span.length:
-                    return memoryview(buf)[:got]
-        return os.pread(self._fds[file_index], span.length, span.offset)
-
     @property
     def flush_due(self) -> bool:
         """``SYNC_EVERY`` bytes or more were written since the last flush."""
@@ -196,60 +174,25 @@ class Assembly:
                 os.fdatasync(fd)
             self.store.mark(self.manifest_id, chunks)
 
-    def _advance(self, file_index: int, index: int, data: bytes | memoryview) -> bool:
-        """Feed the file hash through every contiguous chunk written here (under the lock);
-        whether chunk ``index`` was hashed. A chunk that came early is hashed from the bytes
-        kept for it (several providers deliver out of order), else read back from the file."""
-        end = self._first[file_index] + len(self.m.files[file_index].chunks)
-        hashed = False
-        while self._next[file_index] < end and self._written[self._next[file_index]]:
-            i = self._next[file_index]
-            span = self._spans[i]
-            kept = self._early.pop(i, None)
-            if i == index:
-                self._hashes[file_index].update(data)
-                hashed = True
-            elif kept is not None:
-                self._hashes[file_index].update(kept)
-                self._early_bytes -= len(kept)
-            else:
-                piece = self._read(file_index, span)
-                self._hashes[file_index].update(piece)
-                if isinstance(piece, memoryview):
-                    piece.release()
-            self._next[file_index] += 1
-        return hashed
-
     def finish(self) -> list[Path]:
         """Check every file and put the model in place; returns the file paths. MissingChunks
         names the chunks neither written here nor verified before (or found corrupt now: they
-        left the record), FileHashMismatch / TensorTableMismatch a manifest that lies."""
+        left the record), TensorTableMismatch a manifest whose tensor table is not the file's
+        header. Chunks written here were verified by the caller and are not read again."""
         have = self.store.present(self.manifest_id)
         missing = [i for i, held in enumerate(have) if not held and not self._written[i]]
         if missing:
             raise MissingChunks(self.manifest_id, missing)
         corrupt: list[int] = []
-        for i, f in enumerate(self.m.files):
-            end = self._first[i] + len(f.chunks)
-            bad = False
-            for j in range(self._next[i], end):
-                span = self._spans[j]
-                piece = os.pread(self._fds[i], span.length, span.offset)
-                if not self._written[j] and hashlib.sha256(piece).digest() != span.hash:
-                    corrupt.append(j)  # written by an earlier run, damaged since
-                    bad = True
-                elif not bad:
-                    self._hashes[i].update(piece)
-            if bad:
-                self._next[i], self._hashes[i] = self._first[i], hashlib.sha256()
-            else:
-                self._next[i] = end
+        for j, span in enumerate(self._spans):
+            if not self._written[j]:  # written by an earlier run: the disk may have damaged it since
+                piece = os.pread(self._fds[span.file_index], span.length, span.offset)
+                if hashlib.sha256(piece).digest() != span.hash:
+                    corrupt.append(j)
         if corrupt:
             self.store.discard(self.manifest_id, corrupt)
             raise MissingChunks(self.manifest_id, corrupt)
-        for i, f in enumerate(self.m.files):
-            if self._hashes[i].digest() != f.sha256:
-                raise FileHashMismatch(f"{f.path}: assembled bytes do not match the manifest's file hash")
+        for f in self.m.files:
             try:
                 header = read_header(str(self.folder / f.path), f.size)
             except InvalidSafetensors as exc:
@@ -275,8 +218,6 @@ class Assembly:
         a later fetch resumes from them). Idempotent."""
         if not self._fds:
             return
-        self._early.clear()
-        self._early_bytes = 0
         try:
             self.flush()
         finally:
@@ -333,20 +274,26 @@ _fallocate = _load_fallocate() if sys.platform.startswith("linux") else None
 
 
 def import_into(asm: Assembly, m: Manifest, root: Path) -> int:
-    """Copy a model's files from ``root`` through ``asm`` (publishing), each chunk checked
-    against the manifest on the way; finishes the assembly. Returns the chunks written."""
+    """Copy a model's files from ``root`` through ``asm`` (publishing), each chunk and each
+    whole file checked against the manifest on the way; finishes the assembly. Returns the
+    chunks written. ChunkHashMismatch when a file changed since the manifest was built,
+    FileHashMismatch when the manifest's file hash does not match its chunks' bytes."""
     index = 0
     for f in m.files:
+        whole = hashlib.sha256()
         with open(root / f.path, "rb") as fh:
             for i, chunk in enumerate(f.chunks):
                 data = fh.read(m.chunk_size)
                 if hashlib.sha256(data).digest() != chunk:
                     raise ChunkHashMismatch(f"{f.path} chunk {i} differs from the manifest (file changed?)")
+                whole.update(data)
                 asm.write(index, data)
                 if asm.flush_due:
                     asm.flush()
                 index += 1
             if fh.read(1):
                 raise ChunkHashMismatch(f"{f.path} is longer than the manifest says")
+        if whole.digest() != f.sha256:
+            raise FileHashMismatch(f"{f.path}: its bytes do not match the manifest's file hash")
     asm.finish()
     return asm.written_chunks
