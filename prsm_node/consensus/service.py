@@ -301,7 +301,7 @@ class ConsensusService:
         where checking them in ``check_batch`` would hold it for the whole batch. A tx that
         does not decode or verify is left for ``check_batch`` to refuse."""
         chain = self.chain
-        todo: list[tuple[bytes, Tx]] = []
+        unknown: list[tuple[bytes, Tx]] = []
         for raw in batch[1:]:
             digest = hashlib.sha256(raw).digest()
             if chain.known_tx(digest) is not None:
@@ -310,10 +310,10 @@ class ConsensusService:
                 tx = decode_tx(raw)
             except LedgerDecodeError:
                 continue
-            todo.append((digest, tx))
-        if todo:
-            oks = await chain.verifier.verify_many([tx for _, tx in todo])
-            good = [pair for pair, ok in zip(todo, oks, strict=True) if ok]
+            unknown.append((digest, tx))
+        if unknown:
+            oks = await chain.verifier.verify_many([tx for _, tx in unknown])
+            good = [pair for pair, ok in zip(unknown, oks, strict=True) if ok]
             chain.remember_verified(good)
             self.batch_txs_checked += len(good)
 
