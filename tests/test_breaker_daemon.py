@@ -23,6 +23,9 @@ def breaker_json(home: str | Path, *args: str) -> Any:
 def test_vote_halt_restart_resume_through_the_cli(short_tmp: Path) -> None:
     with devnet(short_tmp / "dn", N) as net:
         homes = [n["home"] for n in net.nodes]
+        unstaked = cli("breaker", "vote", MODEL, "--halt", "--home", homes[0])
+        assert unstaked.returncode == 1 and "has no stake" in unstaked.stderr
+        assert "prsm-node ledger stake" in unstaked.stderr  # says how to get a vote
         heights = [control(h, "ledger.stake", amount="100", timeout=60)["height"] for h in homes]
         for h in homes:
             control(h, "ledger.wait_height", height=max(heights), timeout=60.0)

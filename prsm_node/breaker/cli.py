@@ -55,8 +55,9 @@ def vote(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Sign a halt or resume vote with this node's key and publish it. A halt vote stops the
-    model on this node at once."""
+    """Sign a halt or resume vote with this node's key and publish it.
+
+    A halt vote stops the model on this node at once."""
     if halt == resume:
         typer.echo("error: pass exactly one of --halt or --resume", err=True)
         raise typer.Exit(2)

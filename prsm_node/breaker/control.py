@@ -14,7 +14,7 @@ import trio
 from ..control.server import ControlServer, RequestError, param
 from ..ledger.codec import decode_tx, tx_hash
 from ..ledger.types import BreakerVote
-from .exceptions import VoteRejected
+from .exceptions import BreakerError, Unstaked
 from .service import BreakerService
 from .tally import ModelStatus, Transition
 from .votes import MAX_REASON_BYTES, Action, vote_id
@@ -113,7 +113,10 @@ class BreakerMethods:
         action = Action.HALT if action_text == "halt" else Action.RESUME
         try:
             vote = await self.service.vote(model, action, reason)
-        except VoteRejected as exc:
+        except Unstaked as exc:
+            hint = "only staked accounts vote: stake first with `prsm-node ledger stake AMOUNT`"
+            raise RequestError(exc.code, f"{exc}; {hint}") from None
+        except BreakerError as exc:
             raise RequestError(exc.code, str(exc)) from None
         return {
             "vote": vote_id(vote).hex(),

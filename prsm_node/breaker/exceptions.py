@@ -94,6 +94,12 @@ class RateLimited(VoteRejected):
     peer_fault = False
 
 
+class NotRunning(BreakerError):
+    """Raised when a vote is to be published while the breaker service is not running."""
+
+    code = "not_running"
+
+
 class BreakerParamsError(BreakerError):
     """Raised when a ``breaker_*`` genesis parameter is malformed or out of range (a float
     threshold, a zero denominator, a halt threshold above the resume threshold)."""

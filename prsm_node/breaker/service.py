@@ -43,7 +43,7 @@ from ..logs import kv
 from ..store import Store
 from ..wire import guarded_handler, read_frame, write_frame
 from . import net
-from .exceptions import Malformed, RateLimited, Replayed, Unstaked, VoteRejected
+from .exceptions import Malformed, NotRunning, RateLimited, Replayed, VoteRejected
 from .limits import VoteLimiter
 from .messages import (
     MAX_REQUEST_SIZE,
@@ -374,7 +374,7 @@ class BreakerService:
     async def publish(self, vote: Vote) -> None:
         """Publish an already counted vote on the topic."""
         if self.pubsub is None:
-            raise Unstaked("the breaker service is not running")
+            raise NotRunning("the breaker service is not running")
         data = encode_vote(vote)
         self._own.add(message_digest(data))
         await self.pubsub.publish(TOPIC, data)
