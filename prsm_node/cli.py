@@ -390,6 +390,13 @@ POLL_INTERVAL = 0.25
 FETCH_END_STATES = ("done", "failed", "cancelled")
 
 
+LOCAL_MODEL_HELP = "Manifest id, a unique prefix of it, or NAME[:VERSION]."
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
@@ -487,7 +494,7 @@ def model_fetch(
         return _print_json(progress)
     typer.echo(f"fetched {progress['name']}:{progress['version']} {mid}")
     typer.echo(f"  {progress['chunks_fetched']} chunks fetched, {progress['chunks_present']} already here, "
-               f"from {sum(1 for p in progress['providers'] if p['chunks'])} providers")
+               f"from {_plural(sum(1 for p in progress['providers'] if p['chunks']), 'provider')}")
     typer.echo(f"  {progress['path']}")
 
 
@@ -512,7 +519,7 @@ def model_ls(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
 
 @model_app.command("info")
 def model_info(
-    model_id: Annotated[str, typer.Argument(metavar="ID", help="Manifest id (or a unique prefix).")],
+    model_id: Annotated[str, typer.Argument(metavar="MODEL", help=LOCAL_MODEL_HELP)],
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -530,7 +537,7 @@ def model_info(
 
 @model_app.command("rm")
 def model_rm(
-    model_id: Annotated[str, typer.Argument(metavar="ID", help="Manifest id (or a unique prefix).")],
+    model_id: Annotated[str, typer.Argument(metavar="MODEL", help=LOCAL_MODEL_HELP)],
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:

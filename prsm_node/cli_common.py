@@ -50,6 +50,8 @@ def print_json(obj: Any) -> None:
 
 
 def table(rows: list[list[str]], header: list[str]) -> None:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
+    """Columns padded to their widest cell; an all-empty header (a key/value list) prints no line."""
+    lines = [header, *rows] if any(header) else rows
+    widths = [max([len(str(r[i])) for r in lines], default=0) for i in range(len(header))]
+    for row in lines:
         typer.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())

@@ -86,6 +86,8 @@ def test_start_with_no_home_creates_one_and_init_refuses_to_overwrite(short_tmp:
         assert f"peer_id={peer_id}" in ready and f"control={home}/control.sock" in ready
         status = cli("status", "--home", str(home), "--json")
         assert status.returncode == 0 and f'"peer_id": "{peer_id}"' in status.stdout
+        plain = cli("status", "--home", str(home)).stdout.splitlines()
+        assert plain[0].split() == ["peer", "id", peer_id]  # a key/value list has no header line
         assert cli("stop", "--home", str(home)).returncode == 0
         assert proc.wait(timeout=30) == 0
     refused = cli("init", "--home", str(home))

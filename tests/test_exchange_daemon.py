@@ -1,6 +1,6 @@
 """The model commands in real daemon processes, through the CLI with --json: publish a small
-safetensors model on node0 of a 3-node devnet, fetch it on node1 by id, then ls, info and rm;
-unknown ids get clear errors."""
+safetensors model on node0 of a 3-node devnet, fetch it on node1 by id, then ls, info and rm
+(by id prefix and by name); unknown ids get clear errors."""
 
 from __future__ import annotations
 
@@ -59,7 +59,10 @@ def test_publish_fetch_ls_info_rm_through_the_cli(short_tmp: Path) -> None:
         assert f"0 chunks fetched, {pub['chunks']} already here" in again.stdout
         assert "prsm/tiny" in cli("model", "ls", "--home", homes[1]).stdout
 
-        removed = model_json(homes[1], "rm", mid)
+        # A local model is also named by NAME (its latest version here) or NAME:VERSION.
+        assert model_json(homes[1], "info", "prsm/tiny")["id"] == mid
+        removed = model_json(homes[1], "rm", "prsm/tiny:1.0.0")
+        assert removed["id"] == mid
         assert removed["removed"] and removed["freed_bytes"] > 0
         assert model_json(homes[1], "ls")["models"] == []
         assert not Path(fetched["path"]).exists()
@@ -67,6 +70,7 @@ def test_publish_fetch_ls_info_rm_through_the_cli(short_tmp: Path) -> None:
         unknown = "ab" * 32
         for args, message in [
             (("info", unknown), "no local model"),
+            (("info", "prsm/tiny:2.0"), "no local model prsm/tiny:2.0"),
             (("rm", "abcd"), "at least 8"),
             (("fetch", unknown), "no peer serves manifest"),
             (("fetch", "no such name!"), "not a model id"),

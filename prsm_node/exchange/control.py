@@ -5,7 +5,9 @@
 default), answers when it ends; with ``wait: false`` it answers at once and the caller polls
 ``model.progress`` (the CLI does, at 4 Hz, to draw its progress bar). Models are named by their
 manifest id (64 hex characters, or a unique prefix of at least 8 for local models), or by
-``NAME[:VERSION]`` (resolved through signed DHT name records, else among local manifests).
+``NAME[:VERSION]``: ``model.fetch`` resolves it through signed DHT name records, else among
+local manifests; the methods on local models (``info``, ``rm``, ``progress``, ``cancel``)
+among local manifests only.
 """
 
 from __future__ import annotations
@@ -54,17 +56,36 @@ class ModelMethods:
         return await trio.to_thread.run_sync(load)
 
     async def _local_id(self, text: str) -> bytes:
-        """A stored (or being fetched) model by full id or unique prefix."""
-        text = text.lower()
-        if len(text) < MIN_PREFIX or not all(c in "0123456789abcdef" for c in text):
-            raise RequestError("invalid_params", f"a model id is hex, at least {MIN_PREFIX} characters: {text!r}")
-        known = set(await trio.to_thread.run_sync(self.store.manifest_ids)) | set(self.service.fetches)
-        matches = [mid for mid in known if mid.hex().startswith(text)]
-        if not matches:
-            raise RequestError("not_found", f"no local model {text}")
-        if len(matches) > 1:
-            raise RequestError("invalid_params", f"{text} matches {len(matches)} models; give more of the id")
-        return matches[0]
+        """A stored (or being fetched) model by full id, unique id prefix, or NAME[:VERSION]."""
+        lowered = text.lower()
+        if len(lowered) >= MIN_PREFIX and all(c in "0123456789abcdef" for c in lowered):
+            known = set(await trio.to_thread.run_sync(self.store.manifest_ids)) | set(self.service.fetches)
+            matches = [mid for mid in known if mid.hex().startswith(lowered)]
+            if len(matches) > 1:
+                raise RequestError("invalid_params", f"{lowered} matches {len(matches)} models; give more of the id")
+            if matches:
+                return matches[0]
+        try:
+            found = await self._local_named(text)
+        except ShardError as exc:
+            raise RequestError(
+                "invalid_params", f"not a model id (hex, at least {MIN_PREFIX} characters) or NAME[:VERSION]: {exc}"
+            ) from None
+        if found is None:
+            short = len(lowered) < MIN_PREFIX and all(c in "0123456789abcdef" for c in lowered)
+            hint = f" (an id prefix needs at least {MIN_PREFIX} hex characters)" if short else ""
+            raise RequestError("not_found", f"no local model {text}{hint}")
+        return found
+
+    async def _local_named(self, ref: str) -> bytes | None:
+        """The stored model named ``NAME[:VERSION]`` (the latest version when none is given;
+        of equal ones the newest manifest), or None. Raises ShardError for a malformed ref."""
+        name, version = parse_ref(ref)
+        local = [(mid, m) for mid, m in (await self._local()).items() if m.name == name]
+        if version is None:
+            version = latest_version(m.version for _, m in local)
+        local = [(mid, m) for mid, m in local if m.version == version]
+        return max(local, key=lambda item: item[1].created)[0] if local else None
 
     async def _resolve(self, ref: str) -> bytes:
         """A manifest id from an id or ``NAME[:VERSION]``."""
@@ -80,15 +101,10 @@ class ModelMethods:
                 return decode_record(value).manifest_id
             except InvalidRecord:
                 pass
-        local = [(mid, m) for mid, m in (await self._local()).items() if m.name == name]
-        if version is None:
-            newest = latest_version(m.version for _, m in local)
-            local = [(mid, m) for mid, m in local if m.version == newest]
-        else:
-            local = [(mid, m) for mid, m in local if m.version == version]
-        if not local:
+        found = await self._local_named(ref)
+        if found is None:
             raise RequestError("not_found", f"no model named {ref} (no name record found, none stored here)")
-        return max(local, key=lambda item: item[1].created)[0]
+        return found
 
     # ------------------------------------------------------------ methods
 
