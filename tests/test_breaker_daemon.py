@@ -57,6 +57,7 @@ def test_vote_halt_restart_resume_through_the_cli(short_tmp: Path) -> None:
             assert st["state"] == "halted" and st["halted_since_ms"] is not None
             text = cli("breaker", "status", MODEL, "--home", homes[7])
             assert text.returncode == 0 and "HALTED" in text.stdout
+            assert "halt    300 FTNS of 800 FTNS" in text.stdout  # stakes in FTNS, as the ledger commands
 
             # 6 x 100 of 800 reaches 2/3 (534): running everywhere, self-halts lifted.
             control(homes[7], "breaker.wait_mesh", peers=1, timeout=60.0)

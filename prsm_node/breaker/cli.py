@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from ..cli_common import HomeOpt, JsonOpt, call_daemon
+from ..ledger.types import format_amount
 
 breaker_app = typer.Typer(help="The circuit breaker: vote to halt or resume a model; show halts.", no_args_is_help=True)
 
@@ -25,23 +26,29 @@ def _when(ms: int | None) -> str:
     return datetime.datetime.fromtimestamp(ms / 1000).isoformat(sep=" ", timespec="seconds")
 
 
+def _ftns(units: str) -> str:
+    """A stake in the JSON's smallest units as FTNS (the ledger commands' unit)."""
+    return f"{format_amount(int(units))} FTNS"
+
+
 def _print_model(s: dict[str, Any]) -> None:
     flag = " (self-halted by this node)" if s["self_halted"] else ""
     typer.echo(f"model   {s['model']}")
     typer.echo(f"state   {s['state'].upper()}{flag}; network-wide {s['network_state']}")
-    typer.echo(f"halt    {s['halt_stake']} of {s['total_stake']} (needs {s['halt_needed']}, {s['halt_threshold']})")
+    total = _ftns(s["total_stake"])
+    typer.echo(f"halt    {_ftns(s['halt_stake'])} of {total} (needs {_ftns(s['halt_needed'])}, {s['halt_threshold']})")
     typer.echo(
-        f"resume  {s['resume_stake']} of {s['total_stake']} (needs {s['resume_needed']}, {s['resume_threshold']})"
+        f"resume  {_ftns(s['resume_stake'])} of {total} (needs {_ftns(s['resume_needed'])}, {s['resume_threshold']})"
     )
     changed = s.get("changed")
     if changed:
-        by = f" by vote of {changed['voter'][:16]}…" if changed.get("voter") else f" at height {changed['height']}"
+        by = f" by {changed['voter'][:16]}…" if changed.get("voter") else f" at height {changed['height']}"
         typer.echo(f"changed {changed['state']} ({changed['cause']}{by}, {_when(changed.get('time_ms'))})")
     for v in s["voters"]:
         rec = v.get("recorded")
         ledger = f"ledger epoch {rec['epoch']} at height {rec['height']}" if rec else "not in the ledger yet"
         typer.echo(
-            f"  {v['voter'][:16]}…  {v['action']:<6} stake {v['stake']:<12} epoch {v['epoch']:<4} "
+            f"  {v['voter'][:16]}…  {v['action']:<6} stake {_ftns(v['stake']):<16} epoch {v['epoch']:<4} "
             f"{_when(v['timestamp_ms'])}  [{ledger}]  {v['reason']}"
         )
 
