@@ -15,6 +15,9 @@ __all__ = ["trained"]
 def test_ask_and_agents_status_through_the_cli(short_tmp: Path, trained: Path) -> None:
     with devnet(short_tmp / "net", 3) as net:
         n0, n1, n2 = net.nodes
+        nothing = cli("ask", "Of Light", "--home", n0["home"], timeout=60)  # no model published yet
+        assert nothing.returncode == 1 and "no model on the network could answer" in nothing.stderr
+        assert "generate: no model with capability 'text-generation' is reachable" in nothing.stderr
         for node, name in ((n1, "opticks-embedder"), (n1, "opticks-lm"), (n2, "opticks-classifier")):
             doc = json.loads((trained / name / "spec.json").read_text())
             control(node["home"], "model.publish", path=str(trained / name), name=name, version="1",
@@ -34,5 +37,7 @@ def test_ask_and_agents_status_through_the_cli(short_tmp: Path, trained: Path) -
         human = cli("agents", "status", "--home", n0["home"])
         assert human.returncode == 0 and "tasks served 0" in human.stdout
 
+        human_ask = cli("ask", "Of Light", "--budget", "0.5", "--home", n0["home"], timeout=120)
+        assert human_ask.returncode == 0 and "budget 0.5)" in human_ask.stdout  # in FTNS, not units
         over = cli("ask", "Of Light", "--budget", "0.000000000000000001", "--home", n0["home"])
         assert over.returncode == 1 and "exceeds the budget" in over.stderr

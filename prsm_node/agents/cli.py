@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from ..cli_common import HomeOpt, JsonOpt, call_daemon
+from ..ledger.types import format_amount
 
 agents_app = typer.Typer(help="NWTN agents: the model runtime and the tasks this node serves.", no_args_is_help=True)
 
@@ -33,8 +34,8 @@ def ask(
         return
     typer.echo(result["answer"])
     typer.echo("")
-    typer.echo(f"cost {result['cost_ftns']} FTNS (estimate {result['estimate']}, budget {result['budget']}) "
-               f"in {result['ms']} ms")
+    estimate, budget = (format_amount(int(result[k])) for k in ("estimate", "budget"))
+    typer.echo(f"cost {result['cost_ftns']} FTNS (estimate {estimate}, budget {budget}) in {result['ms']} ms")
     for row in result["trace"]:
         peer = row["peer"] or "-"
         error = f"  ({row['error']})" if row["error"] else ""

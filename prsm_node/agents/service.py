@@ -89,6 +89,9 @@ class AgentService:
             raise RequestError("over_budget", f"{exc} (estimate {exc.estimate})") from None
         except trio.TooSlowError:
             raise RequestError("timeout", f"no answer within {timeout} s") from None
+        if answer.steps and all(step.error for step in answer.steps):
+            why = "; ".join(f"{step.task.name}: {step.error}" for step in answer.steps)
+            raise RequestError("no_answer", f"no model on the network could answer ({why})")
         return answer.to_dict()
 
     async def status(self, params: dict[str, Any]) -> dict[str, Any]:

@@ -88,16 +88,21 @@ class Router:
         self.lookups = 0
 
     async def discover(self, capabilities: Iterable[str] = (), *, force: bool = False) -> list[Candidate]:
-        """The registry, refreshed when older than ``max_age`` (or ``force``). Providers of
-        known models with one of ``capabilities`` are looked up in the DHT."""
+        """The registry, refreshed when older than ``max_age`` (or ``force``), or when one of
+        ``capabilities`` has no candidate in it (a model may have been published or a peer
+        connected since; a refresh that ends while this call waits for the lock will do).
+        Providers of known models with one of ``capabilities`` are looked up in the DHT."""
         wanted = set(capabilities)
-        if self._refreshed is not None and not force and (
-            self._lock.locked() or trio.current_time() - self._refreshed < self.max_age
+        called = trio.current_time()
+        missing = self._refreshed is not None and any(not self.route(c) for c in wanted)
+        if self._refreshed is not None and not force and not missing and (
+            self._lock.locked() or called - self._refreshed < self.max_age
         ):
             return self.candidates  # fresh, or another query is refreshing it: the last registry will do
         async with self._lock:
             now = trio.current_time()
-            if force or self._refreshed is None or now - self._refreshed >= self.max_age:
+            if (force or self._refreshed is None or now - self._refreshed >= self.max_age
+                    or (missing and self._refreshed < called)):
                 await self._refresh(wanted)
                 self._refreshed = trio.current_time()
         return self.candidates
