@@ -347,13 +347,13 @@ def ledger_block(
 
 @ledger_app.command("history")
 def ledger_history(
-    account: Annotated[str, typer.Argument(help="Account (hex public key).")],
+    account: Annotated[str | None, typer.Argument(help="Account (hex public key) [default: this node's].")] = None,
     limit: Annotated[int, typer.Option(min=1, max=1000, help="Most transactions to show.")] = 50,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Committed transactions that touch an account, newest first."""
-    result = _call(home, "ledger.history", {"account": account, "limit": limit})
+    result = _call(home, "ledger.history", {"limit": limit, **({"account": account} if account else {})})
     if as_json:
         return _print_json(result)
     if not result["txs"]:

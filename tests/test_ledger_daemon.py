@@ -58,8 +58,9 @@ def test_follower_transfer_is_forwarded_committed_and_synced(short_tmp: Path) ->
         assert block["proposer"] == accounts[0]
         header = control(homes[1], "ledger.block", height=height, txs=False)
         assert "txs" not in header and header == {k: v for k, v in block.items() if k != "txs"}
-        history = ledger_json(homes[2], "history", accounts[2])
+        history = ledger_json(homes[2], "history")  # this node's account by default
         assert [t["hash"] for t in history["txs"]] == [sent["hash"]]
+        assert ledger_json(homes[0], "history", accounts[2]) == history
 
         staked = ledger_json(homes[2], "stake", "100")
         assert staked["status"] == "committed"
@@ -94,6 +95,7 @@ def test_bad_requests_get_clear_errors_and_the_node_runs_on(short_tmp: Path) -> 
             (["unstake", "1"], "does not cover unstake"),
             (["tx", "ab" * 32], "no tx"),
             (["block", "99"], "no block 99"),
+            (["block"], "the ledger has no block yet"),
             (["history", "xyz"], "64 hex"),
         ]
         for args, message in cases:

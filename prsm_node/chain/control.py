@@ -247,13 +247,16 @@ class LedgerMethods:
 
     async def block(self, params: dict[str, Any]) -> dict[str, Any]:
         height = param(params, "height", int, self.chain.tip.height)
-        if height < 1 or height > self.chain.tip.height:
-            raise RequestError("not_found", f"no block {height}: the ledger holds blocks 1 to {self.chain.tip.height}")
+        tip = self.chain.tip.height
+        if height < 1 or height > tip:
+            held = f"the ledger holds blocks 1 to {tip}" if tip else "the ledger has no block yet (height 0: genesis)"
+            raise RequestError("not_found", f"no block {height}: {held}")
         with_txs = param(params, "txs", bool, True)
         return block_json(self.chain.ledger.block(height), with_txs=with_txs)
 
     async def history(self, params: dict[str, Any]) -> dict[str, Any]:
-        key = parse_account(param(params, "account", str))
+        text = param(params, "account", str, "")
+        key = parse_account(text) if text else self.chain.account
         limit = param(params, "limit", int, 50)
         before_height = param(params, "before", int, 0)
         before_index = param(params, "before_index", int, 0)
