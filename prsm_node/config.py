@@ -9,7 +9,9 @@ same field definitions (:func:`render_example`), so the documentation cannot dri
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -344,20 +346,27 @@ def _check_type(where: str, value: Any, default: Any) -> Any:
     return value
 
 
+def _did_you_mean(name: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def from_dict(data: dict[str, Any], base: Config | None = None) -> Config:
     """Build a validated Config from parsed TOML, on top of ``base`` (defaults if None)."""
     cfg = base if base is not None else Config()
     sections = {f.name: f for f in dataclasses.fields(cfg)}
     for sec_name, sec_value in data.items():
         if sec_name not in sections:
-            raise ConfigError(f"[{sec_name}]: unknown section (known: {', '.join(sections)})")
+            hint = _did_you_mean(sec_name, sections)
+            raise ConfigError(f"[{sec_name}]: unknown section{hint} (known: {', '.join(sections)})")
         if not isinstance(sec_value, dict):
             raise ConfigError(f"[{sec_name}]: expected a table, got {type(sec_value).__name__}")
         section = getattr(cfg, sec_name)
         keys = {f.name for f in dataclasses.fields(section)}
         for key, value in sec_value.items():
             if key not in keys:
-                raise ConfigError(f"[{sec_name}].{key}: unknown key (known: {', '.join(sorted(keys))})")
+                hint = _did_you_mean(key, keys)
+                raise ConfigError(f"[{sec_name}].{key}: unknown key{hint} (known: {', '.join(sorted(keys))})")
             value = _check_type(f"[{sec_name}].{key}", value, getattr(section, key))
             setattr(section, key, value)
     cfg.validate()

@@ -23,8 +23,9 @@ def test_values_are_applied() -> None:
 @pytest.mark.parametrize(
     ("data", "names"),
     [
-        ({"p2p": {"lisen": []}}, "[p2p].lisen"),
-        ({"p2pp": {}}, "[p2pp]"),
+        ({"p2p": {"lisen": []}}, "[p2p].lisen: unknown key; did you mean 'listen'?"),
+        ({"p2pp": {}}, "[p2pp]: unknown section; did you mean 'p2p'?"),
+        ({"p2p": {"zzz": []}}, "[p2p].zzz: unknown key (known: "),
         ({"p2p": {"listen": "/ip4/127.0.0.1/tcp/1"}}, "[p2p].listen"),
         ({"p2p": {"listen": ["/ip4/1.2.3/tcp/1"]}}, "[p2p].listen[0]"),
         ({"p2p": {"listen": ["/ip4/127.0.0.1/udp/1"]}}, "[p2p].listen[0]"),
