@@ -18,7 +18,7 @@ from typing import Any
 
 import nacl.signing
 
-from .exceptions import InvalidManifest
+from .exceptions import InvalidManifest, InvalidSafetensors
 from .header import read_header
 from .manifest import (
     DEFAULT_CHUNK_SIZE,
@@ -54,7 +54,10 @@ def source_files(source: Path) -> tuple[Path, list[tuple[str, Path]]]:
 def describe_file(path: Path, rel: str, chunk_size: int) -> FileEntry:
     """Hash one file chunk by chunk and parse its header (blocking: run it in a thread)."""
     size = os.stat(path).st_size
-    header = read_header(str(path), size)
+    try:
+        header = read_header(str(path), size)
+    except InvalidSafetensors as exc:
+        raise InvalidSafetensors(f"{path} is not a valid safetensors file: {exc}") from None
     whole = hashlib.sha256()
     chunks = []
     read = 0
