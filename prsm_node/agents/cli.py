@@ -51,7 +51,10 @@ def agents_status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
         typer.echo(json.dumps(st, indent=2))
         return
     rt, tasks = st["runtime"], st["tasks"]
-    typer.echo(f"device       {rt['device']}")
+    device = rt["device"]
+    if device == "auto":  # torch is imported, and the device chosen, when the first model loads
+        device = "auto (cuda if torch sees one, else cpu: chosen when the first model loads)"
+    typer.echo(f"device       {device}")
     typer.echo(f"memory       {rt['bytes_in_use']} of {rt['memory_limit_bytes']} bytes")
     typer.echo(f"queue        {rt['queue_length']}")
     typer.echo(f"tasks served {tasks['tasks_served']} "
