@@ -1,5 +1,6 @@
-"""The signature verifier: batched checks in a worker process (large batches) or a thread
-(small ones) give the same answers as checking one by one; a dead worker falls back."""
+"""The signature verifier: batched checks in a worker process (large batches), a thread
+(middle-sized ones) or on the event loop (a few signatures) give the same answers as checking
+one by one; a dead worker falls back."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import msgpack
 import nacl.signing
 import trio
 
-from prsm_node.chain.verifier import PROCESS_MIN_BATCH, SignatureVerifier, signatures_valid
+from prsm_node.chain.verifier import INLINE_MAX_BATCH, PROCESS_MIN_BATCH, SignatureVerifier, signatures_valid
 from prsm_node.ledger import Settle, Transfer, sign_receipt, sign_tx
 from prsm_node.ledger.types import Tx
 
@@ -51,8 +52,14 @@ async def test_large_batches_go_to_the_worker_process_and_agree() -> None:
                 for start in (0, 4, middle + 1, 10, middle - 1):
                     inner.start_soon(check, start)
             assert results == {0: 3, 4: middle - 4, middle + 1: size - middle - 2, 10: middle - 10, middle - 1: 1}
-            # One by one through the queue: small batches, checked in a thread.
+            # One by one through the queue: a signature each, checked on the event loop (a
+            # hand-off to a thread or the process would cost more than the check).
+            in_process, inline = verifier.in_process, verifier.inline
             assert [await verifier.verify(t) for t in batch[:5]] == [True, True, True, False, True]
+            assert (verifier.in_process, verifier.inline) == (in_process, inline + 5)
+            # Middle-sized: in a thread (neither counter moves).
+            assert await verifier.first_invalid(batch[: INLINE_MAX_BATCH + 5]) == 3
+            assert (verifier.in_process, verifier.inline) == (in_process, inline + 5)
         # A settlement whose receipt is forged fails as a whole.
         payee = bytes(KEYS[0].verify_key)
         receipt = sign_receipt(KEYS[2], receipt_id=b"\x01" * 32, payee=payee, amount=5, chain_id=CHAIN)
