@@ -18,7 +18,10 @@ load is signed here and submitted as raw txs (``ledger.submit``) over the contro
    backpressure, a tx turned away for load (mempool or sender queue full, or the nonce gap
    such a refusal leaves) is sent again later with the account's txs after it ("refused"
    counts these; "errors" anything else). The commit rate is read from block heights and tx
-   counts over the steady middle of each run. Target >= 60% of the ceiling.
+   counts over the steady middle of each run. Target >= 60% of the ceiling. Each rate also
+   prints the CPU used per committed tx (from /proc, over its submission and drain) by the
+   node processes, by their verifier processes (ideally V x one verification) and by this
+   client: where the machine's cores went besides signature checks.
 3. **latency**: ``wait: true`` submissions at a low rate; latency = reply time (p50/p99).
 4. **view change**: SIGKILL the primary named by ``consensus.status`` while a light load
    runs; time to the first commit in the new view, beside ``[consensus].view_change_timeout``
@@ -325,6 +328,31 @@ def link_counts(socks: list[str]) -> list[int]:
     return out
 
 
+def cpu_seconds(node_pids: list[int]) -> tuple[float, float, float]:
+    """CPU seconds so far (user + system) of the node processes, of their child processes
+    (the signature verifiers), and of this bench process; (0, 0, self) without /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    nodes = children = 0.0
+    try:
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # exited meanwhile
+            used = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            if int(entry) in node_pids:
+                nodes += used
+            elif int(fields[1]) in node_pids:  # parent pid
+                children += used
+    except OSError:
+        pass
+    me = os.times()
+    return nodes, children, me.user + me.system
+
+
 def pct(xs: list[float], q: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
@@ -364,6 +392,7 @@ def main() -> None:
             print(f"devnet: {args.validators} validators + {args.nodes - args.validators} followers "
                   f"ready in {time.monotonic() - t0:.1f} s")  # fmt: skip
             socks = [n["control"] for n in net.nodes]
+            node_pids = [n["pid"] for n in net.nodes]
             vsocks = socks[: args.validators]
             targets = vsocks if args.via == "validators" or args.nodes == args.validators else socks[args.validators :]
             chain_id = call(socks[0], "ledger.status")["chain_id"]
@@ -409,6 +438,7 @@ def main() -> None:
                 ]
                 h0 = call(vsocks[0], "ledger.status")["height"]
                 links0 = link_counts(vsocks)
+                cpu0 = cpu_seconds(node_pids)
                 sampler = HeightSampler(vsocks[0])
                 sampler.start()
                 start, end, sent, refused, errors = offer(
@@ -439,6 +469,7 @@ def main() -> None:
                 if len(inside) >= 2 and inside[-1][0] > inside[0][0]:
                     ha, hb = inside[0][1], inside[-1][1]
                     steady = sum(counts.get(h, 0) for h in range(ha + 1, hb + 1)) / (inside[-1][0] - inside[0][0])
+                cpu = [b - a for a, b in zip(cpu0, cpu_seconds(node_pids), strict=True)]
                 # the next rate signs on from what the ledger holds (turned-away txs were never used)
                 drain(vsocks[0], args.drain)
                 acc.resync(vsocks[0], load_idx)
@@ -454,6 +485,12 @@ def main() -> None:
                 print(f"{'':>10} validators received {links[0]:,} txs over /prsm/tx "
                       f"({links[0] / max(committed, 1):.2f} per committed tx), "
                       f"links sent {links[1]:,} again")  # fmt: skip
+                if cpu[0] and committed:
+                    us = [1e6 * c / committed for c in cpu]
+                    verify_us = 1e6 * (timings[-2] + timings[-1]) / 2
+                    print(f"{'':>10} CPU per committed tx: node processes {us[0]:.0f} us, their verifier "
+                          f"processes {us[1]:.0f} us (= {us[1] / verify_us:.1f} verifications), this client "
+                          f"{us[2]:.0f} us")  # fmt: skip
             median = cores / (args.validators * statistics.median(timings))
             print(f"verification timings: {', '.join(f'{t * 1e6:.1f}' for t in timings)} us "
                   f"(median ceiling {median:,.0f} tx/s)")  # fmt: skip
