@@ -319,12 +319,14 @@ def tx_counts(sock: str, lo: int, hi: int) -> dict[int, int]:
 
 
 def link_counts(socks: list[str]) -> list[int]:
-    """(txs the nodes received over /prsm/tx, txs their links sent again after a refusal)."""
-    out = [0, 0]
+    """(txs the nodes received over /prsm/tx, txs their links sent again after a refusal,
+    PBFT messages the replicas sent)."""
+    out = [0, 0, 0]
     for sock in socks:
         st = call(sock, "ledger.status")
         out[0] += st["txs_received"]
         out[1] += st.get("txs_retried", 0)
+        out[2] += call(sock, "consensus.status")["statistics"]["messages_sent"]
     return out
 
 
@@ -484,7 +486,8 @@ def main() -> None:
                       f"{here:>8,.0f}")  # fmt: skip
                 print(f"{'':>10} validators received {links[0]:,} txs over /prsm/tx "
                       f"({links[0] / max(committed, 1):.2f} per committed tx), "
-                      f"links sent {links[1]:,} again")  # fmt: skip
+                      f"links sent {links[1]:,} again; replicas sent {links[2]:,} PBFT messages "
+                      f"({links[2] / max(blocks, 1):.0f} per block)")  # fmt: skip
                 if cpu[0] and committed:
                     us = [1e6 * c / committed for c in cpu]
                     verify_us = 1e6 * (timings[-2] + timings[-1]) / 2
