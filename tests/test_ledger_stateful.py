@@ -298,6 +298,7 @@ class LedgerMachine(RuleBasedStateMachine):
     @invariant()
     def matches_model(self) -> None:
         assert dict(self.state.accounts()) == self.model.frozen()
+        assert self.state.stakes() == {k: a.stake for k, a in self.model.frozen().items() if a.stake}
         assert set(self.state.settled_receipts()) == self.model.settled
         assert self.state.height == self.model.height
 

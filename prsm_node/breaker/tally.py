@@ -66,7 +66,7 @@ class StakeTable:
 
     @classmethod
     def from_ledger(cls, state: LedgerState) -> StakeTable:
-        return cls({key: account.stake for key, account in state.accounts() if account.stake})
+        return cls(state.stakes())
 
     def stake_of(self, account: bytes) -> int:
         return self._stakes.get(account, 0)

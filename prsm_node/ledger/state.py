@@ -174,6 +174,9 @@ class LedgerState:
         self._due: dict[int, set[bytes]] = {}  # release height -> accounts with unbonding due then
         for key, a in self._accounts.items():
             self._index(key, a, add=True)
+        # Every account with stake: the breaker's stake table is read from it after each block,
+        # in time proportional to the stakers rather than to every account.
+        self._stakes: dict[bytes, int] = {key: a.stake for key, a in self._accounts.items() if a.stake}
         self._journal_accounts: dict[bytes, Account] = {}
         self._journal_settled: set[bytes] = set()
         self._journal_votes: dict[bytes, VoteRecord | None] = {}  # key -> record before the checkpoint
@@ -221,6 +224,11 @@ class LedgerState:
         """Every non-empty account, in ascending key order."""
         for key in sorted(self._accounts):
             yield key, self._accounts[key]
+
+    def stakes(self) -> dict[bytes, int]:
+        """Every account with stake, and its stake (a copy; kept up to date per change, so this
+        costs the number of stakers, not of accounts)."""
+        return dict(self._stakes)
 
     def settled_receipts(self) -> Iterator[bytes]:
         """Every settled receipt key (``payer || receipt_id``), in ascending order."""
@@ -501,6 +509,11 @@ class LedgerState:
         if key not in self._dirty:
             self._dirty[key] = old
         self._held += new.total - old.total
+        if old.stake != new.stake:
+            if new.stake:
+                self._stakes[key] = new.stake
+            else:
+                del self._stakes[key]
         if old.unbonding or new.unbonding:
             self._index(key, old, add=False)
             self._index(key, new, add=True)
