@@ -15,7 +15,7 @@ __all__ = ["trained"]
 def test_ask_and_agents_status_through_the_cli(short_tmp: Path, trained: Path) -> None:
     with devnet(short_tmp / "net", 3) as net:
         n0, n1, n2 = net.nodes
-        nothing = cli("ask", "Of Light", "--home", n0["home"], timeout=60)  # no model published yet
+        nothing = cli("ask", "Of Light", "--home", n2["home"], timeout=60)  # no model published yet
         assert nothing.returncode == 1 and "no model on the network could answer" in nothing.stderr
         assert "generate: no model with capability 'text-generation' is reachable" in nothing.stderr
         for node, name in ((n1, "opticks-embedder"), (n1, "opticks-lm"), (n2, "opticks-classifier")):

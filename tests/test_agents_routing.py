@@ -10,6 +10,8 @@ from pathlib import Path
 
 import trio
 
+from prsm_node.agents.nwtn.router import MISS_REFRESH_S, refresh_due
+
 from .test_agents_task import agent_network, fetch, publish, trained
 
 __all__ = ["trained"]
@@ -41,3 +43,13 @@ async def test_the_router_finds_a_provider_it_is_not_connected_to_through_the_dh
         assert via[(str(bob.host.get_id()), clf.hex())] == "connected"
         assert carol.agents.tasks.tasks_served == 1 and bob.agents.tasks.tasks_served == 0
         assert alice.agents.router.lookups >= 1
+
+
+def test_a_registry_lacking_a_capability_is_refreshed_sooner_but_not_on_every_query() -> None:
+    max_age = 2.0
+    assert not refresh_due(10.0, 10.0 - max_age / 2, max_age=max_age, missing=False)
+    assert refresh_due(10.0, 10.0 - max_age, max_age=max_age, missing=False)
+    # A capability a query needs is missing (a model published since?): refreshed sooner...
+    assert refresh_due(10.0, 10.0 - MISS_REFRESH_S, max_age=max_age, missing=True)
+    # ... but a network that lacks it does not refresh on every query.
+    assert not refresh_due(10.0, 10.0 - MISS_REFRESH_S / 2, max_age=max_age, missing=True)

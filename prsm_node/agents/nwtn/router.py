@@ -9,10 +9,11 @@ records the exchange announces for every model it holds) finds peers this node i
 connected to. They are dialled and asked ``LIST`` like the others, so a model is reachable as
 long as the DHT knows who holds it, not only when its host happens to be a neighbour.
 
-The registry is shared by concurrent queries: it is refreshed at most every ``max_age``
-seconds, by one query at a time (the others use the last registry meanwhile; only the very
-first refresh is waited for), and provider lookups of one model are repeated at most every
-``provider_ttl`` seconds.
+The registry is shared by concurrent queries: it is refreshed every ``max_age`` seconds (or
+after ``MISS_REFRESH_S`` when it lacks a capability a query needs), by one query at a time
+(the others use the last registry meanwhile; only the very first refresh, and one a query
+lacking a capability needs, is waited for), and provider lookups of one model are repeated at
+most every ``provider_ttl`` seconds.
 
 Catalogue entries carry the manifest's capability tags, the model's architecture, the
 publisher, the executor's price and current load. For a capability the router keeps the
@@ -47,7 +48,18 @@ MAX_LOOKUPS = 8  # provider lookups per refresh
 MAX_PROVIDERS = 8  # providers asked per model
 MAX_KNOWN = 256  # remembered model ids
 REFRESH_S = 2.0
+MISS_REFRESH_S = 1.0  # a registry that lacks a capability a query needs is refreshed at most this often
 PROVIDER_TTL = 30.0
+
+
+def refresh_due(now: float, refreshed: float, *, max_age: float, missing: bool) -> bool:
+    """Whether a registry last refreshed at ``refreshed`` is refreshed for a query at ``now``:
+    once it is ``max_age`` old, or ``MISS_REFRESH_S`` old when it lacks a capability the query
+    needs (a model may have been published, or its host connected, since; an ask right after a
+    publish need not wait ``max_age``, nor does a network lacking a capability refresh on
+    every query)."""
+    age = now - refreshed
+    return age >= max_age or (missing and age >= MISS_REFRESH_S)
 
 
 @dataclass(frozen=True)
@@ -88,21 +100,23 @@ class Router:
         self.lookups = 0
 
     async def discover(self, capabilities: Iterable[str] = (), *, force: bool = False) -> list[Candidate]:
-        """The registry, refreshed when older than ``max_age`` (or ``force``), or when one of
-        ``capabilities`` has no candidate in it (a model may have been published or a peer
-        connected since; a refresh that ends while this call waits for the lock will do).
-        Providers of known models with one of ``capabilities`` are looked up in the DHT."""
+        """The registry, refreshed when ``refresh_due`` (or ``force``). Providers of known
+        models with one of ``capabilities`` are looked up in the DHT. A query that finds a
+        capability missing waits for a refresh under way rather than take the registry that
+        lacks it; one that finished while it waited will do."""
         wanted = set(capabilities)
         called = trio.current_time()
         missing = self._refreshed is not None and any(not self.route(c) for c in wanted)
-        if self._refreshed is not None and not force and not missing and (
-            self._lock.locked() or called - self._refreshed < self.max_age
+        if not force and self._refreshed is not None and (
+            not refresh_due(called, self._refreshed, max_age=self.max_age, missing=missing)
+            or (self._lock.locked() and not missing)
         ):
             return self.candidates  # fresh, or another query is refreshing it: the last registry will do
         async with self._lock:
             now = trio.current_time()
-            if (force or self._refreshed is None or now - self._refreshed >= self.max_age
-                    or (missing and self._refreshed < called)):
+            if force or self._refreshed is None or (
+                self._refreshed < called and refresh_due(now, self._refreshed, max_age=self.max_age, missing=missing)
+            ):
                 await self._refresh(wanted)
                 self._refreshed = trio.current_time()
         return self.candidates
