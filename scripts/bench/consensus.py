@@ -481,13 +481,14 @@ def main() -> None:
                 if steady > best:
                     best, best_ceiling = steady, here
                 blocks = len(counts)
+                view = call(vsocks[0], "consensus.status")["view"]  # > 0: the load caused a view change
                 print(f"{rate:>10.0f} {sent:>7} {refused:>8} {errors:>7} {committed:>10} {steady:>12.1f} "
                       f"{100 * steady / here:>9.1f}% {blocks:>7} {committed / max(blocks, 1):>9.1f} "
                       f"{here:>8,.0f}")  # fmt: skip
                 print(f"{'':>10} validators received {links[0]:,} txs over /prsm/tx "
                       f"({links[0] / max(committed, 1):.2f} per committed tx), "
                       f"links sent {links[1]:,} again; replicas sent {links[2]:,} PBFT messages "
-                      f"({links[2] / max(blocks, 1):.0f} per block)")  # fmt: skip
+                      f"({links[2] / max(blocks, 1):.0f} per block), view {view}")  # fmt: skip
                 if cpu[0] and committed:
                     us = [1e6 * c / committed for c in cpu]
                     verify_us = 1e6 * (timings[-2] + timings[-1]) / 2
