@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from prsm_node.control.client import call  # noqa: E402
+from prsm_node.ledger.types import format_amount  # noqa: E402
 
 CLI = [sys.executable, "-m", "prsm_node"]
 MODELS = ("opticks-embedder", "opticks-classifier", "opticks-lm")
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         before = [control(n, "ledger.balance") for n in nodes[:4]]
         answer = control(nodes[0], "agents.ask", timeout=300, query=args.query, budget=args.budget)
         print("\n" + answer["answer"] + "\n")
-        print(f"cost {answer['cost_ftns']} FTNS, estimate {answer['estimate']}, in {answer['ms']} ms")
+        print(f"cost {answer['cost_ftns']} FTNS (estimate {format_amount(int(answer['estimate']))}), "
+              f"in {answer['ms']} ms")
         for row in answer["trace"]:
             print(f"  {row['subtask']:<9} {row['model'] or '-':<20} {(row['peer'] or '-')[:20]:<20} "
                   f"{row['ms']:>8} ms {row['units']:>6} units {row['cost_ftns']} FTNS {row['error'] or ''}")
@@ -81,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         after = [control(n, "ledger.balance") for n in nodes[:4]]
         print("\nbalances (before -> after):")
         for i, (b, a) in enumerate(zip(before, after, strict=True)):
-            print(f"  node{i}  {json.dumps(b.get('balance'))} -> {json.dumps(a.get('balance'))}")
+            change = int(a["balance"]["units"]) - int(b["balance"]["units"])
+            sign = "+" if change >= 0 else "-"
+            print(f"  node{i}  {b['balance']['ftns']} -> {a['balance']['ftns']} FTNS "
+                  f"({sign}{format_amount(abs(change))})")
         return 0
     finally:
         devnet.send_signal(signal.SIGINT)
