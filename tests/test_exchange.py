@@ -7,7 +7,9 @@ refused with the right error, and the node goes on serving."""
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from prsm_node.exchange.registry import (
 from prsm_node.node import Node
 from prsm_node.shards import (
     MAX_REQUEST_SIZE,
+    Assembly,
     End,
     Error,
     ErrorCode,
@@ -39,6 +42,7 @@ from prsm_node.shards import (
     GetManifest,
     Have,
     HaveReply,
+    Manifest,
     ManifestReply,
     ShardStore,
     decode_message,
@@ -89,6 +93,36 @@ class SlowStore(ShardStore):
     def read_chunk(self, manifest_id: bytes, index: int, *, verify: bool = True) -> bytes:
         time.sleep(self.delay)
         return super().read_chunk(manifest_id, index, verify=verify)
+
+
+class ReportingStore(ShardStore):
+    """A provider that reports (from its reading thread) each chunk index it is asked to read."""
+
+    def __init__(self, *args: object, reached: Callable[[int], None]) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        self.reached = reached
+
+    def read_chunk(self, manifest_id: bytes, index: int, *, verify: bool = True) -> bytes:
+        self.reached(index)
+        return super().read_chunk(manifest_id, index, verify=verify)
+
+
+class StalledWriteStore(ShardStore):
+    """A fetcher whose disk stalls: the write of chunk 0 blocks until ``release`` is set."""
+
+    release = threading.Event()
+
+    def open_assembly(self, m: Manifest) -> Assembly:
+        assembly = super().open_assembly(m)
+        write, release = assembly.write, self.release
+
+        def stalled(index: int, data: bytes | memoryview) -> None:
+            if index == 0:
+                release.wait(30)
+            write(index, data)
+
+        assembly.write = stalled  # type: ignore[method-assign]
+        return assembly
 
 
 def svc(node: Node):  # type: ignore[no-untyped-def]
@@ -244,6 +278,40 @@ async def test_provider_stopped_mid_transfer_is_replaced_by_the_others(short_tmp
             await f.done.wait()
         assert f.state == "done", f.error
         assert provider_stats(f, bob)["dropped"]
+        assert f.chunks_fetched == f.chunks_total
+        assert_identical(f, short_tmp / "src", tensors)
+
+
+async def test_a_stalled_disk_write_does_not_hold_up_the_next_requests(short_tmp: Path) -> None:
+    """The worker asks for more while a batch's chunks are still being verified and written:
+    with the write of chunk 0 (batch 1) stalled, the provider is asked for batch 3 (chunks
+    8-11; batch 2 was asked ahead of batch 1's answer). Then the fetch completes."""
+    async with running_nodes(short_tmp, ["alice", "bob"]) as nodes:
+        alice, bob = nodes["alice"], nodes["bob"]
+        mid, tensors = await publish(alice, short_tmp / "src")
+        third_batch = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+
+        def reached(index: int) -> None:
+            if index >= 8:
+                token.run_sync_soon(third_batch.set)
+
+        svc(alice).store = ReportingStore(alice.home.data_dir, reached=reached)
+        stalled = StalledWriteStore(bob.home.data_dir)
+        stalled.release = threading.Event()
+        service = svc(bob)  # svc() sets TEST_FETCH: the params after it
+        service.store = stalled
+        service.fetch_params = replace(TEST_FETCH, max_request_bytes=4 * CHUNK, store_flush_bytes=CHUNK)
+        f = service.start_fetch(mid)
+        try:
+            with trio.fail_after(10):
+                await third_batch.wait()
+            assert 0 in f.sched.in_flight  # chunk 0 has not landed: the requests did not wait for it
+        finally:
+            stalled.release.set()
+        with trio.fail_after(30):
+            await f.done.wait()
+        assert f.state == "done", f.error
         assert f.chunks_fetched == f.chunks_total
         assert_identical(f, short_tmp / "src", tensors)
 
