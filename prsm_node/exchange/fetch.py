@@ -570,6 +570,7 @@ class Fetch:
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
             "providers": [p.json() for p in self.providers.values()],
             "ramp": {"providers": self.sched.target, "settled": self.sched.ramp_settled,
+                     "reopened": self.sched.ramp_reopened,
                      "steps": [[n, round(rate)] for n, rate in self.sched.ramp_steps]},
         }
 
