@@ -376,7 +376,8 @@ async def test_a_resumed_fetch_refetches_an_earlier_chunk_damaged_meanwhile(shor
 
 async def test_a_chunk_stream_gets_the_large_receive_window(short_tmp: Path) -> None:
     """On a real yamux stream: widen_receive_window reaches py-libp2p's window target (a
-    py-libp2p that renamed it would silently leave fetches at 256-512 KiB of credit)."""
+    py-libp2p that renamed it would silently leave fetches at 256-512 KiB of credit), and the
+    buffer, event and credit FrameReader waits on are where it looks for them."""
     async with running_nodes(short_tmp, ["alice", "bob"]) as nodes:
         with trio.fail_after(10):
             stream = await nodes["bob"].host.new_stream(nodes["alice"].host.get_id(), [SHARD])
@@ -385,6 +386,12 @@ async def test_a_chunk_stream_gets_the_large_receive_window(short_tmp: Path) -> 
             assert muxed.target_recv_window < RECEIVE_WINDOW
             widen_receive_window(stream)
             assert muxed.target_recv_window == RECEIVE_WINDOW
+            # What FrameReader._buffered looks at (without it, reads go frame by frame again).
+            conn = muxed.conn
+            assert isinstance(conn.stream_buffers[muxed.stream_id], bytearray)
+            assert isinstance(conn.stream_events[muxed.stream_id], trio.Event)
+            assert isinstance(muxed.recv_window, int) and muxed.recv_window > 0
+            assert muxed.recv_closed is False and muxed.reset_received is False
         finally:
             await stream.close()
 
