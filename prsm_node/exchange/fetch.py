@@ -33,6 +33,7 @@ from ..logs import kv
 from ..shards import Assembly, ErrorCode, Manifest, MissingChunks, QuotaExceeded, ShardError, ShardStore
 from ..shards import Chunk as ChunkMsg
 from ..wire import FrameError
+from .background import LowPriorityThread
 from .client import ShardStream
 from .exceptions import FetchFailed, ModelHalted, NoProviders, ProtocolViolation, RemoteError, Unreachable
 from .ipfs import IpfsBlocks
@@ -90,6 +91,7 @@ class Fetch:
         self._nursery: trio.Nursery | None = None
         self._assembly: Assembly | None = None
         self._flushing = False
+        self._bulk = LowPriorityThread("prsm fetch store")  # hashes and writes received chunks (background.py)
 
     @property
     def providers(self) -> dict[ID, Provider]:
@@ -131,6 +133,7 @@ class Fetch:
                 self.state, self.error = "cancelled", "the node is stopping"
             for ss in self._spares.values():
                 await ss.aclose()
+            self._bulk.close()
             self.finished = trio.current_time()
             self.done.set()
             self._notify()
@@ -500,7 +503,7 @@ class Fetch:
                 ok.append(good)
             return ok
 
-        results = await trio.to_thread.run_sync(write)
+        results = await self._bulk.run(write)
         self._flush_when_due()
         self.sched.received(sum(len(c.data) for c, ok in zip(chunks, results, strict=True) if ok),
                             trio.current_time())
