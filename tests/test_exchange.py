@@ -7,7 +7,9 @@ refused with the right error, and the node goes on serving."""
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from prsm_node.exchange.registry import (
 from prsm_node.node import Node
 from prsm_node.shards import (
     MAX_REQUEST_SIZE,
+    Assembly,
     End,
     Error,
     ErrorCode,
@@ -39,6 +42,7 @@ from prsm_node.shards import (
     GetManifest,
     Have,
     HaveReply,
+    Manifest,
     ManifestReply,
     ShardStore,
     decode_message,
@@ -89,6 +93,36 @@ class SlowStore(ShardStore):
     def read_chunk(self, manifest_id: bytes, index: int, *, verify: bool = True) -> bytes:
         time.sleep(self.delay)
         return super().read_chunk(manifest_id, index, verify=verify)
+
+
+class ReportingStore(ShardStore):
+    """A provider that reports (from its reading thread) each chunk index it is asked to read."""
+
+    def __init__(self, *args: object, reached: Callable[[int], None]) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        self.reached = reached
+
+    def read_chunk(self, manifest_id: bytes, index: int, *, verify: bool = True) -> bytes:
+        self.reached(index)
+        return super().read_chunk(manifest_id, index, verify=verify)
+
+
+class StalledWriteStore(ShardStore):
+    """A fetcher whose disk stalls: the write of chunk 0 blocks until ``release`` is set."""
+
+    release = threading.Event()
+
+    def open_assembly(self, m: Manifest) -> Assembly:
+        assembly = super().open_assembly(m)
+        write, release = assembly.write, self.release
+
+        def stalled(index: int, data: bytes | memoryview) -> None:
+            if index == 0:
+                release.wait(30)
+            write(index, data)
+
+        assembly.write = stalled  # type: ignore[method-assign]
+        return assembly
 
 
 def svc(node: Node):  # type: ignore[no-untyped-def]
@@ -248,6 +282,40 @@ async def test_provider_stopped_mid_transfer_is_replaced_by_the_others(short_tmp
         assert_identical(f, short_tmp / "src", tensors)
 
 
+async def test_a_stalled_disk_write_does_not_hold_up_the_next_requests(short_tmp: Path) -> None:
+    """The worker asks for more while a batch's chunks are still being verified and written:
+    with the write of chunk 0 (batch 1) stalled, the provider is asked for batch 3 (chunks
+    8-11; batch 2 was asked ahead of batch 1's answer). Then the fetch completes."""
+    async with running_nodes(short_tmp, ["alice", "bob"]) as nodes:
+        alice, bob = nodes["alice"], nodes["bob"]
+        mid, tensors = await publish(alice, short_tmp / "src")
+        third_batch = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+
+        def reached(index: int) -> None:
+            if index >= 8:
+                token.run_sync_soon(third_batch.set)
+
+        svc(alice).store = ReportingStore(alice.home.data_dir, reached=reached)
+        stalled = StalledWriteStore(bob.home.data_dir)
+        stalled.release = threading.Event()
+        service = svc(bob)  # svc() sets TEST_FETCH: the params after it
+        service.store = stalled
+        service.fetch_params = replace(TEST_FETCH, max_request_bytes=4 * CHUNK, store_flush_bytes=CHUNK)
+        f = service.start_fetch(mid)
+        try:
+            with trio.fail_after(10):
+                await third_batch.wait()
+            assert 0 in f.sched.in_flight  # chunk 0 has not landed: the requests did not wait for it
+        finally:
+            stalled.release.set()
+        with trio.fail_after(30):
+            await f.done.wait()
+        assert f.state == "done", f.error
+        assert f.chunks_fetched == f.chunks_total
+        assert_identical(f, short_tmp / "src", tensors)
+
+
 async def test_interrupted_fetch_resumes_without_fetching_a_chunk_twice(short_tmp: Path) -> None:
     async with running_nodes(short_tmp, ["alice", "bob"]) as nodes:
         alice, bob = nodes["alice"], nodes["bob"]
@@ -308,7 +376,8 @@ async def test_a_resumed_fetch_refetches_an_earlier_chunk_damaged_meanwhile(shor
 
 async def test_a_chunk_stream_gets_the_large_receive_window(short_tmp: Path) -> None:
     """On a real yamux stream: widen_receive_window reaches py-libp2p's window target (a
-    py-libp2p that renamed it would silently leave fetches at 256-512 KiB of credit)."""
+    py-libp2p that renamed it would silently leave fetches at 256-512 KiB of credit), and the
+    buffer, event and credit FrameReader waits on are where it looks for them."""
     async with running_nodes(short_tmp, ["alice", "bob"]) as nodes:
         with trio.fail_after(10):
             stream = await nodes["bob"].host.new_stream(nodes["alice"].host.get_id(), [SHARD])
@@ -317,6 +386,12 @@ async def test_a_chunk_stream_gets_the_large_receive_window(short_tmp: Path) -> 
             assert muxed.target_recv_window < RECEIVE_WINDOW
             widen_receive_window(stream)
             assert muxed.target_recv_window == RECEIVE_WINDOW
+            # What FrameReader._buffered looks at (without it, reads go frame by frame again).
+            conn = muxed.conn
+            assert isinstance(conn.stream_buffers[muxed.stream_id], bytearray)
+            assert isinstance(conn.stream_events[muxed.stream_id], trio.Event)
+            assert isinstance(muxed.recv_window, int) and muxed.recv_window > 0
+            assert muxed.recv_closed is False and muxed.reset_received is False
         finally:
             await stream.close()
 

@@ -8,12 +8,57 @@ from __future__ import annotations
 import random
 
 import pytest
+import trio
+import trio.testing
 
 from prsm_node.exchange.client import FrameReader
 from prsm_node.exchange.service import WRITE_PIECE, pieces
 from prsm_node.wire import FrameError, encode_uvarint
 
 from .pieces import Pieces, frames
+
+
+class Yamuxed:
+    """Stands in for a py-libp2p 0.8.1 yamux stream as FrameReader sees it: ``feed`` is a yamux
+    DATA frame arriving (appended to the connection's buffer for the stream, its event set,
+    the sender's credit spent); ``read`` takes what is buffered, up to ``n``, releasing its
+    credit. ``feeder`` waits for credit as a yamux sender does."""
+
+    def __init__(self, credit: int) -> None:
+        conn = type("Conn", (), {"stream_buffers": {7: bytearray()}, "stream_events": {7: trio.Event()}})()
+        self.muxed_stream = type("Muxed", (), {"conn": conn, "stream_id": 7, "recv_window": credit,
+                                               "recv_closed": False, "reset_received": False})()
+        self.buffer: bytearray = conn.stream_buffers[7]
+        self.events: dict[int, trio.Event] = conn.stream_events
+        self.reads = 0
+        self.credit_back = trio.Event()
+
+    async def _wait(self) -> None:
+        event = self.events[7]
+        await event.wait()
+        if self.events[7] is event:
+            self.events[7] = trio.Event()
+
+    async def read(self, n: int) -> bytes:
+        self.reads += 1
+        while not self.buffer:
+            await self._wait()
+        data = bytes(self.buffer[:n])
+        del self.buffer[:n]
+        self.muxed_stream.recv_window += len(data)
+        self.credit_back.set()
+        self.credit_back = trio.Event()
+        return data
+
+    async def feeder(self, data: bytes, frame: int = 65_507) -> None:
+        for i in range(0, len(data), frame):
+            while self.muxed_stream.recv_window <= 0:
+                await self.credit_back.wait()
+            piece = data[i:i + frame]
+            self.buffer.extend(piece)
+            self.muxed_stream.recv_window -= len(piece)
+            self.events[7].set()
+            await trio.testing.wait_all_tasks_blocked()  # the reader is caught up before the next arrives
 
 
 async def read_all(stream: Pieces, count: int, limit: int = 1 << 22) -> list[bytes]:
@@ -59,3 +104,39 @@ def test_write_pieces_are_the_parts_cut_evenly_and_views_where_they_can_be() -> 
     cut = list(pieces([head, chunk, head, chunk], WRITE_PIECE))
     assert b"".join(bytes(p) for p in cut) == head + chunk + head + chunk
     assert sum(isinstance(p, bytes) for p in cut) <= 2  # joined only across a frame boundary
+
+
+async def test_a_frame_arriving_in_yamux_frames_is_read_whole_not_one_read_per_yamux_frame() -> None:
+    """A caught-up reader waits (without reading) until the rest of a body is buffered: a
+    1 MiB CHUNK frame arriving in 17 yamux frames takes 2 reads (length, then the rest), not
+    one per yamux frame (each read costs the requester, the bottleneck, real work)."""
+    body = random.Random(9).randbytes(1 << 20)
+    stream = Yamuxed(credit=16 << 20)
+    got: list[bytes] = []
+
+    async def reader() -> None:
+        got.append(bytes(await FrameReader(stream).read(1 << 21)))  # type: ignore[arg-type]
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked()
+            await stream.feeder(frames([body]))
+    assert got == [body] and stream.reads == 2
+
+
+async def test_a_reader_waiting_for_a_body_reads_when_the_sender_runs_out_of_credit() -> None:
+    """No deadlock: with less credit than the body, the reader reads when the credit is spent
+    (the read gives it back), and the frame still comes out whole."""
+    body = random.Random(10).randbytes(1 << 20)
+    stream = Yamuxed(credit=200_000)
+    got: list[bytes] = []
+
+    async def reader() -> None:
+        got.append(bytes(await FrameReader(stream).read(1 << 21)))  # type: ignore[arg-type]
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await stream.feeder(frames([body]))
+    assert got == [body] and 2 < stream.reads < 17

@@ -61,6 +61,45 @@ def test_a_provider_that_does_not_raise_the_rate_is_parked_at_once() -> None:
     assert sched.ramp_settled and sched.target == 1 and p["b"].parked and not p["a"].parked
 
 
+def test_a_settled_ramp_reopens_when_the_rate_falls_well_below_the_settled_rate() -> None:
+    sched, p = schedule("abc")
+    activate(sched)
+    sched.received(1, now=0.0)
+    sched.received(100, now=1.0)  # 100 B/s with a
+    assert activate(sched) == [p["b"]]
+    sched.received(100, now=1.95)  # 105 B/s: b did not help, parked; settled at 100 B/s with a
+    assert sched.ramp_settled and sched.target == 1 and p["b"].parked
+    sched.stopped(p["b"])  # its worker finished its batch
+    sched.received(100, now=3.0)  # 95 B/s: the usual wobble, nothing changes
+    sched.received(100, now=4.6)  # 62 B/s: lower, still above half
+    assert sched.ramp_settled and activate(sched) == [] and sched.ramp_reopened == 0
+    sched.received(100, now=7.1)  # 40 B/s: a slowed down to under half the settled rate
+    assert not sched.ramp_settled and sched.target == 2 and sched.ramp_reopened == 1
+    assert activate(sched) == [p["b"]] and not p["b"].parked  # the idle ones get another try
+    sched.received(100, now=8.1)  # 100 B/s with a and b: it rose, a third
+    assert sched.target == 3 and activate(sched) == [p["c"]]
+    sched.received(100, now=9.1)  # still 100 B/s: c parked, settled anew at 100 B/s with two
+    assert sched.ramp_settled and sched.target == 2 and p["c"].parked
+    assert [n for n, _ in sched.ramp_steps] == [1, 2, 1, 2, 3]
+
+
+def test_a_ramp_settled_anew_at_a_lower_rate_watches_that_rate() -> None:
+    sched, p = schedule("ab")
+    activate(sched)
+    sched.received(1, now=0.0)
+    sched.received(100, now=1.0)  # 100 B/s
+    activate(sched)
+    sched.received(100, now=2.0)  # 100 B/s with b too: b parked
+    sched.stopped(p["b"])
+    sched.received(100, now=6.0)  # 25 B/s: reopened
+    assert activate(sched) == [p["b"]]
+    sched.received(100, now=10.0)  # 25 B/s with two: no better, b parked again; settled at 25 B/s
+    assert sched.ramp_settled and sched.target == 1 and p["b"].parked
+    sched.stopped(p["b"])
+    sched.received(100, now=14.5)  # 22 B/s: not well below the new settled rate
+    assert sched.ramp_settled and sched.ramp_reopened == 1
+
+
 def test_the_ramp_settles_when_no_idle_provider_is_left() -> None:
     sched, p = schedule("a")
     activate(sched)

@@ -89,6 +89,35 @@ class FrameReader:
             raise FrameError("stream ended inside a frame")
         return piece
 
+    async def _buffered(self, size: int) -> None:
+        """Wait, without reading, until py-libp2p's yamux buffer of this stream holds ``size``
+        bytes, the sender has no credit left for more (a read releases it), or the stream
+        ended; so the rest of a frame body is taken in one read, not one per yamux frame.
+
+        A caught-up reader is woken for every yamux frame (64 KiB) that arrives; each read
+        costs the requester, the bottleneck of a transfer, a locked buffer slice, a window
+        update check and py-libp2p's debug f-strings, where checking a length is nearly
+        free. Relies on py-libp2p 0.8.1's ``Yamux.stream_buffers`` / ``stream_events``;
+        where they are missing it returns at once (reads as before)."""
+        muxed = getattr(self.stream, "muxed_stream", None)
+        conn = getattr(muxed, "conn", None)
+        buffers = getattr(conn, "stream_buffers", None)
+        events = getattr(conn, "stream_events", None)
+        sid = getattr(muxed, "stream_id", None)
+        if not isinstance(buffers, dict) or not isinstance(events, dict) or sid is None:
+            return
+        while True:
+            buffer = buffers.get(sid)
+            if buffer is None or len(buffer) >= size or getattr(muxed, "recv_window", 0) <= 0 \
+                    or getattr(muxed, "recv_closed", True) or getattr(muxed, "reset_received", True):
+                return
+            event = events.get(sid)
+            if event is None:
+                return
+            await event.wait()
+            if events.get(sid) is event:  # as py-libp2p's own reader does: a fresh event for the next frame
+                events[sid] = trio.Event()
+
     async def read(self, max_size: int) -> memoryview:
         """One frame's body; a length over ``max_size`` is refused before the body is read."""
         while (parsed := _parse_length(self._rest)) is None:
@@ -104,6 +133,7 @@ class FrameReader:
         pieces: list[bytes | memoryview] = [self._rest[pos:]]
         have = len(pieces[0])
         while have < length:
+            await self._buffered(length - have)
             piece = await self._read(max(length - have, READ_SIZE))
             pieces.append(piece)
             have += len(piece)

@@ -33,6 +33,7 @@ from ..logs import kv
 from ..shards import Assembly, ErrorCode, Manifest, MissingChunks, QuotaExceeded, ShardError, ShardStore
 from ..shards import Chunk as ChunkMsg
 from ..wire import FrameError
+from .background import LowPriorityThread
 from .client import ShardStream
 from .exceptions import FetchFailed, ModelHalted, NoProviders, ProtocolViolation, RemoteError, Unreachable
 from .ipfs import IpfsBlocks
@@ -90,6 +91,7 @@ class Fetch:
         self._nursery: trio.Nursery | None = None
         self._assembly: Assembly | None = None
         self._flushing = False
+        self._bulk = LowPriorityThread("prsm fetch store")  # hashes and writes received chunks (background.py)
 
     @property
     def providers(self) -> dict[ID, Provider]:
@@ -131,6 +133,7 @@ class Fetch:
                 self.state, self.error = "cancelled", "the node is stopping"
             for ss in self._spares.values():
                 await ss.aclose()
+            self._bulk.close()
             self.finished = trio.current_time()
             self.done.set()
             self._notify()
@@ -374,9 +377,23 @@ class Fetch:
 
     async def _worker(self, p: Provider) -> None:
         """Batches from ``p`` over one reused stream, pipelined: the next GET_CHUNKS is sent
-        before the current answer is read, so the provider never waits for a round trip."""
-        sched = self.sched
+        before the current answer is read, so the provider never waits for a round trip. A
+        batch's chunks are verified and written (:class:`Landing`) while the stream goes on
+        with the next batch: the worker never waits on a hash or a disk write to ask for more."""
         ss, p.spare = p.spare, None
+        try:
+            async with trio.open_nursery() as nursery:
+                try:
+                    await self._worker_loop(p, ss, Landing(self, p, nursery))
+                except Exception as exc:  # a halt, a disk error or a bug: the whole fetch fails with it
+                    if self._fatal is None:
+                        self._fatal = exc
+        finally:
+            self.sched.stopped(p)
+            self._notify()
+
+    async def _worker_loop(self, p: Provider, ss: ShardStream | None, landing: Landing) -> None:
+        sched = self.sched
         ahead: list[int] = []  # requested on ``ss``, answer not read yet
         try:
             while not p.dropped and (ahead or not p.parked) and not sched.finished():  # parked: after ``ahead``
@@ -406,7 +423,7 @@ class Fetch:
                         ahead = sched.take(p)
                         if ahead:
                             await ss.request_chunks(self.manifest_id, ahead)
-                    await self._fetch_batch(p, ss, batch)
+                    await self._fetch_batch(p, ss, batch, landing)
                     p.backoff = 0.0
                     ok = True
                 except RemoteError as exc:
@@ -422,63 +439,48 @@ class Fetch:
                 except PEER_ERRORS as exc:
                     sched.penalise(p, f"transfer broke: {exc!r}")
                 finally:
-                    sched.requeue(batch, p)
+                    landing.close(batch)  # what did not land goes back to the queue once the rest did
                     if not ok:  # the stream's position is unknown: start afresh
                         sched.requeue(ahead, p)
                         ahead = []
                         if ss is not None:
                             await ss.aclose()
                             ss = None
-        except Exception as exc:  # a disk error or a bug: the whole fetch fails with it
-            if self._fatal is None:
-                self._fatal = exc
         finally:
             sched.requeue(ahead, p)
-            sched.stopped(p)
             if ss is not None:
                 await ss.aclose()
-            self._notify()
 
-    async def _fetch_batch(self, p: Provider, ss: ShardStream, batch: list[int]) -> None:
-        """The answer to one GET_CHUNKS (already sent). Received chunks are verified and written in worker
-        threads while the stream goes on delivering the next ones (a disk write never stalls the stream)."""
+    async def _fetch_batch(self, p: Provider, ss: ShardStream, batch: list[int], landing: Landing) -> None:
+        """Read the answer to one GET_CHUNKS (already sent). Received chunks go to ``landing``
+        (verified and written in worker threads) a ``store_flush_bytes`` group at a time; this
+        returns once the answer was read, not waiting for them."""
         assert self.manifest is not None
         chunk_size = self.manifest.chunk_size
         started = trio.current_time()
-        failures: list[Exception] = []
-
-        async def store(chunks: list[ChunkMsg]) -> None:
+        expected = 0
+        buffer: list[ChunkMsg] = []
+        buffered = 0
+        while (chunk := await ss.next_chunk(chunk_size)) is not None:
+            if "first_chunk" not in self.timings:
+                self.timings["first_chunk"] = trio.current_time() - self.started
+            if p.dropped:  # a chunk of an earlier group failed verification too often
+                raise ProtocolViolation(p.dropped)
             try:
-                await self._store(p, chunks)
-            except Exception as exc:  # re-raised below, outside the nursery (no exception group)
-                failures.append(exc)
-
-        async with trio.open_nursery() as nursery:
-            try:
-                expected = 0
-                buffer: list[ChunkMsg] = []
-                buffered = 0
-                while (chunk := await ss.next_chunk(chunk_size)) is not None:
-                    if "first_chunk" not in self.timings:
-                        self.timings["first_chunk"] = trio.current_time() - self.started
-                    try:
-                        at = batch.index(chunk.index, expected)
-                    except ValueError:
-                        raise ProtocolViolation(
-                            f"{p.peer} sent chunk {chunk.index}, not requested or out of order") from None
-                    p.have.difference_update(batch[expected:at])  # skipped: it does not hold them after all
-                    expected = at + 1
-                    buffer.append(chunk)
-                    buffered += len(chunk.data)
-                    if buffered >= self.params.store_flush_bytes:
-                        nursery.start_soon(store, buffer)
-                        buffer, buffered = [], 0
-                nursery.start_soon(store, buffer)
-                p.have.difference_update(batch[expected:])
-            except Exception as exc:
-                failures.insert(0, exc)
-        if failures:
-            raise failures[0]
+                at = batch.index(chunk.index, expected)
+            except ValueError:
+                raise ProtocolViolation(
+                    f"{p.peer} sent chunk {chunk.index}, not requested or out of order") from None
+            p.have.difference_update(batch[expected:at])  # skipped: it does not hold them after all
+            expected = at + 1
+            buffer.append(chunk)
+            buffered += len(chunk.data)
+            if buffered >= self.params.store_flush_bytes:
+                await landing.add(buffer, buffered)
+                buffer, buffered = [], 0
+        if buffer:
+            await landing.add(buffer, buffered)
+        p.have.difference_update(batch[expected:])
         p.busy += trio.current_time() - started
         self.sched.check_slow()
 
@@ -501,7 +503,7 @@ class Fetch:
                 ok.append(good)
             return ok
 
-        results = await trio.to_thread.run_sync(write)
+        results = await self._bulk.run(write)
         self._flush_when_due()
         self.sched.received(sum(len(c.data) for c, ok in zip(chunks, results, strict=True) if ok),
                             trio.current_time())
@@ -518,8 +520,6 @@ class Fetch:
                 p.have.discard(c.index)
                 self.sched.penalise(p, f"chunk {c.index} failed verification")
         self._notify()
-        if p.dropped:
-            raise ProtocolViolation(p.dropped)
 
     def _flush_when_due(self) -> None:
         """Flush the files and record what was written, in a task of its own: an fdatasync can
@@ -573,5 +573,63 @@ class Fetch:
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
             "providers": [p.json() for p in self.providers.values()],
             "ramp": {"providers": self.sched.target, "settled": self.sched.ramp_settled,
+                     "reopened": self.sched.ramp_reopened,
                      "steps": [[n, round(rate)] for n, rate in self.sched.ramp_steps]},
         }
+
+
+class Landing:
+    """One worker's received chunks on their way to disk. Each group given to :meth:`add` is
+    verified and written by ``Fetch._store`` in a task (and a thread) of its own, while the
+    worker reads on; at most ``max_request_bytes`` of them at once (more waits in :meth:`add`:
+    the memory a slow disk can hold up is bounded). A batch given to :meth:`close` is requeued, its
+    chunks that did not land (never received, or failed verification), once all of its groups
+    given so far are done: never earlier, so no chunk on its way to disk is asked of anyone
+    else. A disk error (or a bug) in a group fails the fetch, as it would in the worker."""
+
+    def __init__(self, fetch: Fetch, p: Provider, nursery: trio.Nursery) -> None:
+        self.fetch = fetch
+        self.p = p
+        self.nursery = nursery
+        self.limit = max(fetch.params.max_request_bytes, fetch.params.store_flush_bytes)
+        self.bytes = 0  # given to stores, not written yet
+        self.running = 0  # groups given, not done
+        self._closed: list[tuple[int, list[int]]] = []  # (groups given before it, batch), in order
+        self._given = 0  # groups given since the start: the next one's number
+        self._running: set[int] = set()  # numbers of the groups given, not done
+        self._room = trio.Event()
+
+    async def add(self, chunks: list[ChunkMsg], size: int) -> None:
+        while self.bytes and self.bytes + size > self.limit:
+            await self._room.wait()
+        self.bytes += size
+        number, self._given = self._given, self._given + 1
+        self._running.add(number)
+        self.nursery.start_soon(self._land, number, chunks, size)
+
+    def close(self, batch: list[int]) -> None:
+        """``batch`` is read (or its transfer broke): requeue what did not land, once the
+        groups given so far are done (groups land in any order)."""
+        if batch:
+            self._closed.append((self._given, batch))
+            self._requeue_landed()
+
+    def _requeue_landed(self) -> None:
+        first_running = min(self._running, default=self._given)
+        while self._closed and self._closed[0][0] <= first_running:
+            self.fetch.sched.requeue(self._closed.pop(0)[1], self.p)
+
+    async def _land(self, number: int, chunks: list[ChunkMsg], size: int) -> None:
+        fetch = self.fetch
+        try:
+            await fetch._store(self.p, chunks)
+        except Exception as exc:  # a disk error, or a bug: the whole fetch fails with it
+            if fetch._fatal is None:
+                fetch._fatal = exc
+            fetch._notify()
+        finally:
+            self.bytes -= size
+            self._running.discard(number)
+            self._room.set()
+            self._room = trio.Event()
+            self._requeue_landed()

@@ -15,7 +15,10 @@ the last provider was added; a provider is added while the rate still rose by ``
 else the last one added is parked and the count stays (settled). Where one provider cannot
 fill the fetcher (a far peer, a slow disk) the fetch spreads over several; where the fetcher
 is the bottleneck (one machine's CPUs, as on a loopback devnet) extra providers only add
-work, and it keeps the one. A dropped provider's place goes to an idle one, and a provider is
+work, and it keeps the one. A settled ramp goes on measuring each window: one whose rate falls
+below ``ramp_reopen`` times the rate it settled at (a provider that slowed down since) opens
+the ramp again, from that lower rate: another provider is tried, kept if the rate rises, and
+the ramp settles anew, at the new rate. A dropped provider's place goes to an idle one, and a provider is
 activated beyond the count whenever it holds pending chunks no active provider holds.
 """
 
@@ -54,6 +57,7 @@ class FetchParams:
     store_flush_bytes: int = 2 << 20  # received chunks are verified and written in one thread call per this much
     ramp_bytes: int = 32 << 20  # bytes received per ramp step (see above); 0: parallel_peers at once from the start
     ramp_gain: float = 0.1  # a provider added is kept when the fetch's rate rose by at least this fraction
+    ramp_reopen: float = 0.5  # settled, a window's rate below this fraction of the settled rate re-opens the ramp
 
 
 @dataclass
@@ -112,6 +116,8 @@ class Schedule:
         self._ramp_before = 0.0  # the rate before the last provider was added
         self._ramp_adding = False  # the next provider activated is the ramp's
         self._ramp_added: Provider | None = None
+        self._settled_rate = 0.0  # the rate the ramp settled at (watched for a fall, see the module docstring)
+        self.ramp_reopened = 0
 
     def start(self, missing: list[int]) -> None:
         """Queue ``missing``, rarest first among the providers known now, then by index. No
@@ -179,7 +185,7 @@ class Schedule:
         """``nbytes`` arrived verified at time ``now``: one step of the ramp when a window of
         ``ramp_bytes`` is full (see the module docstring). The first window starts at the first
         bytes received (the round trips before them are not a rate)."""
-        if self.ramp_settled:
+        if not self.params.ramp_bytes:
             return
         if self._window_start is None:
             self._window_start = now
@@ -189,11 +195,23 @@ class Schedule:
             return
         rate = self._window_bytes / max(now - self._window_start, 1e-6)
         active = [p for p in self.live() if p.active and not p.parked]
-        self.ramp_steps.append((len(active), rate))
         self._window_start, self._window_bytes = now, 0
+        idle = [p for p in self.live() if not p.active and p.have & self.pending]
+        if self.ramp_settled:
+            if rate < self.params.ramp_reopen * self._settled_rate and idle \
+                    and len(active) < self.params.parallel_peers:
+                self.ramp_steps.append((len(active), rate))
+                self.ramp_settled = False
+                self.ramp_reopened += 1
+                log.info("fetch ramp reopened", extra=kv(providers=len(active), rate=round(rate),
+                                                         settled=round(self._settled_rate)))
+                self._add_one(rate, active)
+            return
+        self.ramp_steps.append((len(active), rate))
         added = self._ramp_added
         if added is not None and rate < self._ramp_before * (1 + self.params.ramp_gain):
             self.ramp_settled = True
+            self._settled_rate = self._ramp_before
             self.target = max(len(active), 1)
             if len(active) > 1 and added in active:
                 added.parked = True  # its workers finish their batch and stop
@@ -202,12 +220,17 @@ class Schedule:
                                                     before=round(self._ramp_before)))
             self.on_change()
             return
-        idle = [p for p in self.live() if not p.active and p.have & self.pending]
         if len(active) >= self.params.parallel_peers or not idle:
             self.ramp_settled = True
+            self._settled_rate = rate
             self.target = max(len(active), 1)
             return
+        self._add_one(rate, active)
+
+    def _add_one(self, rate: float, active: list[Provider]) -> None:
+        """Try one more provider; ``rate`` is the rate to beat."""
         self._ramp_before = rate
+        self._ramp_added = None
         self.target = len(active) + 1
         self._ramp_adding = True
         self.on_change()

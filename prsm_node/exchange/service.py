@@ -12,7 +12,9 @@ throughput). A chunk found corrupt on disk is reported, stops being served, and 
 ends with ``ERROR internal``.
 
 Models live in the store's folders, ``models_dir/<manifest id hex>/`` once complete; the node
-serves them from there. Every store call goes through ``trio.to_thread``.
+serves them from there. Every store call goes through ``trio.to_thread``, but the reads of
+chunks to serve: they run in a thread of low priority (background.py), beside the transfer's
+loop, the bottleneck.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ from ..shards import (
     source_files,
 )
 from ..wire import TRAFFIC, FrameError, encode_uvarint, guarded_handler, read_frame, write_frame
+from .background import LowPriorityThread
 from .client import MAX_REQUESTS_PER_STREAM, SHARD
 from .exceptions import FetchBusy, ModelHalted
 from .fetch import Fetch
@@ -239,17 +242,19 @@ class ShardService:
 
     async def _send_chunks(self, stream: INetStream, mid: bytes, indices: list[int], chunk_size: int) -> None:
         """CHUNK frames for ``indices`` then END (or ERROR internal at a corrupt chunk). The next
-        group is read (and verified) in a thread while the current one is written."""
+        group is read (and verified) in a thread of low priority (background.py) while the current
+        one is written."""
         per_group = max(1, WRITE_BYTES // chunk_size)
         groups = [indices[i:i + per_group] for i in range(0, len(indices), per_group)]
         send, receive = trio.open_memory_channel[tuple[list[bytes], int, int, int | None]](1)
         failures: list[Exception] = []
+        reader = LowPriorityThread("prsm serve read")  # background.py
 
         async def read_ahead() -> None:
             async with send:
                 try:
                     for group in groups:
-                        result = await trio.to_thread.run_sync(self._read_frames, mid, group)
+                        result = await reader.run(self._read_frames, mid, group)
                         await send.send(result)
                         if result[3] is not None:
                             return
@@ -257,20 +262,23 @@ class ShardService:
                     failures.append(exc)
 
         corrupt: int | None = None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(read_ahead)
-            try:
-                async with receive:
-                    async for parts, sent, sent_bytes, bad in receive:
-                        corrupt = bad
-                        self.chunks_served += sent
-                        self.bytes_served += sent_bytes
-                        for piece in pieces(parts, WRITE_PIECE):
-                            await stream.write(piece)  # type: ignore[arg-type]  # yamux takes any buffer
-                            TRAFFIC.bytes_out += len(piece)
-            except Exception as exc:
-                failures.insert(0, exc)
-                nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_ahead)
+                try:
+                    async with receive:
+                        async for parts, sent, sent_bytes, bad in receive:
+                            corrupt = bad
+                            self.chunks_served += sent
+                            self.bytes_served += sent_bytes
+                            for piece in pieces(parts, WRITE_PIECE):
+                                await stream.write(piece)  # type: ignore[arg-type]  # yamux takes any buffer
+                                TRAFFIC.bytes_out += len(piece)
+                except Exception as exc:
+                    failures.insert(0, exc)
+                    nursery.cancel_scope.cancel()
+        finally:
+            reader.close()
         if failures:
             raise failures[0]
         if corrupt is not None:

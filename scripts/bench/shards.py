@@ -19,6 +19,11 @@ Each run, back to back (so the ratios compare figures taken under the same load)
 Then ``bitswap``: py-libp2p's own Bitswap (``libp2p.bitswap``, MerkleDag ``add_bytes`` on one
 process, ``fetch_file`` on the other, blocks in memory: no disk at all), ``--runs`` times.
 
+Each transfer also prints how the fetcher's and the providers' main threads (the trio loops)
+spent it: running, waiting runnable for a CPU (the 2 cores shared with the other side, worker
+threads and other processes), and blocked (idle: waiting on the network, a thread, a timer).
+A pipeline stall shows as blocked; CPUs too few for the work as waiting.
+
 MB/s is 10^6 bytes of model per second. Targets (issue 5): 1 provider >= 80 % of the bare
 stream, >= 3x Bitswap, 4 providers no slower than 1. The 1-provider and 4-provider ratios are
 medians of the per-run ratios.
@@ -109,12 +114,13 @@ def role_serve(kind: str, file: Path) -> None:
             extra: dict[str, str] = {}
             if kind == "bare":
                 async def handler(stream: Any) -> None:
-                    cpu = time.process_time()
+                    cpu, sched, started = time.process_time(), main_thread_sched(os.getpid()), time.perf_counter()
                     view = memoryview(data)
                     for start in range(0, len(data), WRITE_PIECE):
                         await stream.write(view[start:start + WRITE_PIECE])
                     await stream.close()
-                    print(json.dumps({"cpu": time.process_time() - cpu}), flush=True)
+                    split = blocked_split(sched, main_thread_sched(os.getpid()), time.perf_counter() - started)
+                    print(json.dumps({"cpu": time.process_time() - cpu, "sched": split}), flush=True)
 
                 host.set_stream_handler(TProtocol("/bench/bulk/1.0.0"), handler)
             else:
@@ -146,7 +152,7 @@ def role_fetch(kind: str, addr: str, root: str, size: int) -> None:
             info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
             await host.connect(info)
             got = 0
-            cpu = time.process_time()
+            cpu, sched = time.process_time(), main_thread_sched(os.getpid())
             if kind == "bare":
                 started = time.perf_counter()
                 stream = await host.new_stream(info.peer_id, [TProtocol("/bench/bulk/1.0.0")])
@@ -169,7 +175,9 @@ def role_fetch(kind: str, addr: str, root: str, size: int) -> None:
                 data, _ = await MerkleDag(bitswap).fetch_file(root, peer_id=info.peer_id, timeout=120.0)
                 got = len(data)
             seconds = time.perf_counter() - started
-            print(json.dumps({"bytes": got, "seconds": seconds, "cpu": time.process_time() - cpu}), flush=True)
+            split = blocked_split(sched, main_thread_sched(os.getpid()), time.perf_counter() - started)
+            print(json.dumps({"bytes": got, "seconds": seconds, "cpu": time.process_time() - cpu, "sched": split}),
+                  flush=True)
             nursery.cancel_scope.cancel()
 
     trio.run(main)
@@ -177,7 +185,8 @@ def role_fetch(kind: str, addr: str, root: str, size: int) -> None:
 
 def baseline(kind: str, file: Path) -> tuple[float, tuple[float, float] | None]:
     """One baseline transfer; returns MB/s and the CPU seconds the fetcher and the server
-    spent on it (bare stream only; None for Bitswap)."""
+    spent on it (bare stream only; None for Bitswap). For the bare stream, prints how each
+    side's main thread spent the transfer (see ``main_thread_sched``)."""
     me = [sys.executable, __file__]
     server = subprocess.Popen([*me, "--role", f"{kind}-serve", "--file", str(file)], stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True)
@@ -194,7 +203,9 @@ def baseline(kind: str, file: Path) -> tuple[float, tuple[float, float] | None]:
             raise RuntimeError(f"{kind}: got {result['bytes']} of {file.stat().st_size} bytes")
         cpu = None
         if kind == "bare":
-            cpu = (result["cpu"], json.loads(server.stdout.readline())["cpu"])
+            served = json.loads(server.stdout.readline())
+            cpu = (result["cpu"], served["cpu"])
+            print(f"    bare main threads: fetcher {result['sched']}; server {served['sched']}", flush=True)
         return float(result["bytes"] / result["seconds"] / 1e6), cpu
     finally:
         server.send_signal(signal.SIGTERM)
@@ -226,6 +237,24 @@ def profiled(pids: dict[str, int], folder: Path) -> list[subprocess.Popen[bytes]
     return [subprocess.Popen(["py-spy", "record", "--nonblocking", "--threads", "--format", "raw", "-r", "100",
                               "-p", str(pid), "-o", str(folder / f"{name}.txt")],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name, pid in pids.items()]
+
+
+def main_thread_sched(pid: int) -> tuple[float, float]:
+    """Seconds the process's main thread (the trio loop) has run, and has waited runnable for
+    a CPU (``/proc/<pid>/task/<pid>/schedstat``; zeros where the kernel keeps no schedstat).
+    Over an interval, the rest of the wall time the loop was blocked: idle, waiting on the
+    network, a worker thread or a timer. That split tells a stalled pipeline (blocked) from
+    CPUs shared with other processes (waiting), which the bench's MB/s alone cannot."""
+    try:
+        run, wait = Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()[:2]
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    return int(run) / 1e9, int(wait) / 1e9
+
+
+def blocked_split(before: tuple[float, float], after: tuple[float, float], seconds: float) -> str:
+    run, wait = after[0] - before[0], after[1] - before[1]
+    return f"run {run:.2f}, waiting for a CPU {wait:.2f}, blocked {max(seconds - run - wait, 0.0):.2f}"
 
 
 def _ticks(stat: Path) -> int:
@@ -262,8 +291,10 @@ def prsm_fetch(label: str, home: str, mid: str, size: int, fetcher: int,
                 main_thread_cpu(providers), page_faults(pids))
 
     before = sample()
+    sched = [main_thread_sched(pid) for pid in pids]
     seconds, result = timed_fetch(home, mid)
     f_cpu, f_main, p_cpu, p_main, faults = (b - a for a, b in zip(before, sample(), strict=True))
+    splits = [blocked_split(a, main_thread_sched(pid), seconds) for a, pid in zip(sched, pids, strict=True)]
     cpu = f_cpu + p_cpu
     used = [p for p in result["providers"] if p["chunks"]]
     stages = result.get("timings_s") or {}
@@ -272,6 +303,8 @@ def prsm_fetch(label: str, home: str, mid: str, size: int, fetcher: int,
           f"{transfer:.1f} MB/s, from {len(used)} providers {[p['chunks'] for p in used]}, stages {stages}, "
           f"{cpu:.2f} CPU s (fetcher {f_cpu:.2f}: main thread {f_main:.2f}; providers {p_cpu:.2f}: main "
           f"threads {p_main:.2f}), {faults} page faults", flush=True)
+    print(f"    main threads: fetcher {splits[0]}; " + "; ".join(f"provider {i} {x}" for i, x in enumerate(splits[1:])),
+          flush=True)
     call(home, "model.rm", {"id": mid})
     return size / seconds / 1e6, transfer, cpu
 
