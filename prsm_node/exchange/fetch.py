@@ -593,7 +593,6 @@ class Landing:
         self.nursery = nursery
         self.limit = max(fetch.params.max_request_bytes, fetch.params.store_flush_bytes)
         self.bytes = 0  # given to stores, not written yet
-        self.running = 0  # groups given, not done
         self._closed: list[tuple[int, list[int]]] = []  # (groups given before it, batch), in order
         self._given = 0  # groups given since the start: the next one's number
         self._running: set[int] = set()  # numbers of the groups given, not done
