@@ -106,12 +106,11 @@ def test_write_pieces_are_the_parts_cut_evenly_and_views_where_they_can_be() -> 
     assert sum(isinstance(p, bytes) for p in cut) <= 2  # joined only across a frame boundary
 
 
-async def test_a_frame_arriving_in_yamux_frames_is_read_whole_not_one_read_per_yamux_frame() -> None:
-    """A caught-up reader waits (without reading) until the rest of a body is buffered: a
-    1 MiB CHUNK frame arriving in 17 yamux frames takes 2 reads (length, then the rest), not
-    one per yamux frame (each read costs the requester, the bottleneck, real work)."""
-    body = random.Random(9).randbytes(1 << 20)
-    stream = Yamuxed(credit=16 << 20)
+async def read_one_body(credit: int, seed: int) -> int:
+    """A 1 MiB CHUNK frame sent in yamux frames to a caught-up FrameReader with ``credit``
+    bytes of receive window: the body must come out whole; returns the reads it took."""
+    body = random.Random(seed).randbytes(1 << 20)
+    stream = Yamuxed(credit=credit)
     got: list[bytes] = []
 
     async def reader() -> None:
@@ -122,21 +121,18 @@ async def test_a_frame_arriving_in_yamux_frames_is_read_whole_not_one_read_per_y
             nursery.start_soon(reader)
             await trio.testing.wait_all_tasks_blocked()
             await stream.feeder(frames([body]))
-    assert got == [body] and stream.reads == 2
+    assert got == [body]
+    return stream.reads
+
+
+async def test_a_frame_arriving_in_yamux_frames_is_read_whole_not_one_read_per_yamux_frame() -> None:
+    """A caught-up reader waits (without reading) until the rest of a body is buffered: a
+    1 MiB CHUNK frame arriving in 17 yamux frames takes 2 reads (length, then the rest), not
+    one per yamux frame (each read costs the requester, the bottleneck, real work)."""
+    assert await read_one_body(16 << 20, seed=9) == 2
 
 
 async def test_a_reader_waiting_for_a_body_reads_when_the_sender_runs_out_of_credit() -> None:
     """No deadlock: with less credit than the body, the reader reads when the credit is spent
     (the read gives it back), and the frame still comes out whole."""
-    body = random.Random(10).randbytes(1 << 20)
-    stream = Yamuxed(credit=200_000)
-    got: list[bytes] = []
-
-    async def reader() -> None:
-        got.append(bytes(await FrameReader(stream).read(1 << 21)))  # type: ignore[arg-type]
-
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(reader)
-            await stream.feeder(frames([body]))
-    assert got == [body] and 2 < stream.reads < 17
+    assert 2 < await read_one_body(200_000, seed=10) < 17
